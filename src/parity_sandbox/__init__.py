@@ -1,0 +1,73 @@
+"""parity-sandbox: run untrusted compute tasks with hard limits and hardened defaults.
+
+    from parity_sandbox import Task, WasmExecutor
+
+    with WasmExecutor() as executor:
+        result = executor.execute(Task(wasm_file="hello.wasm", input=b"data"))
+        print(result.status, result.stdout_text)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from parity_sandbox._config import Config, DockerSettings, WasmSettings, load_config
+from parity_sandbox._exceptions import (
+    ExecutionError,
+    ExecutionTimeout,
+    InvalidInput,
+    ResourceLimitExceeded,
+    RuntimeUnavailable,
+    SandboxError,
+    TaskError,
+    TaskFailed,
+)
+from parity_sandbox._executor import Executor
+from parity_sandbox._models import (
+    ErrorInfo,
+    Limits,
+    ResourceUsage,
+    Result,
+    RuntimeInfo,
+    Status,
+    Task,
+)
+
+if TYPE_CHECKING:
+    from parity_sandbox.runtimes.wasm import WasmExecutor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "DockerSettings",
+    "ErrorInfo",
+    "ExecutionError",
+    "ExecutionTimeout",
+    "Executor",
+    "InvalidInput",
+    "Limits",
+    "ResourceLimitExceeded",
+    "ResourceUsage",
+    "Result",
+    "RuntimeInfo",
+    "RuntimeUnavailable",
+    "SandboxError",
+    "Status",
+    "Task",
+    "TaskError",
+    "TaskFailed",
+    "WasmExecutor",
+    "WasmSettings",
+    "__version__",
+    "load_config",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Executors are imported on first use, so `import parity_sandbox` stays light.
+    if name == "WasmExecutor":
+        from parity_sandbox.runtimes.wasm import WasmExecutor
+
+        return WasmExecutor
+    raise AttributeError(f"module 'parity_sandbox' has no attribute {name!r}")

@@ -1,0 +1,242 @@
+"""Configuration: the ``Config`` model and the one place YAML is read.
+
+The seed's file is accepted exactly as written::
+
+    sandbox:
+      default_runtime: "docker" # or "wasm"
+      docker: {memory_limit: "512m", cpu_limit: "1.0", network_mode: "none", privileged: false}
+      wasm: {memory_limit: "128m", stack_size: "1m", timeout: "5m"}
+
+Limits set at the top level apply to every runtime; a runtime's section overrides them; a task's
+own ``limits`` override both. Environment variables override the file:
+``PARITY_SANDBOX_<KEY>`` for a top-level key and ``PARITY_SANDBOX_<RUNTIME>_<KEY>`` for a section
+key (for example ``PARITY_SANDBOX_WASM_MEMORY_LIMIT=64m``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from parity_sandbox._exceptions import InvalidInput
+from parity_sandbox._models import (
+    Cores,
+    Fuel,
+    Limits,
+    OutputSize,
+    Pids,
+    Seconds,
+    Size,
+    StackSize,
+    _Model,
+)
+from parity_sandbox._units import format_size
+
+ENV_PREFIX = "PARITY_SANDBOX_"
+CONFIG_ENV = "PARITY_SANDBOX_CONFIG"
+MAX_CONFIG_BYTES = 1 << 20
+
+#: Limits that apply when neither the configuration nor the task sets one.
+DEFAULT_LIMITS = Limits(
+    memory="256m",
+    cpu=1.0,
+    pids=256,
+    disk="64m",
+    output="1m",
+    timeout="30s",
+    stack_size="1m",
+)
+
+Runtime = Literal["wasm", "docker"]
+
+
+class _LimitSettings(_Model):
+    """Limit keys as the configuration file spells them."""
+
+    memory_limit: Size | None = None
+    cpu_limit: Cores | None = None
+    pids_limit: Pids | None = None
+    disk_limit: Size | None = None
+    output_limit: OutputSize | None = None
+    timeout: Seconds | None = None
+    fuel: Fuel | None = None
+    stack_size: StackSize | None = None
+
+    def limits(self) -> Limits:
+        """These settings as a :class:`Limits` (unset keys stay ``None``)."""
+        return Limits(
+            memory=self.memory_limit,
+            cpu=self.cpu_limit,
+            pids=self.pids_limit,
+            disk=self.disk_limit,
+            output=self.output_limit,
+            timeout=self.timeout,
+            fuel=self.fuel,
+            stack_size=self.stack_size,
+        )
+
+
+class DockerSettings(_LimitSettings):
+    """The ``docker`` section."""
+
+    network_mode: Literal["none"] = "none"
+    privileged: bool = False
+
+    @field_validator("privileged")
+    @classmethod
+    def _no_privileged(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("privileged containers are never allowed; set privileged: false")
+        return value
+
+
+class WasmSettings(_LimitSettings):
+    """The ``wasm`` section."""
+
+    #: Worker processes that run WebAssembly tasks in parallel (default: one per core).
+    workers: int | None = Field(default=None, ge=1, le=256)
+
+
+class Config(_LimitSettings):
+    """Effective configuration of an executor.
+
+    Every argument is optional; ``Config(memory_limit="128m", timeout=timedelta(minutes=1))``
+    sets defaults for all runtimes.
+    """
+
+    default_runtime: Runtime = "wasm"
+    docker: DockerSettings = Field(default_factory=DockerSettings)
+    wasm: WasmSettings = Field(default_factory=WasmSettings)
+    #: Where compiled modules are kept between processes (default: the user cache dir).
+    cache_dir: Path | None = None
+
+    def limits_for(self, runtime: Runtime) -> Limits:
+        """The default limits of tasks on ``runtime``: built-ins, then top level, then section."""
+        section = self.docker if runtime == "docker" else self.wasm
+        return DEFAULT_LIMITS.merged(self.limits()).merged(section.limits())
+
+    def resolved_cache_dir(self, environ: Mapping[str, str] | None = None) -> Path:
+        """``cache_dir``, or ``$XDG_CACHE_HOME/parity-sandbox`` (``~/.cache`` by default)."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        env = os.environ if environ is None else environ
+        base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+        return Path(base) / "parity-sandbox"
+
+    def to_document(self) -> dict[str, Any]:
+        """The effective configuration as the file would spell it, with resolved limits."""
+        document: dict[str, Any] = {
+            "default_runtime": self.default_runtime,
+            "cache_dir": str(self.resolved_cache_dir()),
+        }
+        for runtime in ("wasm", "docker"):
+            limits = self.limits_for(runtime)
+            section: dict[str, Any] = {
+                "memory_limit": format_size(limits.memory or 0),
+                "cpu_limit": limits.cpu,
+                "pids_limit": limits.pids,
+                "disk_limit": format_size(limits.disk or 0),
+                "output_limit": format_size(limits.output or 0),
+                "timeout": f"{limits.timeout:g}s",
+                "fuel": limits.fuel,
+                "stack_size": format_size(limits.stack_size or 0),
+            }
+            if runtime == "wasm":
+                section["workers"] = self.wasm.workers or os.cpu_count() or 1
+            else:
+                section.update(network_mode="none", privileged=False)
+            document[runtime] = section
+        return {"sandbox": document}
+
+
+_SECTIONS = {"docker": DockerSettings, "wasm": WasmSettings}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config keys set by ``PARITY_SANDBOX_*`` variables, and which variable set each."""
+    overrides: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    top_keys = set(Config.model_fields) - set(_SECTIONS)
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = name.removeprefix(ENV_PREFIX).lower()
+        section, _, sub = key.partition("_")
+        if section in _SECTIONS and sub in _SECTIONS[section].model_fields:
+            overrides.setdefault(section, {})[sub] = value
+            origin[f"{section}.{sub}"] = name
+        elif key in top_keys:
+            overrides[key] = value
+            origin[key] = name
+        else:
+            raise InvalidInput(
+                f"environment variable {name} names no configuration key; top-level keys: "
+                f"{', '.join(sorted(top_keys))}; section keys: PARITY_SANDBOX_WASM_<KEY>, "
+                "PARITY_SANDBOX_DOCKER_<KEY>",
+                field=name,
+            )
+    return overrides, origin
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read config file {path}: {exc.strerror}", field="config") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidInput(f"config file {path} is larger than 1 MiB", field="config")
+    try:
+        document = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"config file {path} is not valid YAML: {exc}", field="config") from exc
+    if document is None:
+        return {}
+    if isinstance(document, dict) and set(document) == {"sandbox"}:
+        document = document["sandbox"] or {}
+    if not isinstance(document, dict):
+        raise InvalidInput(
+            f"config file {path} must hold a mapping under the key 'sandbox'", field="config"
+        )
+    return document
+
+
+def load_config(
+    path: str | Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load the configuration from ``path`` (or ``$PARITY_SANDBOX_CONFIG``) and the environment.
+
+    Args:
+        path: a YAML file; when ``None``, ``PARITY_SANDBOX_CONFIG`` names it, if set.
+        environ: the environment to read (default ``os.environ``); tests pass their own.
+
+    Raises:
+        InvalidInput: the file cannot be read, or a key or value is not accepted; the message
+            names the key, the value and the accepted form.
+    """
+    env = os.environ if environ is None else environ
+    file_path = path if path is not None else env.get(CONFIG_ENV)
+    document = _read_file(Path(file_path)) if file_path else {}
+    overrides, origin = _env_overrides(env)
+    for key, value in overrides.items():
+        if key in _SECTIONS:
+            section = document.get(key) or {}
+            if not isinstance(section, dict):
+                raise InvalidInput(f"sandbox.{key}: must be a mapping", field=f"sandbox.{key}")
+            document[key] = {**section, **value}
+        else:
+            document[key] = value
+    try:
+        return Config.from_document(document, prefix="sandbox")
+    except InvalidInput as error:
+        for key, variable in origin.items():
+            if error.field == f"sandbox.{key}":
+                raise InvalidInput(
+                    f"{error.message} [set by {variable}]", field=error.field
+                ) from None
+        raise

@@ -1,0 +1,305 @@
+"""Host-side file handling of sandbox directories, safe against what a task leaves behind.
+
+A task can fill its workspace with symlinks to host paths, FIFOs, devices, trees thousands of
+levels deep and tens of thousands of files. Everything here therefore works on directory file
+descriptors, opens with ``O_NOFOLLOW`` (and ``O_NONBLOCK``, so a FIFO cannot hang a read), reads
+regular files only, walks iteratively (no recursion), and caps depth, count and size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class OutputCaps:
+    """Bounds on what is collected from a finished task's workspace."""
+
+    max_files: int = 1000
+    max_file_bytes: int = 64 * MiB
+    max_total_bytes: int = 256 * MiB
+    max_depth: int = 32
+    #: Directory entries looked at, in all, before the walk gives up.
+    max_entries: int = 100_000
+
+
+def _open_dir_at(root_fd: int, parts: tuple[str, ...]) -> int:
+    """Open the directory ``root/parts...`` without following any symlink on the way."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _walk_files(
+    root_fd: int, start: tuple[str, ...], max_depth: int, max_entries: int
+) -> Iterator[tuple[tuple[str, ...], int, os.DirEntry[str]]]:
+    """Yield ``(path parts, dir fd, entry)`` for every non-directory below ``start``.
+
+    The walk is iterative and never follows symlinks; directories deeper than ``max_depth``
+    and entries past ``max_entries`` are not visited. ``dir fd`` is only valid during the
+    iteration step that yields it.
+    """
+    stack = [start]
+    seen = 0
+    while stack:
+        parts = stack.pop()
+        try:
+            fd = _open_dir_at(root_fd, parts)
+        except OSError:
+            continue
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > max_entries:
+                        return
+                    if entry.is_dir(follow_symlinks=False):
+                        if len(parts) < max_depth:
+                            stack.append((*parts, entry.name))
+                    else:
+                        yield (*parts, entry.name), fd, entry
+        finally:
+            os.close(fd)
+
+
+def _read_regular(dir_fd: int, name: str, limit: int) -> bytes | None:
+    """Read ``name`` if it is a regular file of at most ``limit`` bytes, else ``None``."""
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        chunks = []
+        remaining = limit + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, MiB))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        return data if len(data) <= limit else None
+    finally:
+        os.close(fd)
+
+
+def _candidates(
+    root_fd: int, parts: tuple[str, ...], caps: OutputCaps
+) -> Iterator[tuple[tuple[str, ...], int]]:
+    """Yield ``(path parts, dir fd)`` of each regular-file candidate at or below ``parts``."""
+    try:
+        parent_fd = _open_dir_at(root_fd, parts[:-1])
+    except OSError:
+        return
+    try:
+        mode = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False).st_mode
+    except OSError:
+        mode = 0
+    if not stat.S_ISDIR(mode):
+        try:
+            if stat.S_ISREG(mode):
+                yield parts, parent_fd
+        finally:
+            os.close(parent_fd)
+        return
+    os.close(parent_fd)
+    for rel, dir_fd, entry in _walk_files(root_fd, parts, caps.max_depth, caps.max_entries):
+        if entry.is_file(follow_symlinks=False):
+            yield rel, dir_fd
+
+
+def collect_outputs(
+    work_dir: Path, paths: tuple[str, ...], caps: OutputCaps | None = None
+) -> tuple[dict[str, bytes], bool]:
+    """Collect the regular files at or below each of ``paths`` (relative to ``work_dir``).
+
+    Returns the files by their path relative to ``work_dir`` and whether anything was left out
+    because a cap was reached. Symlinks, FIFOs, devices and sockets are never opened as files
+    and never reported; missing paths are not an error.
+    """
+    caps = caps or OutputCaps()
+    files: dict[str, bytes] = {}
+    truncated = False
+    total = 0
+    try:
+        root_fd = os.open(work_dir, _DIR_FLAGS)
+    except OSError:
+        return files, False
+    try:
+        for output in paths:
+            for rel, dir_fd in _candidates(root_fd, tuple(output.split("/")), caps):
+                name = "/".join(rel)
+                if name in files:
+                    continue
+                if len(files) >= caps.max_files:
+                    truncated = True
+                    break
+                budget = min(caps.max_file_bytes, caps.max_total_bytes - total)
+                data = _read_regular(dir_fd, rel[-1], budget)
+                if data is None:
+                    truncated = truncated or _is_regular(dir_fd, rel[-1])
+                    continue
+                files[name] = data
+                total += len(data)
+    finally:
+        os.close(root_fd)
+    return files, truncated
+
+
+def _is_regular(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def largest_file(directory: Path, max_depth: int = 64, max_entries: int = 100_000) -> int:
+    """Size of the largest regular file below ``directory`` (0 if none), without following links."""
+    try:
+        root_fd = os.open(directory, _DIR_FLAGS)
+    except OSError:
+        return 0
+    largest = 0
+    try:
+        for _, _, entry in _walk_files(root_fd, (), max_depth, max_entries):
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode):
+                    largest = max(largest, info.st_size)
+    finally:
+        os.close(root_fd)
+    return largest
+
+
+def write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` (validated relative names) into ``directory``, refusing to follow links.
+
+    Parent directories are created as needed; an existing symlink or non-directory on the way,
+    or an existing file of the same name, raises ``OSError`` rather than being followed or
+    overwritten.
+    """
+    root_fd = os.open(directory, _DIR_FLAGS)
+    try:
+        for name, data in files.items():
+            parts = name.split("/")
+            fd = os.dup(root_fd)
+            try:
+                for part in parts[:-1]:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = child
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                out = os.open(parts[-1], flags, 0o644, dir_fd=fd)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(out, view) :]
+                finally:
+                    os.close(out)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything below it, however deep, without following any symlink.
+
+    Deep trees are flattened as they are removed: each subdirectory is renamed up into a
+    staging directory at the top before it is emptied, so the walk needs neither recursion nor
+    more than three open descriptors, and paths never grow past ``PATH_MAX``.
+    """
+    try:
+        top = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    except OSError:
+        # A symlink or a file in the place of the directory: remove the link itself only.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    counter = itertools.count()
+    try:
+        if _remove_flat(top):
+            os.close(top)
+            top = -1
+            os.rmdir(path)
+            return
+        stage = f".parity-rm-{os.getpid()}"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(stage, 0o700, dir_fd=top)
+        stage_fd = os.open(stage, _DIR_FLAGS, dir_fd=top)
+        try:
+            pending = [_empty_dir(top, stage_fd, counter, skip=stage)]
+            pending = [name for names in pending for name in names]
+            while pending:
+                name = pending.pop()
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=stage_fd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    pending.extend(_empty_dir(fd, stage_fd, counter))
+                finally:
+                    os.close(fd)
+                os.rmdir(name, dir_fd=stage_fd)
+        finally:
+            os.close(stage_fd)
+        os.rmdir(stage, dir_fd=top)
+    finally:
+        if top >= 0:
+            os.close(top)
+    os.rmdir(path)
+
+
+def _remove_flat(fd: int) -> bool:
+    """Unlink every entry of ``fd`` if none is a directory; returns whether it did."""
+    with os.scandir(fd) as entries:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    if any(is_dir for _, is_dir in names):
+        return False
+    for name, _ in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=fd)
+    return True
+
+
+def _empty_dir(fd: int, stage_fd: int, counter: itertools.count[int], skip: str = "") -> list[str]:
+    """Unlink the non-directories in ``fd``; move its subdirectories into the stage."""
+    moved = []
+    with os.scandir(fd) as entries:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_dir in names:
+        if name == skip:
+            continue
+        if is_dir:
+            new_name = f"d{next(counter)}"
+            os.rename(name, new_name, src_dir_fd=fd, dst_dir_fd=stage_fd)
+            moved.append(new_name)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+    return moved

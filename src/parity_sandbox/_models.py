@@ -1,0 +1,426 @@
+"""The data model: ``Limits``, ``Task`` and ``Result``.
+
+Models are immutable pydantic models validated once, when they are made. Every field of a task is
+treated as hostile: names, paths, sizes and counts are checked here, and a bad value raises
+:class:`~parity_sandbox.InvalidInput` naming the field before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from parity_sandbox._exceptions import (
+    ExecutionError,
+    ExecutionTimeout,
+    InvalidInput,
+    ResourceLimitExceeded,
+    SandboxError,
+    TaskFailed,
+)
+from parity_sandbox._units import (
+    COUNT_FORM,
+    CPU_FORM,
+    DURATION_FORM,
+    SIZE_FORM,
+    parse_count,
+    parse_cpu,
+    parse_duration,
+    parse_size,
+)
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Caps on what a task may carry; far above honest use, low enough that a hostile task cannot make
+# the host allocate or copy without bound.
+MAX_MODULE_BYTES = 256 * MiB
+MAX_ARGV_ENV_BYTES = 1 * MiB
+MAX_ARGS = 4096
+MAX_ENV_VARS = 4096
+MAX_STDIN_BYTES = 256 * MiB
+MAX_INPUT_FILES = 1000
+MAX_INPUT_BYTES = 1 * GiB
+MAX_OUTPUT_PATHS = 64
+MAX_LABELS = 64
+MAX_PATH_DEPTH = 32
+MAX_PATH_CHARS = 1024
+MAX_NAME_CHARS = 255
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+
+
+def _ranged(parse: Any, low: float, high: float, form: str, unit: str = "") -> Any:
+    """A before-validator that parses with ``parse`` and checks ``low <= value <= high``."""
+
+    def check(value: object) -> object:
+        if value is None:
+            return None
+        number = parse(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low:g}{unit} and {high:g}{unit}; expected {form}")
+        return number
+
+    return BeforeValidator(check)
+
+
+Size = Annotated[int, _ranged(parse_size, 1 * MiB, 1 << 40, SIZE_FORM, " bytes")]
+OutputSize = Annotated[int, _ranged(parse_size, 0, 1 * GiB, SIZE_FORM, " bytes")]
+StackSize = Annotated[int, _ranged(parse_size, 64 * KiB, 4 * MiB, SIZE_FORM, " bytes")]
+Seconds = Annotated[float, _ranged(parse_duration, 0.001, 7 * 24 * 3600, DURATION_FORM, " s")]
+Cores = Annotated[float, _ranged(parse_cpu, 0.01, 1024, CPU_FORM)]
+Pids = Annotated[int, _ranged(parse_count, 1, 32768, COUNT_FORM)]
+Fuel = Annotated[int, _ranged(parse_count, 1, 2**63 - 1, COUNT_FORM)]
+
+
+_validating = threading.local()
+
+
+class _Model(BaseModel):
+    """Base of the public models: frozen, strict about keys, and raising ``InvalidInput``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    def __init__(self, **data: Any) -> None:
+        # Only the outermost model turns pydantic's report into InvalidInput, so that a nested
+        # model's errors keep their full location ("limits.memory").
+        outermost = not getattr(_validating, "depth", 0)
+        _validating.depth = getattr(_validating, "depth", 0) + 1
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            if not outermost:
+                raise
+            raise InvalidInput.from_validation(exc, model=type(self)) from None
+        finally:
+            _validating.depth -= 1
+
+    @classmethod
+    def from_document(cls, document: Any, prefix: str = "") -> Self:
+        """Validate a parsed document (a file's mapping); errors name ``prefix.key``."""
+        _validating.depth = getattr(_validating, "depth", 0) + 1
+        try:
+            return cls.model_validate(document)
+        except ValidationError as exc:
+            raise InvalidInput.from_validation(exc, prefix, model=cls) from None
+        finally:
+            _validating.depth -= 1
+
+
+class Limits(_Model):
+    """Resource limits of a task. ``None`` means "inherit from the configuration".
+
+    Sizes accept bytes or strings such as ``"512m"``; durations accept seconds, strings such as
+    ``"5m"`` or a ``timedelta``. Zero never means "unlimited": out-of-range values are rejected.
+    """
+
+    memory: Size | None = None
+    cpu: Cores | None = None
+    pids: Pids | None = None
+    disk: Size | None = None
+    output: OutputSize | None = None
+    timeout: Seconds | None = None
+    fuel: Fuel | None = None
+    stack_size: StackSize | None = None
+
+    def merged(self, override: Limits) -> Limits:
+        """Return these limits with every field that ``override`` sets replaced."""
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+def _check_relative_path(value: str, what: str) -> str:
+    """Validate a sandbox-relative path: no absolute paths, ``..``, NUL or oversize parts."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty relative path")
+    if "\x00" in value or "\\" in value:
+        raise ValueError(f"{what} {value!r} contains a NUL byte or a backslash")
+    if len(value) > MAX_PATH_CHARS:
+        raise ValueError(f"{what} is longer than {MAX_PATH_CHARS} characters")
+    if value.startswith("/"):
+        raise ValueError(f"{what} {value!r} is absolute; give a path relative to the sandbox dir")
+    parts = value.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{what} {value!r} must not contain empty, '.' or '..' components")
+    if len(parts) > MAX_PATH_DEPTH or any(len(part) > MAX_NAME_CHARS for part in parts):
+        raise ValueError(f"{what} {value!r} is too deep or has a component over 255 characters")
+    return value
+
+
+class Task(_Model):
+    """One unit of untrusted work.
+
+    Args:
+        wasm_file: path of a WASI (preview 1) command module on the host.
+        wasm_module: the module's bytes, instead of ``wasm_file``.
+        args: arguments after the program name.
+        env: the complete environment of the task; nothing else reaches it.
+        input: bytes fed to the task's standard input (also accepted as ``stdin`` or ``Input``).
+        input_files: files made read-only under ``/input``: name -> bytes, or name -> host
+            ``pathlib.Path`` whose content is copied in when the task runs.
+        outputs: paths under ``/work`` collected after the run (default ``out``).
+        limits: overrides of the configured limits.
+        id: an optional caller-chosen identifier, echoed in the result.
+        labels: free-form key/value labels, echoed in the result.
+        runtime: ``"wasm"`` or ``"docker"``; ``None`` picks the configured default.
+    """
+
+    wasm_file: Path | None = None
+    wasm_module: bytes | None = Field(default=None, repr=False)
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    # The seed calls stdin ``Input``; ``stdin`` is the plainer spelling.
+    input: bytes = Field(
+        default=b"", repr=False, validation_alias=AliasChoices("input", "stdin", "Input")
+    )
+    input_files: dict[str, bytes | Path] = Field(default_factory=dict, repr=False)
+    outputs: tuple[str, ...] = ("out",)
+    limits: Limits = Field(default_factory=Limits)
+    id: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    runtime: Literal["wasm", "docker"] | None = None
+
+    @field_validator("wasm_module")
+    @classmethod
+    def _module_size(cls, value: bytes | None) -> bytes | None:
+        if value is not None and len(value) > MAX_MODULE_BYTES:
+            raise ValueError(f"module is larger than {MAX_MODULE_BYTES // MiB} MiB")
+        return value
+
+    @field_validator("wasm_file")
+    @classmethod
+    def _wasm_path(cls, value: Path | None) -> Path | None:
+        if value is not None and "\x00" in str(value):
+            raise ValueError("path contains a NUL byte")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) > MAX_ARGS:
+            raise ValueError(f"more than {MAX_ARGS} arguments")
+        for arg in value:
+            if "\x00" in arg:
+                raise ValueError("an argument contains a NUL byte")
+        if sum(len(arg.encode()) + 1 for arg in value) > MAX_ARGV_ENV_BYTES:
+            raise ValueError(f"arguments total more than {MAX_ARGV_ENV_BYTES // MiB} MiB")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_ENV_VARS:
+            raise ValueError(f"more than {MAX_ENV_VARS} variables")
+        for name, val in value.items():
+            if not _ENV_NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a variable name (letters, digits, '_')")
+            if "\x00" in val:
+                raise ValueError(f"the value of {name} contains a NUL byte")
+        if sum(len(k.encode()) + len(v.encode()) + 2 for k, v in value.items()) > MAX_ARGV_ENV_BYTES:
+            raise ValueError(f"environment totals more than {MAX_ARGV_ENV_BYTES // MiB} MiB")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _stdin(cls, value: bytes) -> bytes:
+        if len(value) > MAX_STDIN_BYTES:
+            raise ValueError(f"stdin is larger than {MAX_STDIN_BYTES // MiB} MiB")
+        return value
+
+    @field_validator("input_files", mode="before")
+    @classmethod
+    def _input_files(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of name -> bytes or pathlib.Path")
+        if len(value) > MAX_INPUT_FILES:
+            raise ValueError(f"more than {MAX_INPUT_FILES} input files")
+        total = 0
+        for name, content in value.items():
+            _check_relative_path(name, "input file name")
+            if isinstance(content, bytes | bytearray | memoryview):
+                total += len(content)
+            elif not isinstance(content, Path):
+                raise ValueError(
+                    f"input file {name!r}: give bytes (the content) or a pathlib.Path "
+                    f"(a host file), not {type(content).__name__}"
+                )
+        if total > MAX_INPUT_BYTES:
+            raise ValueError(f"input files total more than {MAX_INPUT_BYTES // MiB} MiB")
+        names = sorted(value)
+        for first, second in zip(names, names[1:], strict=False):
+            if second.startswith(first + "/"):
+                raise ValueError(f"input file {first!r} is also used as a directory")
+        return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) > MAX_OUTPUT_PATHS:
+            raise ValueError(f"more than {MAX_OUTPUT_PATHS} output paths")
+        return tuple(
+            _check_relative_path(path.removeprefix("/work/"), "output path") for path in value
+        )
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str | None) -> str | None:
+        if value is not None and not _ID_RE.fullmatch(value):
+            raise ValueError("must be 1-128 characters of letters, digits and . _ : -")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_LABELS:
+            raise ValueError(f"more than {MAX_LABELS} labels")
+        for key, val in value.items():
+            if not _LABEL_KEY_RE.fullmatch(key):
+                raise ValueError(f"label key {key!r} must be letters, digits and . _ / -")
+            if len(val) > 1024 or "\x00" in val:
+                raise ValueError(f"label {key!r} is longer than 1024 characters or has NUL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_program(self) -> Task:
+        given = [f for f in ("wasm_file", "wasm_module") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of wasm_file or wasm_module")
+        return self
+
+
+class Status(StrEnum):
+    """How a task ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    RESOURCE_LIMIT = "resource_limit"
+    ERROR = "error"
+
+
+class ResourceUsage(BaseModel):
+    """What a run consumed, where the runtime can tell (``None`` when it cannot)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu_time: float | None = None
+    peak_memory: int | None = None
+    fuel_used: int | None = None
+
+
+class RuntimeInfo(BaseModel):
+    """Which runtime ran the task."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: str
+    module_sha256: str | None = None
+
+
+class ErrorInfo(BaseModel):
+    """Why a task did not end normally."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str
+    message: str
+
+
+class Result(BaseModel):
+    """The outcome of one task."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: Status
+    exit_code: int | None = None
+    stdout: bytes = Field(default=b"", repr=False)
+    stderr: bytes = Field(default=b"", repr=False)
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    files: dict[str, bytes] = Field(default_factory=dict, repr=False)
+    files_truncated: bool = False
+    duration: float = 0.0
+    usage: ResourceUsage = Field(default_factory=ResourceUsage)
+    runtime: RuntimeInfo | None = None
+    limit: str | None = None
+    error: ErrorInfo | None = None
+    task_id: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the task exited with code 0."""
+        return self.status is Status.SUCCEEDED
+
+    @property
+    def stdout_text(self) -> str:
+        """Standard output decoded as UTF-8, undecodable bytes replaced."""
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        """Standard error decoded as UTF-8, undecodable bytes replaced."""
+        return self.stderr.decode("utf-8", "replace")
+
+    def to_error(self) -> SandboxError | None:
+        """The exception that describes this result, or ``None`` when it succeeded."""
+        message = self.error.message if self.error else ""
+        match self.status:
+            case Status.SUCCEEDED:
+                return None
+            case Status.FAILED:
+                return TaskFailed(f"task exited with code {self.exit_code}", result=self)
+            case Status.TIMEOUT:
+                return ExecutionTimeout(message or "task timed out", result=self)
+            case Status.RESOURCE_LIMIT:
+                return ResourceLimitExceeded(
+                    self.limit or "unknown", message or "resource limit exceeded", result=self
+                )
+            case _ if self.error and self.error.type == "InvalidInput":
+                return InvalidInput(message, result=self)
+            case _:
+                return ExecutionError(message or "task failed to run", result=self)
+
+    def raise_for_status(self) -> Result:
+        """Raise the matching :class:`SandboxError` unless the task succeeded; else return self."""
+        error = self.to_error()
+        if error is not None:
+            raise error
+        return self
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: text streams (bad bytes replaced) and seconds as ``duration_s``."""
+        return {
+            "status": self.status.value,
+            "exit_code": self.exit_code,
+            "stdout": self.stdout_text,
+            "stderr": self.stderr_text,
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+            "duration_s": round(self.duration, 6),
+            "limit": self.limit,
+            "error": self.error.model_dump() if self.error else None,
+            "files": {name: len(data) for name, data in self.files.items()},
+            "files_truncated": self.files_truncated,
+            "usage": self.usage.model_dump(),
+            "runtime": self.runtime.model_dump() if self.runtime else None,
+            "task_id": self.task_id,
+            "labels": self.labels,
+        }

@@ -1,0 +1,286 @@
+"""The ``parity-sandbox`` command line: a thin adapter over the library.
+
+Exit codes of ``parity-sandbox run`` (also with ``--json``):
+
+==========  ==================================================================
+task's own  the task exited; its exit code is passed through (0-255)
+2           the command line itself is wrong (unknown option, missing target)
+65          invalid input: the task, a limit or the configuration was rejected
+123         the task hit a resource limit (memory, fuel, stack, disk, ...)
+124         the task ran past its timeout and was killed
+125         the runtime is unavailable here, or another sandbox error
+126         the task crashed (a WebAssembly trap) or its worker died
+130         interrupted (Ctrl-C); the task was stopped
+==========  ==================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from parity_sandbox._config import Config, load_config
+from parity_sandbox._exceptions import InvalidInput, SandboxError
+from parity_sandbox._fs import write_files
+from parity_sandbox._models import MAX_STDIN_BYTES, Limits, Result, Status, Task
+from parity_sandbox.runtimes import PLANNED, RUNTIMES, executor_class
+
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="parity-sandbox",
+    help="Run untrusted compute tasks in a sandbox with hard limits.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_out = Console(highlight=False, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="YAML configuration file (default: $PARITY_SANDBOX_CONFIG).",
+        dir_okay=False,
+    ),
+]
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    """Parse repeated ``KEY=VALUE`` options; an entry without ``=`` is refused, not guessed."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{option} {value!r}: expected KEY=VALUE", field=option)
+        if key in pairs:
+            raise InvalidInput(f"{option} {key!r} is given twice", field=option)
+        pairs[key] = rest
+    return pairs
+
+
+def _read_stdin(source: str | None) -> bytes:
+    if source is None:
+        return b""
+    if source == "-":
+        data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    else:
+        try:
+            with Path(source).open("rb") as handle:
+                data = handle.read(MAX_STDIN_BYTES + 1)
+        except OSError as exc:
+            raise InvalidInput(f"--stdin: cannot read {source}: {exc.strerror}") from None
+    if len(data) > MAX_STDIN_BYTES:
+        raise InvalidInput(f"--stdin: more than {MAX_STDIN_BYTES} bytes", field="stdin")
+    return data
+
+
+def _fail(error: SandboxError, as_json: bool) -> typer.Exit:
+    """Report an error that left no result: one line, or one JSON object; never a traceback."""
+    kind = type(error).__name__
+    if as_json:
+        document: dict[str, Any] = {
+            "status": "error",
+            "exit_code": None,
+            "stdout": "",
+            "stderr": "",
+            "stdout_truncated": False,
+            "stderr_truncated": False,
+            "duration_s": 0.0,
+            "limit": None,
+            "error": {"type": kind, "message": error.message},
+        }
+        _out.print_json(json.dumps(document))
+    else:
+        _err.print(f"parity-sandbox: {kind}: {error.message}", markup=False)
+    return typer.Exit(error.exit_code)
+
+
+def _report(result: Result, as_json: bool, output_dir: Path | None) -> int:
+    """Show a result the way ``run`` documents; returns the exit code."""
+    if output_dir is not None and result.files:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            write_files(output_dir, result.files)
+        except OSError as exc:
+            raise InvalidInput(
+                f"--output-dir: cannot write {exc.filename or output_dir}: {exc.strerror} "
+                "(existing files are never overwritten)",
+                field="output_dir",
+            ) from None
+    error = result.to_error()
+    if as_json:
+        _out.print_json(json.dumps(result.to_json_dict()))
+    else:
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.write(result.stderr)
+        sys.stderr.buffer.flush()
+        for stream, cut in (("stdout", result.stdout_truncated), ("stderr", result.stderr_truncated)):
+            if cut:
+                _err.print(f"parity-sandbox: {stream} truncated at the output limit", markup=False)
+        if result.files_truncated:
+            _err.print("parity-sandbox: some output files were left out (caps)", markup=False)
+        if error is not None and result.status is not Status.FAILED:
+            _err.print(f"parity-sandbox: {type(error).__name__}: {error.message}", markup=False)
+    if result.status in (Status.SUCCEEDED, Status.FAILED):
+        return result.exit_code or 0
+    assert error is not None
+    return error.exit_code
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    target: Annotated[str, typer.Argument(help="The .wasm module to run (WASI preview 1).")],
+    args: Annotated[
+        list[str] | None, typer.Argument(help="Arguments for the task (after --).")
+    ] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="Runtime: wasm or docker (default: from config).")
+    ] = None,
+    stdin: Annotated[
+        str | None, typer.Option("--stdin", help="File to feed to the task's stdin; - for ours.")
+    ] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option("--input", help="NAME=PATH: host file PATH, read-only at /input/NAME."),
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Write collected output files here (paths relative to /work)."),
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="K=V for the task's environment.")
+    ] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 128m.")] = None,
+    cpus: Annotated[str | None, typer.Option(help="CPU limit in cores, e.g. 0.5.")] = None,
+    pids: Annotated[str | None, typer.Option(help="Process limit.")] = None,
+    disk: Annotated[str | None, typer.Option(help="Workspace size limit, e.g. 64m.")] = None,
+    timeout: Annotated[str | None, typer.Option(help="Wall-clock limit, e.g. 30s, 5m.")] = None,
+    fuel: Annotated[str | None, typer.Option(help="WASM instruction budget.")] = None,
+    stack_size: Annotated[str | None, typer.Option(help="WASM stack size, e.g. 1m.")] = None,
+    output_limit: Annotated[
+        str | None, typer.Option(help="Bytes kept of stdout and of stderr, e.g. 1m.")
+    ] = None,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Run TARGET in the sandbox; its stdout and stderr pass through, its exit code too."""
+    try:
+        settings = load_config(config)
+        limits = Limits(
+            memory=memory,
+            cpu=cpus,
+            pids=pids,
+            disk=disk,
+            output=output_limit,
+            timeout=timeout,
+            fuel=fuel,
+            stack_size=stack_size,
+        )
+        task = Task(
+            wasm_file=Path(target),
+            args=tuple(args or ()),
+            env=_pairs(env or [], "--env"),
+            input=_read_stdin(stdin),
+            input_files={k: Path(v) for k, v in _pairs(inputs or [], "--input").items()},
+            limits=limits,
+        )
+        with executor_class(runtime or settings.default_runtime)(settings) as executor:
+            try:
+                result = executor.execute(task)
+            except SandboxError as exc:
+                if exc.result is None:
+                    raise
+                result = exc.result
+            code = _report(result, as_json, output_dir)
+    except SandboxError as exc:
+        raise _fail(exc, as_json) from None
+    except KeyboardInterrupt:
+        _err.print("parity-sandbox: interrupted; the task was stopped", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration (file, environment and defaults) as YAML."""
+    try:
+        settings = load_config(config)
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    _out.print(yaml.safe_dump(settings.to_document(), sort_keys=False).rstrip(), markup=False)
+
+
+def _check_wasm(settings: Config) -> tuple[bool, str]:
+    """Run a tiny module end to end; returns (usable, detail or fix)."""
+    try:
+        import wasmtime
+    except ImportError as exc:
+        return False, f"wasmtime cannot be imported ({exc}); fix: pip install 'wasmtime>=50,<51'"
+    module = wasmtime.wat2wasm(
+        '(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))'
+        ' (memory (export "memory") 1) (func (export "_start") i32.const 0 call $exit))'
+    )
+    try:
+        executor = executor_class("wasm")(settings)
+    except SandboxError as exc:
+        return False, f"{exc.message}"
+    with executor:
+        try:
+            result = executor.execute(Task(wasm_module=bytes(module)))
+        except SandboxError as exc:
+            return False, f"a test task failed: {exc.message}"
+    if not result.ok:
+        return False, f"a test task ended with status {result.status.value}"
+    assert result.runtime is not None
+    return True, f"{result.runtime.version}; test task ran in {result.duration * 1e3:.2f} ms"
+
+
+@app.command()
+def doctor(config: ConfigOption = None) -> None:
+    """Say which runtimes are usable here and, for each that is not, why and how to fix it."""
+    try:
+        settings = load_config(config)
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    table = Table(title="parity-sandbox runtimes")
+    table.add_column("runtime")
+    table.add_column("usable")
+    table.add_column("details / fix")
+    usable: dict[str, bool] = {}
+    for name in sorted({*RUNTIMES, *PLANNED}):
+        if name == "wasm":
+            usable[name], detail = _check_wasm(settings)
+        else:
+            usable[name], detail = False, PLANNED.get(name, "no check for this runtime")
+        table.add_row(name, "yes" if usable[name] else "no", detail)
+    _out.print(table)
+    default = settings.default_runtime
+    if not usable.get(default):
+        _err.print(
+            f"parity-sandbox: the default runtime {default!r} is not usable; set "
+            "default_runtime: wasm or PARITY_SANDBOX_DEFAULT_RUNTIME=wasm",
+            markup=False,
+        )
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

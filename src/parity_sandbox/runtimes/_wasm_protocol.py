@@ -1,0 +1,134 @@
+"""What the WASM executor and its worker processes say to each other, and the pure limit mapping.
+
+Kept free of heavy imports: the parent does not load wasmtime, the worker does not load pydantic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from parity_sandbox._fs import OutputCaps
+
+#: wasm32 linear memory cannot grow past 4 GiB.
+MAX_WASM_MEMORY = 4 << 30
+
+# Layout of the shared output buffer (a sparse memfd both processes map): two little-endian
+# u64 counters of bytes mirrored so far, then one region per stream of the largest cap + 1.
+OUTPUT_HEADER = 4096
+OUTPUT_REGION = (1 << 30) + 4096
+OUTPUT_BUFFER_SIZE = OUTPUT_HEADER + 2 * OUTPUT_REGION
+
+
+def output_slot(stream: int) -> tuple[int, int]:
+    """Offsets of the counter and of the region of stream 0 (stdout) or 1 (stderr)."""
+    return 8 * stream, OUTPUT_HEADER + stream * OUTPUT_REGION
+
+
+@dataclass(frozen=True)
+class WasmLimits:
+    """The limits a worker enforces on one run, as plain numbers (bytes, seconds, units)."""
+
+    memory: int
+    timeout: float
+    stack_size: int
+    disk: int
+    output: int
+    fuel: int | None = None
+
+    @property
+    def engine_key(self) -> tuple[int, bool]:
+        """Engine settings that differ between tasks: one engine (and module cache) per key."""
+        return (self.stack_size, self.fuel is not None)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How :class:`WasmLimits` map onto a wasmtime engine and store."""
+
+    max_wasm_stack: int
+    consume_fuel: bool
+    memory_size: int
+    fuel: int | None
+    #: Epoch ticks until the store traps; the worker's watchdog ticks once, at the deadline.
+    epoch_deadline: int
+    #: Soft ``RLIMIT_FSIZE`` of the worker while the guest runs: no file grows past the disk cap.
+    file_size_limit: int
+    table_elements: int = 1_000_000
+    instances: int = 4
+    tables: int = 4
+    memories: int = 1
+
+
+def store_settings(limits: WasmLimits) -> StoreSettings:
+    """Translate limits to wasmtime settings; pure, so it is tested without wasmtime."""
+    return StoreSettings(
+        max_wasm_stack=limits.stack_size,
+        consume_fuel=limits.fuel is not None,
+        memory_size=limits.memory,
+        fuel=limits.fuel,
+        epoch_deadline=1,
+        file_size_limit=limits.disk,
+    )
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Run one module once. ``module`` is ``None`` when the worker is believed to hold it."""
+
+    seq: int
+    module_sha256: str
+    module: bytes | None
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    stdin: bytes
+    input_files: dict[str, bytes]
+    outputs: tuple[str, ...]
+    limits: WasmLimits
+    output_caps: OutputCaps = field(default_factory=OutputCaps)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Sent by a worker once, when it has started."""
+
+    wasmtime_version: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Sent by a worker after compiling or loading a module it did not hold in memory."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class NeedModule:
+    """Sent by a worker asked to run a module it does not hold; the parent resends the bytes."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class RunReply:
+    """How one run ended.
+
+    ``outcome`` is one of ``exit`` (see ``exit_code``), ``timeout``, ``limit`` (see ``limit``),
+    ``trap`` (the guest crashed), ``invalid`` (the module was rejected) or ``error`` (the worker
+    failed; a bug or a host problem).
+    """
+
+    seq: int
+    outcome: str
+    exit_code: int | None = None
+    limit: str | None = None
+    message: str = ""
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    files: dict[str, bytes] = field(default_factory=dict)
+    files_truncated: bool = False
+    duration: float = 0.0
+    cpu_time: float | None = None
+    peak_memory: int | None = None
+    fuel_used: int | None = None

@@ -1,0 +1,543 @@
+"""A warm worker process that runs WebAssembly tasks one at a time.
+
+Started by :class:`~parity_sandbox.WasmExecutor` as
+``python -m parity_sandbox.runtimes._wasm_worker FD OUTPUT_FD ROOT CACHE_DIR``: FD is its end of
+a socket pair, OUTPUT_FD the output buffer it shares with the parent, ROOT a private directory for
+its task workspaces, CACHE_DIR where compiled modules persist.
+
+Why a process: the parent can always kill it. Epoch interruption stops a guest that computes past
+its deadline, and the worker survives that; but a guest blocked in a host call (``poll_oneoff``
+sleeping) is not interrupted by epochs, so the parent kills the whole worker at the deadline plus
+a grace period. Processes also sidestep the GIL, so throughput scales with cores. Captured output
+(up to the cap) lives in memory shared with the parent, which recovers it after a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import mmap
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import threading
+import time
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import wasmtime
+
+from parity_sandbox._fs import collect_outputs, largest_file, remove_tree, write_files
+from parity_sandbox.runtimes._wasm_protocol import (
+    OUTPUT_BUFFER_SIZE,
+    Loaded,
+    NeedModule,
+    Ready,
+    RunReply,
+    RunRequest,
+    StoreSettings,
+    WasmLimits,
+    output_slot,
+    store_settings,
+)
+
+WASI_MODULE = "wasi_snapshot_preview1"
+MEMORY_CACHE_SIZE = 32
+_PAGE = 65536
+
+
+@functools.cache
+def wasmtime_version() -> str:
+    """The version of the wasmtime Python package (and so of the engine it bundles)."""
+    return importlib.metadata.version("wasmtime")
+
+
+class InvalidModule(Exception):
+    """The bytes are not a WASI preview 1 command module."""
+
+
+class Capture:
+    """Keeps at most ``cap`` bytes of one output stream and counts the rest.
+
+    The bytes live in a buffer shared with the parent (see ``output_slot``), with a counter the
+    parent reads, so that output survives a worker the parent had to kill. One byte more than
+    the cap is kept there so a reader can tell truncation; nothing past that is stored.
+    """
+
+    def __init__(self, buffer: mmap.mmap, stream: int) -> None:
+        self._buffer = buffer
+        self._counter, self._base = output_slot(stream)
+        self.cap = 0
+        self.total = 0
+
+    def reset(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0
+        struct.pack_into("<Q", self._buffer, self._counter, 0)
+
+    def write(self, data: bytes) -> None:
+        # Runs on a wasmtime thread; must never raise (wasmtime would print and report EIO).
+        room = self.cap + 1 - self.total
+        if room > 0:
+            piece = data[:room]
+            start = self._base + self.total
+            self._buffer[start : start + len(piece)] = piece
+            struct.pack_into("<Q", self._buffer, self._counter, self.total + len(piece))
+        self.total += len(data)
+
+    @property
+    def kept(self) -> bytes:
+        return self._buffer[self._base : self._base + min(self.total, self.cap)]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.cap
+
+
+class OutputPipes:
+    """The guest's stdout and stderr: pipes that wasmtime writes and a thread here drains.
+
+    wasmtime writes to a pipe from its own threads without entering Python, which costs a
+    fraction of a Python output callback per write; the reader thread (or ``drain()``, after
+    the guest stopped) moves what arrives into the two :class:`Capture` objects.
+    """
+
+    _F_SETPIPE_SZ = 1031
+
+    def __init__(self, captures: tuple[Capture, Capture]) -> None:
+        self.captures = captures
+        self._pipes = [os.pipe2(os.O_CLOEXEC) for _ in captures]
+        for read_end, write_end in self._pipes:
+            os.set_blocking(read_end, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_end, self._F_SETPIPE_SZ, 1 << 20)
+        self.paths = [f"/proc/self/fd/{write_end}" for _, write_end in self._pipes]
+        self._locks = [threading.Lock() for _ in captures]
+        threading.Thread(target=self._loop, name="output-reader", daemon=True).start()
+
+    def drain(self, index: int | None = None) -> None:
+        """Move everything now in the pipes into the captures."""
+        for i in range(len(self._pipes)) if index is None else (index,):
+            with self._locks[i]:
+                while True:
+                    try:
+                        data = os.read(self._pipes[i][0], 1 << 16)
+                    except BlockingIOError:
+                        break
+                    self.captures[i].write(data)
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        ends = {read_end: i for i, (read_end, _) in enumerate(self._pipes)}
+        for read_end in ends:
+            poller.register(read_end, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                self.drain(ends[fd])
+
+
+class Watchdog:
+    """Ticks an engine's epoch once at a deadline, interrupting a guest that computes past it.
+
+    Also ends the worker when its parent is gone, so an orphaned worker cannot outlive it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._engine: wasmtime.Engine | None = None
+        self._deadline: float | None = None
+        self.fired = False
+        self._wake_at = 0.0
+        self._parent = os.getppid()
+        threading.Thread(target=self._loop, name="watchdog", daemon=True).start()
+
+    def arm(self, engine: wasmtime.Engine, timeout: float) -> None:
+        with self._cond:
+            self._engine = engine
+            self._deadline = time.monotonic() + timeout
+            self.fired = False
+            # Waking the thread costs a GIL hand-off; only do it when it would sleep too long.
+            if self._deadline < self._wake_at:
+                self._cond.notify()
+
+    def disarm(self) -> bool:
+        """Stop watching; returns whether the deadline fired."""
+        with self._cond:
+            self._deadline = None
+            self._engine = None
+            return self.fired
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                if os.getppid() != self._parent:
+                    os._exit(3)
+                now = time.monotonic()
+                if self._deadline is not None and self._deadline <= now:
+                    assert self._engine is not None
+                    self._engine.increment_epoch()
+                    self.fired = True
+                    self._deadline = None
+                pause = 1.0 if self._deadline is None else min(self._deadline - now, 1.0)
+                self._wake_at = now + pause
+                self._cond.wait(pause)
+
+
+class ModuleCache:
+    """Compiled modules per engine: in memory (LRU) and serialized on disk between processes."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self._engines: dict[tuple[int, bool], tuple[wasmtime.Engine, wasmtime.Linker]] = {}
+        self._memory: OrderedDict[tuple[tuple[int, bool], str], wasmtime.InstancePre] = (
+            OrderedDict()
+        )
+        self._disk = cache_dir if _private_dir(cache_dir) else None
+
+    def engine(self, settings: StoreSettings) -> tuple[wasmtime.Engine, wasmtime.Linker]:
+        key = (settings.max_wasm_stack, settings.consume_fuel)
+        if key not in self._engines:
+            config = wasmtime.Config()
+            config.epoch_interruption = True
+            config.consume_fuel = settings.consume_fuel
+            config.max_wasm_stack = settings.max_wasm_stack
+            config.cranelift_opt_level = "speed"
+            engine = wasmtime.Engine(config)
+            linker = wasmtime.Linker(engine)
+            linker.define_wasi()
+            self._engines[key] = (engine, linker)
+        return self._engines[key]
+
+    def get(self, key: tuple[int, bool], sha: str) -> wasmtime.InstancePre | None:
+        pre = self._memory.get((key, sha))
+        if pre is not None:
+            self._memory.move_to_end((key, sha))
+        return pre
+
+    def load(
+        self, settings: StoreSettings, sha: str, module_bytes: bytes | None
+    ) -> wasmtime.InstancePre | None:
+        """Load from disk, or compile ``module_bytes``; ``None`` if neither is possible."""
+        key = (settings.max_wasm_stack, settings.consume_fuel)
+        engine, linker = self.engine(settings)
+        path = self._disk_path(key, sha)
+        module = None
+        if path is not None and path.is_file():
+            with contextlib.suppress(wasmtime.WasmtimeError, OSError):
+                module = wasmtime.Module.deserialize_file(engine, str(path))
+        if module is None:
+            if module_bytes is None:
+                return None
+            if hashlib.sha256(module_bytes).hexdigest() != sha:
+                raise InvalidModule("module bytes do not match their sha256")
+            try:
+                module = wasmtime.Module(engine, module_bytes)
+            except wasmtime.WasmtimeError as exc:
+                raise InvalidModule(f"not a valid WebAssembly module: {_first_line(exc)}") from None
+            _check_command_module(module)
+            if path is not None:
+                _write_atomically(path, bytes(module.serialize()))
+        else:
+            _check_command_module(module)
+        pre = linker.instantiate_pre(module)
+        self._memory[(key, sha)] = pre
+        while len(self._memory) > MEMORY_CACHE_SIZE:
+            self._memory.popitem(last=False)
+        return pre
+
+    def _disk_path(self, key: tuple[int, bool], sha: str) -> Path | None:
+        if self._disk is None:
+            return None
+        stack, fuel = key
+        return self._disk / f"wasmtime-{wasmtime_version()}-s{stack}-f{int(fuel)}" / f"{sha}.cwasm"
+
+
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` (mode 0700) and check that only this user can write to it.
+
+    A deserialized module is native code; a cache that others can write would let them run
+    code in the worker, so a shared or foreign directory disables the disk cache.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        temp.replace(path)
+
+
+def _check_command_module(module: wasmtime.Module) -> None:
+    for item in module.imports:
+        if item.module != WASI_MODULE:
+            raise InvalidModule(
+                f"module imports {item.module}.{item.name}; only WASI preview 1 "
+                f"({WASI_MODULE}) is provided"
+            )
+    start = [e for e in module.exports if e.name == "_start"]
+    if not start or not isinstance(start[0].type, wasmtime.FuncType):
+        raise InvalidModule("module exports no _start function; it is not a WASI command")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative line of a wasmtime error: its cause when it has one, not the backtrace."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if "Caused by:" in lines and lines.index("Caused by:") + 1 < len(lines):
+        return lines[lines.index("Caused by:") + 1].removeprefix("wasm trap: ")
+    return lines[0] if lines else type(exc).__name__
+
+
+class Runner:
+    """Runs requests inside this worker: the workspace is ``root/work``, inputs ``root/input``.
+
+    The next workspace is made, and the last one removed, after the reply has gone out, so on
+    a slow file system that work overlaps with the parent's instead of adding to latency.
+    """
+
+    def __init__(self, root: Path, cache_dir: Path, output_fd: int) -> None:
+        self.root = root
+        self.work = root / "work"
+        self.inputs = root / "input"
+        self.stdin = root / "stdin"
+        self.cache = ModuleCache(cache_dir)
+        self.watchdog = Watchdog()
+        buffer = mmap.mmap(output_fd, OUTPUT_BUFFER_SIZE)
+        self.stdout = Capture(buffer, 0)
+        self.stderr = Capture(buffer, 1)
+        self.pipes = OutputPipes((self.stdout, self.stderr))
+        self._fsize_hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        self._last_store: wasmtime.Store | None = None
+        self._used_stdin = self._used_inputs = True
+
+    def prepare(self, conn: Connection, request: RunRequest) -> wasmtime.InstancePre | None:
+        settings = store_settings(request.limits)
+        pre = self.cache.get(request.limits.engine_key, request.module_sha256)
+        if pre is None:
+            pre = self.cache.load(settings, request.module_sha256, request.module)
+            if pre is None:
+                conn.send(NeedModule(request.seq))
+                return None
+            conn.send(Loaded(request.seq))
+        return pre
+
+    def run(self, request: RunRequest, pre: wasmtime.InstancePre) -> RunReply:
+        limits = request.limits
+        settings = store_settings(limits)
+        engine, _ = self.cache.engine(settings)
+        work = self.work
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = list(request.argv)
+        if request.env:
+            wasi.env = [list(pair) for pair in request.env]
+        if request.stdin:
+            self._used_stdin = True
+            self.stdin.write_bytes(request.stdin)
+            wasi.stdin_file = str(self.stdin)
+        self.stdout.reset(limits.output)
+        self.stderr.reset(limits.output)
+        wasi.stdout_file, wasi.stderr_file = self.pipes.paths
+        wasi.preopen_dir(str(work), "/work")
+        if request.input_files:
+            self._used_inputs = True
+            self.inputs.mkdir()
+            write_files(self.inputs, request.input_files)
+            wasi.preopen_dir(str(self.inputs), "/input", fs_mutable=False)
+
+        store = wasmtime.Store(engine)
+        store.set_limits(
+            memory_size=settings.memory_size,
+            table_elements=settings.table_elements,
+            instances=settings.instances,
+            tables=settings.tables,
+            memories=settings.memories,
+        )
+        store.set_wasi(wasi)
+        if settings.fuel is not None:
+            store.set_fuel(settings.fuel)
+        store.set_epoch_deadline(settings.epoch_deadline)
+
+        instance = exports = None
+        outcome, exit_code, limit, message = "exit", 0, None, ""
+        cpu_start = resource.getrusage(resource.RUSAGE_THREAD)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (settings.file_size_limit, self._fsize_hard))
+        self.watchdog.arm(engine, limits.timeout)
+        started = time.perf_counter()
+        try:
+            instance = pre.instantiate(store)
+            exports = instance.exports(store)
+            start = exports["_start"]
+            assert isinstance(start, wasmtime.Func)
+            start(store)
+        except wasmtime.ExitTrap as exc:
+            exit_code = exc.code
+        except wasmtime.Trap as trap:
+            outcome, limit, message = _classify_trap(trap, limits)
+            exit_code = None
+        except wasmtime.WasmtimeError as exc:
+            outcome, exit_code, message = "trap", None, _first_line(exc)
+            if "memory" in message and "limit" in message:
+                outcome, limit = "limit", "memory"
+        finally:
+            duration = time.perf_counter() - started
+            fired = self.watchdog.disarm()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self._fsize_hard, self._fsize_hard))
+        cpu_end = resource.getrusage(resource.RUSAGE_THREAD)
+        self.pipes.drain()
+        if fired and outcome == "trap":
+            outcome, message = "timeout", f"task exceeded its {limits.timeout:g} s timeout"
+
+        memory = exports.get("memory") if instance is not None else None
+        peak = memory.data_len(store) if isinstance(memory, wasmtime.Memory) else None
+        fuel_used = None
+        if settings.fuel is not None:
+            with contextlib.suppress(wasmtime.WasmtimeError):
+                fuel_used = settings.fuel - store.get_fuel()
+        abnormal = outcome == "trap" or (outcome == "exit" and exit_code != 0)
+        if abnormal:
+            outcome, limit, message = _blame_limits(outcome, limit, message, peak, limits, work)
+        files, files_truncated = collect_outputs(work, request.outputs, request.output_caps)
+        # Freeing a store costs ~50 us; keep it until the reply is out (see reset()).
+        self._last_store = store
+        return RunReply(
+            seq=request.seq,
+            outcome=outcome,
+            exit_code=exit_code,
+            limit=limit,
+            message=message,
+            stdout=self.stdout.kept,
+            stderr=self.stderr.kept,
+            stdout_truncated=self.stdout.truncated,
+            stderr_truncated=self.stderr.truncated,
+            files=files,
+            files_truncated=files_truncated,
+            duration=duration,
+            cpu_time=(cpu_end.ru_utime + cpu_end.ru_stime)
+            - (cpu_start.ru_utime + cpu_start.ru_stime),
+            peak_memory=peak,
+            fuel_used=fuel_used,
+        )
+
+    def clear_workspace(self) -> None:
+        """Empty the workspace, if the task left anything in it (before the reply goes out)."""
+        if os.listdir(self.work):
+            remove_tree(self.work)
+            self.work.mkdir(mode=0o700)
+
+    def reset(self) -> None:
+        """Finish clearing up after a task, once its reply is out (bounded, cheap work).
+
+        The empty workspace is kept (directory operations cost ~100 us each on ext4) with its
+        timestamps renewed, so that nothing, not even a timestamp, passes to the next task.
+        """
+        self._last_store = None
+        if not self.work.is_dir():
+            self.work.mkdir(mode=0o700)
+        os.utime(self.work)
+        if self._used_inputs:
+            remove_tree(self.inputs)
+            self._used_inputs = False
+        if self._used_stdin:
+            self.stdin.unlink(missing_ok=True)
+            self._used_stdin = False
+
+
+def _classify_trap(trap: wasmtime.Trap, limits: WasmLimits) -> tuple[str, str | None, str]:
+    code = trap.trap_code
+    what = _first_line(trap)
+    if code == wasmtime.TrapCode.INTERRUPT:
+        return "timeout", None, f"task exceeded its {limits.timeout:g} s timeout"
+    if code == wasmtime.TrapCode.OUT_OF_FUEL:
+        return "limit", "fuel", f"task used its whole fuel budget of {limits.fuel}"
+    if code == wasmtime.TrapCode.STACK_OVERFLOW:
+        return "limit", "stack", f"stack overflow (stack_size {limits.stack_size} bytes)"
+    if code == wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS:
+        return "trap", None, (
+            f"guest trapped: {what} (in C programs often a stack overflow of the shadow stack "
+            "or a null pointer dereference)"
+        )
+    return "trap", None, f"guest trapped: {what}"
+
+
+def _blame_limits(
+    outcome: str,
+    limit: str | None,
+    message: str,
+    peak: int | None,
+    limits: WasmLimits,
+    work: Path,
+) -> tuple[str, str | None, str]:
+    """Attribute an abnormal end to a limit the guest most likely hit.
+
+    wasmtime refuses ``memory.grow`` past the limit without telling the host, so a guest whose
+    linear memory ended within one sixteenth (at least 2 MiB) of the limit is reported as having
+    hit it; likewise a file that reached the disk cap (writes past it fail with EFBIG).
+    """
+    if limit is not None:
+        return outcome, limit, message
+    if peak is not None and peak + max(limits.memory // 16, 2 << 20) >= limits.memory:
+        return "limit", "memory", (
+            f"memory limit reached: linear memory grew to {peak} of {limits.memory} bytes"
+        )
+    if largest_file(work) >= limits.disk:
+        return "limit", "disk", f"disk limit reached: a file grew to {limits.disk} bytes"
+    return outcome, limit, message
+
+
+def serve(conn: Connection, runner: Runner) -> None:
+    """Answer requests on ``conn`` until the parent hangs up."""
+    runner.reset()
+    conn.send(Ready(wasmtime_version()))
+    while True:
+        try:
+            request: RunRequest = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            pre = runner.prepare(conn, request)
+            if pre is None:
+                continue
+            reply = runner.run(request, pre)
+        except InvalidModule as exc:
+            reply = RunReply(seq=request.seq, outcome="invalid", message=str(exc))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, never silenced
+            reply = RunReply(seq=request.seq, outcome="error", message=f"worker error: {exc!r}")
+        finally:
+            runner.clear_workspace()
+        conn.send(reply)
+        runner.reset()
+
+
+def main(argv: list[str]) -> None:
+    fd, output_fd, root, cache_dir = int(argv[0]), int(argv[1]), Path(argv[2]), Path(argv[3])
+    # The parent decides about Ctrl-C; a file hitting the disk cap fails with EFBIG, not a kill.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    conn = Connection(fd)
+    try:
+        serve(conn, Runner(root, cache_dir, output_fd))
+    finally:
+        # Skip interpreter teardown: wasmtime's runtime threads can abort during it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

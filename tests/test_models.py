@@ -1,0 +1,129 @@
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from parity_sandbox import (
+    ExecutionTimeout,
+    InvalidInput,
+    Limits,
+    ResourceLimitExceeded,
+    Result,
+    Status,
+    Task,
+    TaskFailed,
+)
+
+MODULE = b"\0asm\x01\0\0\0"
+
+
+def test_limits_parse_units_once() -> None:
+    limits = Limits(memory="128m", timeout=timedelta(minutes=1), disk="1g", output=0, fuel="1000")
+    assert limits.memory == 128 << 20
+    assert limits.timeout == 60.0
+    assert limits.disk == 1 << 30
+    assert limits.output == 0
+    assert limits.fuel == 1000
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory", "12x"),
+        ("memory", 0),
+        ("memory", "10k"),
+        ("timeout", -1),
+        ("timeout", 0),
+        ("timeout", "forever"),
+        ("cpu", 0),
+        ("pids", 0),
+        ("fuel", 0),
+        ("stack_size", "1g"),
+        ("output", "2g"),
+    ],
+)
+def test_bad_limits_raise_invalid_input_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(InvalidInput) as info:
+        Limits(**{field: value})
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_limits_merge_only_what_is_set() -> None:
+    base = Limits(memory="1g", timeout=5)
+    merged = base.merged(Limits(timeout=1))
+    assert (merged.memory, merged.timeout) == (1 << 30, 1.0)
+
+
+def test_task_accepts_the_seed_spelling_of_stdin() -> None:
+    assert Task(wasm_module=MODULE, Input=b"x").input == b"x"
+    assert Task(wasm_module=MODULE, stdin=b"y").input == b"y"
+    assert Task(wasm_module=MODULE, input=b"z").input == b"z"
+
+
+def test_task_is_immutable() -> None:
+    task = Task(wasm_module=MODULE)
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error
+        task.args = ("x",)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({}, None),
+        ({"wasm_module": MODULE, "wasm_file": Path("x.wasm")}, None),
+        ({"wasm_module": MODULE, "args": ("a" * (10 << 20),)}, "args"),
+        ({"wasm_module": MODULE, "args": ("a\0b",)}, "args"),
+        ({"wasm_module": MODULE, "env": {"A=B": "x"}}, "env"),
+        ({"wasm_module": MODULE, "env": {"": "x"}}, "env"),
+        ({"wasm_module": MODULE, "env": {"A": "x\0"}}, "env"),
+        ({"wasm_module": MODULE, "input_files": {"../x": b""}}, "input_files"),
+        ({"wasm_module": MODULE, "input_files": {"/etc/passwd": b""}}, "input_files"),
+        ({"wasm_module": MODULE, "input_files": {"a\0b": b""}}, "input_files"),
+        ({"wasm_module": MODULE, "input_files": {"a/./b": b""}}, "input_files"),
+        ({"wasm_module": MODULE, "input_files": {"x": "text"}}, "input_files"),
+        ({"wasm_module": MODULE, "input_files": {"a": b"", "a/b": b""}}, "input_files"),
+        ({"wasm_module": MODULE, "outputs": ("../../etc",)}, "outputs"),
+        ({"wasm_module": MODULE, "outputs": ("/etc/passwd",)}, "outputs"),
+        ({"wasm_module": MODULE, "id": "has space"}, "id"),
+        ({"wasm_module": MODULE, "labels": {"k": "v\0"}}, "labels"),
+        ({"wasm_module": MODULE, "limits": {"memory": "12x"}}, "limits.memory"),
+        ({"wasm_module": MODULE, "unknown": 1}, "unknown"),
+    ],
+)
+def test_hostile_task_fields_are_rejected(kwargs: dict[str, object], field: str | None) -> None:
+    with pytest.raises(InvalidInput) as info:
+        Task(**kwargs)
+    if field is not None:
+        assert info.value.field == field
+        assert field in str(info.value)
+
+
+def test_a_ten_megabyte_argument_is_named() -> None:
+    with pytest.raises(InvalidInput, match="args"):
+        Task(wasm_module=MODULE, args=("x" * (10 << 20),))
+
+
+def test_output_paths_may_be_spelled_under_work() -> None:
+    assert Task(wasm_module=MODULE, outputs=("/work/out/a.txt",)).outputs == ("out/a.txt",)
+
+
+def test_raise_for_status_maps_each_status() -> None:
+    assert Result(status=Status.SUCCEEDED, exit_code=0).raise_for_status().ok
+    with pytest.raises(TaskFailed):
+        Result(status=Status.FAILED, exit_code=3).raise_for_status()
+    with pytest.raises(ExecutionTimeout) as timeout:
+        Result(status=Status.TIMEOUT, stdout=b"partial").raise_for_status()
+    assert timeout.value.result is not None
+    assert timeout.value.result.stdout == b"partial"
+    with pytest.raises(ResourceLimitExceeded) as limit:
+        Result(status=Status.RESOURCE_LIMIT, limit="fuel").raise_for_status()
+    assert limit.value.limit == "fuel"
+
+
+def test_json_dict_replaces_undecodable_bytes() -> None:
+    document = Result(status=Status.SUCCEEDED, exit_code=0, stdout=b"ok \xff").to_json_dict()
+    assert document["stdout"] == "ok \ufffd"
+    for key in ("status", "exit_code", "stdout", "stderr", "stdout_truncated",
+                "stderr_truncated", "duration_s", "limit", "error"):
+        assert key in document
