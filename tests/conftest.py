@@ -23,7 +23,7 @@ def wasm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def wasm(wasm_dir: Path) -> "WasmFixtures":
+def wasm(wasm_dir: Path) -> WasmFixtures:
     return WasmFixtures(wasm_dir)
 
 

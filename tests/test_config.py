@@ -56,8 +56,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     ("text", "needles"),
     [
         ("sandbox:\n  wasm: {memory_limit: 12x}\n", ["sandbox.wasm.memory_limit", "12x", "512m"]),
-        ("sandbox:\n  wasm: {memroy_limit: 1g}\n", ["sandbox.wasm.memroy_limit", "unknown key",
-                                                    "memory_limit"]),
+        (
+            "sandbox:\n  wasm: {memroy_limit: 1g}\n",
+            ["sandbox.wasm.memroy_limit", "unknown key", "memory_limit"],
+        ),
         ("sandbox:\n  bogus: 1\n", ["sandbox.bogus", "unknown key"]),
         ("sandbox:\n  timeout: -5\n", ["sandbox.timeout", "-5"]),
         ("sandbox:\n  docker: {privileged: true}\n", ["privileged", "never allowed"]),

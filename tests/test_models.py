@@ -124,6 +124,15 @@ def test_raise_for_status_maps_each_status() -> None:
 def test_json_dict_replaces_undecodable_bytes() -> None:
     document = Result(status=Status.SUCCEEDED, exit_code=0, stdout=b"ok \xff").to_json_dict()
     assert document["stdout"] == "ok \ufffd"
-    for key in ("status", "exit_code", "stdout", "stderr", "stdout_truncated",
-                "stderr_truncated", "duration_s", "limit", "error"):
+    for key in (
+        "status",
+        "exit_code",
+        "stdout",
+        "stderr",
+        "stdout_truncated",
+        "stderr_truncated",
+        "duration_s",
+        "limit",
+        "error",
+    ):
         assert key in document

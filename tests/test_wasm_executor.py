@@ -25,7 +25,9 @@ from parity_sandbox import (
 MiB = 1 << 20
 
 
-def test_the_seed_usage_works(wasm: WasmFixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_seed_usage_works(
+    wasm: WasmFixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "task.wasm").write_bytes(wasm.echo_stdin.read_bytes())
     monkeypatch.chdir(tmp_path)
     executor = WasmExecutor(Config(memory_limit="128m", timeout=timedelta(minutes=1)))
@@ -157,7 +159,9 @@ def test_an_endless_flood_keeps_the_cap_until_the_timeout(
 
 def test_a_file_past_the_disk_limit_is_refused(executor: WasmExecutor, wasm: WasmFixtures) -> None:
     with pytest.raises(ResourceLimitExceeded) as info:
-        executor.execute(Task(wasm_file=wasm.big_file, args=(str(8 * MiB),), limits=Limits(disk="4m")))
+        executor.execute(
+            Task(wasm_file=wasm.big_file, args=(str(8 * MiB),), limits=Limits(disk="4m"))
+        )
     assert info.value.limit == "disk"
     assert info.value.result is not None and b"write failed at 4 MiB" in info.value.result.stderr
 
@@ -189,7 +193,7 @@ def test_a_module_that_is_not_a_wasi_command_is_invalid_input(executor: WasmExec
     foreign = wasmtime.wat2wasm(
         '(module (import "env" "f" (func)) (func (export "_start") call 0))'
     )
-    with pytest.raises(InvalidInput, match="env.f"):
+    with pytest.raises(InvalidInput, match=r"env\.f"):
         executor.execute(Task(wasm_module=bytes(foreign)))
 
 
@@ -203,5 +207,7 @@ def test_results_come_from_the_limits_in_force(wasm: WasmFixtures, cache_dir: Pa
     with WasmExecutor(config, workers=1) as executor:
         result = executor.execute(Task(wasm_file=wasm.flood, args=("100",)))
         assert result.stdout == b"x" * 10 and result.stdout_truncated
-        bigger = executor.execute(Task(wasm_file=wasm.flood, args=("100",), limits=Limits(output=50)))
+        bigger = executor.execute(
+            Task(wasm_file=wasm.flood, args=("100",), limits=Limits(output=50))
+        )
         assert bigger.stdout == b"x" * 50

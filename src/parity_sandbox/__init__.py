@@ -1,10 +1,10 @@
 """parity-sandbox: run untrusted compute tasks with hard limits and hardened defaults.
 
-    from parity_sandbox import Task, WasmExecutor
+from parity_sandbox import Task, WasmExecutor
 
-    with WasmExecutor() as executor:
-        result = executor.execute(Task(wasm_file="hello.wasm", input=b"data"))
-        print(result.status, result.stdout_text)
+with WasmExecutor() as executor:
+    result = executor.execute(Task(wasm_file="hello.wasm", input=b"data"))
+    print(result.status, result.stdout_text)
 """
 
 from __future__ import annotations

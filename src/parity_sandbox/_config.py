@@ -154,7 +154,7 @@ class Config(_LimitSettings):
         return {"sandbox": document}
 
 
-_SECTIONS = {"docker": DockerSettings, "wasm": WasmSettings}
+_SECTIONS: dict[str, type[_LimitSettings]] = {"docker": DockerSettings, "wasm": WasmSettings}
 
 
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -188,7 +188,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise InvalidInput(f"cannot read config file {path}: {exc.strerror}", field="config") from exc
+        raise InvalidInput(
+            f"cannot read config file {path}: {exc.strerror}", field="config"
+        ) from exc
     if len(raw) > MAX_CONFIG_BYTES:
         raise InvalidInput(f"config file {path} is larger than 1 MiB", field="config")
     try:

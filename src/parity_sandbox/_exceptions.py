@@ -132,7 +132,11 @@ def _accepted_keys(model: type[BaseModel] | None, loc: tuple[int | str, ...]) ->
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []
         annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and hasattr(annotation, "model_fields") else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields")
+            else None
+        )
     return sorted(model.model_fields) if model is not None else []
 
 

@@ -228,51 +228,50 @@ def write_files(directory: Path, files: Mapping[str, bytes]) -> None:
 def remove_tree(path: Path) -> None:
     """Remove ``path`` and everything below it, however deep, without following any symlink.
 
-    Deep trees are flattened as they are removed: each subdirectory is renamed up into a
-    staging directory at the top before it is emptied, so the walk needs neither recursion nor
-    more than three open descriptors, and paths never grow past ``PATH_MAX``.
+    A symlink (or file) in the place of the directory is removed itself, never its target.
     """
     try:
         top = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
         return
     except OSError:
-        # A symlink or a file in the place of the directory: remove the link itself only.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        path.unlink(missing_ok=True)
         return
-    counter = itertools.count()
     try:
-        if _remove_flat(top):
-            os.close(top)
-            top = -1
-            os.rmdir(path)
-            return
-        stage = f".parity-rm-{os.getpid()}"
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(stage, 0o700, dir_fd=top)
-        stage_fd = os.open(stage, _DIR_FLAGS, dir_fd=top)
-        try:
-            pending = [_empty_dir(top, stage_fd, counter, skip=stage)]
-            pending = [name for names in pending for name in names]
-            while pending:
-                name = pending.pop()
-                try:
-                    fd = os.open(name, _DIR_FLAGS, dir_fd=stage_fd)
-                except FileNotFoundError:
-                    continue
-                try:
-                    pending.extend(_empty_dir(fd, stage_fd, counter))
-                finally:
-                    os.close(fd)
-                os.rmdir(name, dir_fd=stage_fd)
-        finally:
-            os.close(stage_fd)
-        os.rmdir(stage, dir_fd=top)
+        if not _remove_flat(top):
+            _remove_deep(top)
     finally:
-        if top >= 0:
-            os.close(top)
-    os.rmdir(path)
+        os.close(top)
+    path.rmdir()
+
+
+def _remove_deep(top: int) -> None:
+    """Empty the directory ``top``, whose tree may be deeper than recursion or PATH_MAX allow.
+
+    Each subdirectory is renamed up into a staging directory before it is emptied, so the walk
+    needs neither recursion nor more than three open descriptors.
+    """
+    counter = itertools.count()
+    stage = f".parity-rm-{os.getpid()}"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(stage, 0o700, dir_fd=top)
+    stage_fd = os.open(stage, _DIR_FLAGS, dir_fd=top)
+    try:
+        pending = _empty_dir(top, stage_fd, counter, skip=stage)
+        while pending:
+            name = pending.pop()
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=stage_fd)
+            except FileNotFoundError:
+                continue
+            try:
+                pending.extend(_empty_dir(fd, stage_fd, counter))
+            finally:
+                os.close(fd)
+            os.rmdir(name, dir_fd=stage_fd)
+    finally:
+        os.close(stage_fd)
+    os.rmdir(stage, dir_fd=top)
 
 
 def _remove_flat(fd: int) -> bool:

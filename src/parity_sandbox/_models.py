@@ -7,6 +7,7 @@ treated as hostile: names, paths, sizes and counts are checked here, and a bad v
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from enum import StrEnum
@@ -232,7 +233,10 @@ class Task(_Model):
                 raise ValueError(f"{name!r} is not a variable name (letters, digits, '_')")
             if "\x00" in val:
                 raise ValueError(f"the value of {name} contains a NUL byte")
-        if sum(len(k.encode()) + len(v.encode()) + 2 for k, v in value.items()) > MAX_ARGV_ENV_BYTES:
+        if (
+            sum(len(k.encode()) + len(v.encode()) + 2 for k, v in value.items())
+            > MAX_ARGV_ENV_BYTES
+        ):
             raise ValueError(f"environment totals more than {MAX_ARGV_ENV_BYTES // MiB} MiB")
         return value
 
@@ -263,7 +267,7 @@ class Task(_Model):
         if total > MAX_INPUT_BYTES:
             raise ValueError(f"input files total more than {MAX_INPUT_BYTES // MiB} MiB")
         names = sorted(value)
-        for first, second in zip(names, names[1:], strict=False):
+        for first, second in itertools.pairwise(names):
             if second.startswith(first + "/"):
                 raise ValueError(f"input file {first!r} is also used as a directory")
         return value

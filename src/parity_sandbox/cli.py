@@ -127,7 +127,10 @@ def _report(result: Result, as_json: bool, output_dir: Path | None) -> int:
         sys.stdout.buffer.flush()
         sys.stderr.buffer.write(result.stderr)
         sys.stderr.buffer.flush()
-        for stream, cut in (("stdout", result.stdout_truncated), ("stderr", result.stderr_truncated)):
+        for stream, cut in (
+            ("stdout", result.stdout_truncated),
+            ("stderr", result.stderr_truncated),
+        ):
             if cut:
                 _err.print(f"parity-sandbox: {stream} truncated at the output limit", markup=False)
         if result.files_truncated:
@@ -140,7 +143,7 @@ def _report(result: Result, as_json: bool, output_dir: Path | None) -> int:
     return error.exit_code
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command()
 def run(
     target: Annotated[str, typer.Argument(help="The .wasm module to run (WASI preview 1).")],
     args: Annotated[

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -341,86 +342,39 @@ class Runner:
         limits = request.limits
         settings = store_settings(limits)
         engine, _ = self.cache.engine(settings)
-        work = self.work
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = list(request.argv)
-        if request.env:
-            wasi.env = [list(pair) for pair in request.env]
-        if request.stdin:
-            self._used_stdin = True
-            self.stdin.write_bytes(request.stdin)
-            wasi.stdin_file = str(self.stdin)
-        self.stdout.reset(limits.output)
-        self.stderr.reset(limits.output)
-        wasi.stdout_file, wasi.stderr_file = self.pipes.paths
-        wasi.preopen_dir(str(work), "/work")
-        if request.input_files:
-            self._used_inputs = True
-            self.inputs.mkdir()
-            write_files(self.inputs, request.input_files)
-            wasi.preopen_dir(str(self.inputs), "/input", fs_mutable=False)
-
-        store = wasmtime.Store(engine)
-        store.set_limits(
-            memory_size=settings.memory_size,
-            table_elements=settings.table_elements,
-            instances=settings.instances,
-            tables=settings.tables,
-            memories=settings.memories,
-        )
-        store.set_wasi(wasi)
-        if settings.fuel is not None:
-            store.set_fuel(settings.fuel)
-        store.set_epoch_deadline(settings.epoch_deadline)
-
-        instance = exports = None
-        outcome, exit_code, limit, message = "exit", 0, None, ""
+        store = self._store(engine, settings, self._wasi(request))
         cpu_start = resource.getrusage(resource.RUSAGE_THREAD)
         resource.setrlimit(resource.RLIMIT_FSIZE, (settings.file_size_limit, self._fsize_hard))
         self.watchdog.arm(engine, limits.timeout)
         started = time.perf_counter()
         try:
-            instance = pre.instantiate(store)
-            exports = instance.exports(store)
-            start = exports["_start"]
-            assert isinstance(start, wasmtime.Func)
-            start(store)
-        except wasmtime.ExitTrap as exc:
-            exit_code = exc.code
-        except wasmtime.Trap as trap:
-            outcome, limit, message = _classify_trap(trap, limits)
-            exit_code = None
-        except wasmtime.WasmtimeError as exc:
-            outcome, exit_code, message = "trap", None, _first_line(exc)
-            if "memory" in message and "limit" in message:
-                outcome, limit = "limit", "memory"
+            ending, memory = _call_start(pre, store, limits)
         finally:
             duration = time.perf_counter() - started
             fired = self.watchdog.disarm()
             resource.setrlimit(resource.RLIMIT_FSIZE, (self._fsize_hard, self._fsize_hard))
         cpu_end = resource.getrusage(resource.RUSAGE_THREAD)
         self.pipes.drain()
-        if fired and outcome == "trap":
-            outcome, message = "timeout", f"task exceeded its {limits.timeout:g} s timeout"
-
-        memory = exports.get("memory") if instance is not None else None
-        peak = memory.data_len(store) if isinstance(memory, wasmtime.Memory) else None
+        if fired and ending.outcome == "trap":
+            ending = _Ending(
+                "timeout", None, None, f"task exceeded its {limits.timeout:g} s timeout"
+            )
+        peak = memory.data_len(store) if memory is not None else None
         fuel_used = None
         if settings.fuel is not None:
             with contextlib.suppress(wasmtime.WasmtimeError):
                 fuel_used = settings.fuel - store.get_fuel()
-        abnormal = outcome == "trap" or (outcome == "exit" and exit_code != 0)
-        if abnormal:
-            outcome, limit, message = _blame_limits(outcome, limit, message, peak, limits, work)
-        files, files_truncated = collect_outputs(work, request.outputs, request.output_caps)
+        if ending.abnormal:
+            ending = _blame_limits(ending, peak, limits, self.work)
+        files, files_truncated = collect_outputs(self.work, request.outputs, request.output_caps)
         # Freeing a store costs ~50 us; keep it until the reply is out (see reset()).
         self._last_store = store
         return RunReply(
             seq=request.seq,
-            outcome=outcome,
-            exit_code=exit_code,
-            limit=limit,
-            message=message,
+            outcome=ending.outcome,
+            exit_code=ending.exit_code,
+            limit=ending.limit,
+            message=ending.message,
             stdout=self.stdout.kept,
             stderr=self.stderr.kept,
             stdout_truncated=self.stdout.truncated,
@@ -434,9 +388,48 @@ class Runner:
             fuel_used=fuel_used,
         )
 
+    def _wasi(self, request: RunRequest) -> wasmtime.WasiConfig:
+        """The guest's view: argv, env, stdin, output pipes, ``/work`` and ``/input``."""
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = list(request.argv)
+        if request.env:
+            wasi.env = [list(pair) for pair in request.env]
+        if request.stdin:
+            self._used_stdin = True
+            self.stdin.write_bytes(request.stdin)
+            wasi.stdin_file = str(self.stdin)
+        self.stdout.reset(request.limits.output)
+        self.stderr.reset(request.limits.output)
+        wasi.stdout_file, wasi.stderr_file = self.pipes.paths
+        wasi.preopen_dir(str(self.work), "/work")
+        if request.input_files:
+            self._used_inputs = True
+            self.inputs.mkdir()
+            write_files(self.inputs, request.input_files)
+            wasi.preopen_dir(str(self.inputs), "/input", fs_mutable=False)
+        return wasi
+
+    @staticmethod
+    def _store(
+        engine: wasmtime.Engine, settings: StoreSettings, wasi: wasmtime.WasiConfig
+    ) -> wasmtime.Store:
+        store = wasmtime.Store(engine)
+        store.set_limits(
+            memory_size=settings.memory_size,
+            table_elements=settings.table_elements,
+            instances=settings.instances,
+            tables=settings.tables,
+            memories=settings.memories,
+        )
+        store.set_wasi(wasi)
+        if settings.fuel is not None:
+            store.set_fuel(settings.fuel)
+        store.set_epoch_deadline(settings.epoch_deadline)
+        return store
+
     def clear_workspace(self) -> None:
         """Empty the workspace, if the task left anything in it (before the reply goes out)."""
-        if os.listdir(self.work):
+        if any(self.work.iterdir()):
             remove_tree(self.work)
             self.work.mkdir(mode=0o700)
 
@@ -458,46 +451,80 @@ class Runner:
             self._used_stdin = False
 
 
-def _classify_trap(trap: wasmtime.Trap, limits: WasmLimits) -> tuple[str, str | None, str]:
+@dataclass(frozen=True)
+class _Ending:
+    """How a guest's run ended, before the reply is built."""
+
+    outcome: str
+    exit_code: int | None
+    limit: str | None = None
+    message: str = ""
+
+    @property
+    def abnormal(self) -> bool:
+        return self.outcome == "trap" or (self.outcome == "exit" and self.exit_code != 0)
+
+
+def _call_start(
+    pre: wasmtime.InstancePre, store: wasmtime.Store, limits: WasmLimits
+) -> tuple[_Ending, wasmtime.Memory | None]:
+    """Instantiate and run ``_start``; returns how it ended and the guest's memory."""
+    memory = None
+    try:
+        instance = pre.instantiate(store)
+        exports = instance.exports(store)
+        found = exports.get("memory")
+        memory = found if isinstance(found, wasmtime.Memory) else None
+        start = exports["_start"]
+        assert isinstance(start, wasmtime.Func)
+        start(store)
+    except wasmtime.ExitTrap as exc:
+        return _Ending("exit", exc.code), memory
+    except wasmtime.Trap as trap:
+        return _classify_trap(trap, limits), memory
+    except wasmtime.WasmtimeError as exc:
+        message = _first_line(exc)
+        if "memory" in message and "limit" in message:
+            return _Ending("limit", None, "memory", f"memory limit: {message}"), memory
+        return _Ending("trap", None, None, message), memory
+    return _Ending("exit", 0), memory
+
+
+def _classify_trap(trap: wasmtime.Trap, limits: WasmLimits) -> _Ending:
     code = trap.trap_code
     what = _first_line(trap)
     if code == wasmtime.TrapCode.INTERRUPT:
-        return "timeout", None, f"task exceeded its {limits.timeout:g} s timeout"
+        return _Ending("timeout", None, None, f"task exceeded its {limits.timeout:g} s timeout")
     if code == wasmtime.TrapCode.OUT_OF_FUEL:
-        return "limit", "fuel", f"task used its whole fuel budget of {limits.fuel}"
+        return _Ending("limit", None, "fuel", f"task used its whole fuel budget of {limits.fuel}")
     if code == wasmtime.TrapCode.STACK_OVERFLOW:
-        return "limit", "stack", f"stack overflow (stack_size {limits.stack_size} bytes)"
+        message = f"stack overflow (stack_size {limits.stack_size} bytes)"
+        return _Ending("limit", None, "stack", message)
     if code == wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS:
-        return "trap", None, (
+        message = (
             f"guest trapped: {what} (in C programs often a stack overflow of the shadow stack "
             "or a null pointer dereference)"
         )
-    return "trap", None, f"guest trapped: {what}"
+        return _Ending("trap", None, None, message)
+    return _Ending("trap", None, None, f"guest trapped: {what}")
 
 
-def _blame_limits(
-    outcome: str,
-    limit: str | None,
-    message: str,
-    peak: int | None,
-    limits: WasmLimits,
-    work: Path,
-) -> tuple[str, str | None, str]:
+def _blame_limits(ending: _Ending, peak: int | None, limits: WasmLimits, work: Path) -> _Ending:
     """Attribute an abnormal end to a limit the guest most likely hit.
 
     wasmtime refuses ``memory.grow`` past the limit without telling the host, so a guest whose
     linear memory ended within one sixteenth (at least 2 MiB) of the limit is reported as having
     hit it; likewise a file that reached the disk cap (writes past it fail with EFBIG).
     """
-    if limit is not None:
-        return outcome, limit, message
+    if ending.limit is not None:
+        return ending
     if peak is not None and peak + max(limits.memory // 16, 2 << 20) >= limits.memory:
-        return "limit", "memory", (
-            f"memory limit reached: linear memory grew to {peak} of {limits.memory} bytes"
-        )
+        message = f"memory limit reached: linear memory grew to {peak} of {limits.memory} bytes"
+        return _Ending("limit", ending.exit_code, "memory", message)
     if largest_file(work) >= limits.disk:
-        return "limit", "disk", f"disk limit reached: a file grew to {limits.disk} bytes"
-    return outcome, limit, message
+        message = f"disk limit reached: a file grew to {limits.disk} bytes"
+        return _Ending("limit", ending.exit_code, "disk", message)
+    return ending
 
 
 def serve(conn: Connection, runner: Runner) -> None:

@@ -247,6 +247,8 @@ class _Worker:
         self.poller = select.poll()
         self.poller.register(self.conn.fileno(), select.POLLIN)
         self.version = ""
+        self._killed = False
+        self._kill_lock = threading.Lock()
         self.modules: set[tuple[tuple[int, bool], str]] = set()
 
     def ensure_ready(self) -> str:
@@ -284,6 +286,11 @@ class _Worker:
         return data[:cap], len(data) > cap
 
     def kill(self) -> None:
+        """Kill the process and remove its directory; safe to call twice, from any thread."""
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
         with contextlib.suppress(OSError):
             self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -430,6 +437,8 @@ class WasmExecutor(Executor):
         except (EOFError, OSError):
             detail = worker.describe_death()
             self._pool.discard(worker)
+            if self.closed:
+                raise RuntimeUnavailable("the executor was closed while the task ran") from None
             raise ExecutionError(f"the task crashed its worker: {detail}") from None
         except BaseException:
             # A cancel, Ctrl-C or a failed start: the worker may be mid-task, so it dies.

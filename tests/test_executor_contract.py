@@ -1,0 +1,103 @@
+"""The executor contract every runtime shares, exercised on the WASM runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import WasmFixtures
+from parity_sandbox import Config, Limits, RuntimeUnavailable, Status, Task, WasmExecutor
+
+
+def test_map_yields_results_in_order_and_never_raises(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    tasks = [Task(wasm_file=wasm.exit_code, args=(str(i),)) for i in range(20)]
+    tasks.insert(5, Task(wasm_file=wasm.loop, limits=Limits(timeout=0.2)))
+    tasks.insert(9, Task(wasm_file=wasm.hello.parent / "absent.wasm"))
+    results = list(executor.map(tasks, max_parallel=2))
+    assert len(results) == 22
+    assert results[5].status is Status.TIMEOUT
+    assert results[9].status is Status.ERROR
+    assert results[9].error is not None and results[9].error.type == "InvalidInput"
+    codes = [r.exit_code for i, r in enumerate(results) if i not in (5, 9)]
+    assert codes == list(range(20))
+
+
+def test_execute_is_thread_safe(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    failures: list[str] = []
+
+    def worker(n: int) -> None:
+        for i in range(10):
+            stdin = f"{n}-{i}".encode()
+            result = executor.execute(Task(wasm_file=wasm.echo_stdin, stdin=stdin))
+            if result.stdout != stdin:
+                failures.append(f"{stdin!r} -> {result.stdout!r}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_execute_async(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    async def main() -> list[bytes]:
+        tasks = [Task(wasm_file=wasm.echo_stdin, stdin=str(i).encode()) for i in range(4)]
+        results = await asyncio.gather(*(executor.execute_async(t) for t in tasks))
+        return [r.stdout for r in results]
+
+    assert asyncio.run(main()) == [b"0", b"1", b"2", b"3"]
+
+
+def test_cancelling_an_async_task_stops_it(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    async def main() -> float:
+        job = asyncio.ensure_future(
+            executor.execute_async(Task(wasm_file=wasm.sleep, limits=Limits(timeout=60)))
+        )
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 1.0
+    # The worker that ran it was killed; a new task still runs.
+    assert executor.execute(Task(wasm_file=wasm.hello)).ok
+
+
+def test_close_is_idempotent_and_final(wasm: WasmFixtures, cache_dir: Path) -> None:
+    executor = WasmExecutor(Config(cache_dir=cache_dir), workers=1)
+    with executor:
+        assert executor.execute(Task(wasm_file=wasm.hello)).ok
+    assert executor.closed
+    executor.close()
+    with pytest.raises(RuntimeUnavailable, match="closed"):
+        executor.execute(Task(wasm_file=wasm.hello))
+
+
+def test_close_stops_a_running_task(wasm: WasmFixtures, cache_dir: Path) -> None:
+    executor = WasmExecutor(Config(cache_dir=cache_dir), workers=1)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            executor.execute(Task(wasm_file=wasm.sleep, limits=Limits(timeout=60)))
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    executor.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 5
+    assert isinstance(outcome.get("error"), RuntimeUnavailable)

@@ -1,0 +1,143 @@
+"""Nothing is left behind: no workspace, no worker process, also after timeouts and crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import WasmFixtures
+from parity_sandbox import Config, Limits, SandboxError, Status, Task, WasmExecutor
+from parity_sandbox.runtimes.wasm import ROOT_PREFIX
+
+
+def worker_pids(marker: str) -> set[int]:
+    """Live worker processes whose command line mentions ``marker``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "_wasm_worker" in cmdline and marker in cmdline and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def roots_of(pid: int) -> list[Path]:
+    return sorted(Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}{pid}-*"))
+
+
+@pytest.mark.slow
+def test_a_thousand_runs_with_timeouts_and_failures_leave_nothing(
+    wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    mix = [
+        Task(wasm_file=wasm.hello),
+        Task(wasm_file=wasm.exit_code, args=("3",)),
+        Task(wasm_file=wasm.write_outputs),
+        Task(wasm_file=wasm.trap),
+        Task(wasm_file=wasm.echo_stdin, stdin=b"abc", input_files={"f": b"x"}),
+    ]
+    slow = [
+        Task(wasm_file=wasm.loop, limits=Limits(timeout=0.05)),
+        Task(wasm_file=wasm.sleep, limits=Limits(timeout=0.05)),
+    ]
+    statuses: dict[Status, int] = {}
+    executor = WasmExecutor(Config(cache_dir=cache_dir))
+    root = executor._root
+    try:
+        tasks = [slow[i // 50 % 2] if i % 50 == 49 else mix[i % len(mix)] for i in range(1000)]
+        for result in executor.map(tasks):
+            statuses[result.status] = statuses.get(result.status, 0) + 1
+        # While the executor lives, no task's files outlive it.
+        leftovers = [
+            p
+            for p in root.rglob("*")
+            if p.is_file() and p.name != "worker.log" and p.parent.name != root.name
+        ]
+        assert leftovers == []
+    finally:
+        executor.close()
+    assert statuses[Status.TIMEOUT] == 20
+    assert statuses[Status.ERROR] == 200
+    assert not root.exists()
+    assert worker_pids(str(root)) == set()
+
+
+CRASHING_PARENT = """
+import sys, threading, time
+from parity_sandbox import Config, Limits, Task, WasmExecutor
+executor = WasmExecutor(Config(cache_dir=sys.argv[2]))
+threading.Thread(
+    target=executor.execute,
+    args=(Task(wasm_file=sys.argv[1], limits=Limits(timeout=120)),),
+    daemon=True,
+).start()
+print(executor._root, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_crashed_parent_leaves_no_worker_and_its_root_is_reaped(
+    wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_PARENT, str(wasm.sleep), str(cache_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    root = Path(parent.stdout.readline().strip())
+    deadline = time.monotonic() + 30
+    while not worker_pids(str(root)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pids(str(root)), "the worker did not start"
+    time.sleep(0.5)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while worker_pids(str(root)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pids(str(root)) == set(), "an orphaned worker outlived its parent"
+    assert root.exists()  # the crash left it; the next executor reaps it
+    with WasmExecutor(Config(cache_dir=cache_dir), workers=1):
+        assert not root.exists()
+
+
+def test_ctrl_c_stops_the_task_and_leaves_nothing(wasm: WasmFixtures, cache_dir: Path) -> None:
+    script = (
+        "import sys\n"
+        "from parity_sandbox import Config, Limits, Task, WasmExecutor\n"
+        "with WasmExecutor(Config(cache_dir=sys.argv[2]), workers=1) as ex:\n"
+        "    print(ex._root, flush=True)\n"
+        "    ex.execute(Task(wasm_file=sys.argv[1], limits=Limits(timeout=120)))\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(wasm.sleep), str(cache_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    root = Path(child.stdout.readline().strip())
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=10)
+    assert "KeyboardInterrupt" in stderr
+    assert not root.exists()
+    assert worker_pids(str(root)) == set()
+
+
+def test_errors_are_sandbox_errors(wasm: WasmFixtures, executor: WasmExecutor) -> None:
+    with pytest.raises(SandboxError):
+        executor.execute(Task(wasm_file=wasm.trap))
