@@ -20,7 +20,7 @@
  * and sqrt, and no I/O apart from the two result lines.
  *
  * Build natively:  clang-14 -O2 -o nbody nbody.c -lm
- * Build for WASI:  see build.sh
+ * Build for WASI:  scripts/build-wasm.sh examples examples/build
  */
 #include <math.h>
 #include <stdio.h>
