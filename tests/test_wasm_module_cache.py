@@ -44,7 +44,6 @@ def test_a_new_process_loads_the_compiled_module_from_disk(
     engine_dir = compiled[0].parent
     stack, fuel = (int(part[1:]) for part in engine_dir.name.split("-")[-2:])
     config = wasmtime.Config()
-    config.epoch_interruption = True
     config.consume_fuel = bool(fuel)
     config.max_wasm_stack = stack
     config.cranelift_opt_level = "speed"

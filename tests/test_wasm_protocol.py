@@ -17,7 +17,6 @@ def test_limits_map_onto_store_and_engine_settings() -> None:
     assert settings.max_wasm_stack == 512 << 10
     assert settings.file_size_limit == 8 << 20
     assert settings.memories == 1
-    assert settings.epoch_deadline == 1
 
 
 def test_without_fuel_the_engine_does_not_meter() -> None:

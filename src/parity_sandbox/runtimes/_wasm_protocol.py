@@ -49,8 +49,6 @@ class StoreSettings:
     consume_fuel: bool
     memory_size: int
     fuel: int | None
-    #: Epoch ticks until the store traps; the worker's watchdog ticks once, at the deadline.
-    epoch_deadline: int
     #: Soft ``RLIMIT_FSIZE`` of the worker while the guest runs: no file grows past the disk cap.
     file_size_limit: int
     table_elements: int = 1_000_000
@@ -66,7 +64,6 @@ def store_settings(limits: WasmLimits) -> StoreSettings:
         consume_fuel=limits.fuel is not None,
         memory_size=limits.memory,
         fuel=limits.fuel,
-        epoch_deadline=1,
         file_size_limit=limits.disk,
     )
 
