@@ -14,7 +14,7 @@ import pytest
 
 from conftest import WasmFixtures
 from parity_sandbox import Config, Limits, SandboxError, Status, Task, WasmExecutor
-from parity_sandbox.runtimes.wasm import ROOT_PREFIX
+from parity_sandbox.runtimes._wasm_pool import ROOT_PREFIX
 
 
 def worker_pids(marker: str) -> set[int]:

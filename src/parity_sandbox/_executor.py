@@ -107,14 +107,19 @@ class Executor(ABC):
         try:
             return self._execute(task, cancel)
         except SandboxError as exc:
-            if exc.result is not None:
-                return exc.result
-            return Result(
-                status=Status.ERROR,
-                error=ErrorInfo(type=type(exc).__name__, message=exc.message),
-                task_id=task.id,
-                labels=task.labels,
-            )
+            return self._error_result(task, exc)
+
+    @staticmethod
+    def _error_result(task: Task, exc: SandboxError) -> Result:
+        """The result ``map`` yields for a task that raised ``exc``."""
+        if exc.result is not None:
+            return exc.result
+        return Result(
+            status=Status.ERROR,
+            error=ErrorInfo(type=type(exc).__name__, message=exc.message),
+            task_id=task.id,
+            labels=task.labels,
+        )
 
     @property
     def closed(self) -> bool:

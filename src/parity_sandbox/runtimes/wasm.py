@@ -3,9 +3,9 @@
 A task flows like this: the parent validates it and resolves its limits, reads and hashes the
 module, then hands a :class:`RunRequest` to an idle worker process (see ``_wasm_worker``). The
 worker loads the module (memory cache, disk cache, or compile), runs it in a fresh store with a
-fresh workspace, and replies. The parent waits at most timeout + grace; a worker that does not
-answer by then is killed (the only way to stop a guest asleep in a host call), its partial
-output recovered from the memory it shares with the parent, and its directory removed.
+fresh workspace, and replies. A deadline thread kills the worker of a task that has not answered by
+its timeout (the only way to stop a guest asleep in a host call); its partial output is
+recovered from the memory it shares with the parent, and a replacement worker is started.
 """
 
 from __future__ import annotations
@@ -13,25 +13,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import itertools
 import os
-import select
-import socket
 import stat
-import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import replace
-from multiprocessing.connection import Connection
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-import parity_sandbox
 from parity_sandbox._config import Config
-from parity_sandbox._exceptions import ExecutionError, InvalidInput, RuntimeUnavailable
+from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Cancelled, Executor
 from parity_sandbox._fs import collect_outputs, remove_tree
 from parity_sandbox._models import (
@@ -42,26 +38,27 @@ from parity_sandbox._models import (
     Status,
     Task,
 )
+from parity_sandbox.runtimes._wasm_pool import (
+    LOCK_NAME,
+    ROOT_PREFIX,
+    Pool,
+    Worker,
+    reap_stale_roots,
+)
 from parity_sandbox.runtimes._wasm_protocol import (
     MAX_WASM_MEMORY,
-    OUTPUT_BUFFER_SIZE,
     Loaded,
     NeedModule,
-    Ready,
     RunReply,
     RunRequest,
     WasmLimits,
-    output_slot,
 )
 
 #: Slack past a task's timeout before its worker is killed (covers the request's delivery).
 KILL_GRACE = 0.05
-#: How long a worker may take to start, and to compile a module it has not seen.
-STARTUP_TIMEOUT = 60.0
+#: How long a worker may take to compile a module it has not seen, on top of the timeout.
 COMPILE_TIMEOUT = 60.0
-ROOT_PREFIX = "parity-sandbox-wasm-"
 _WASM_MAGIC = b"\0asm\x01\0\0\0"
-_LOCK_NAME = ".lock"
 
 
 def wasm_limits(limits: Limits) -> WasmLimits:
@@ -94,6 +91,7 @@ _STATUS = {
     "trap": Status.ERROR,
     "invalid": Status.ERROR,
     "error": Status.ERROR,
+    "requeue": Status.ERROR,
 }
 _ERROR_TYPE = {
     Status.TIMEOUT: "ExecutionTimeout",
@@ -183,204 +181,82 @@ def _input_files(task: Task) -> dict[str, bytes]:
     return files
 
 
-def reap_stale_roots(temp_dir: Path | None = None) -> int:
-    """Remove workspace roots left by executors whose process died; returns how many.
+#: Flights per worker in ``map``: the one it runs and the next one, already sent.
+_DEPTH = 2
 
-    A live executor holds an ``flock`` on its root's lock file, so only abandoned roots can be
-    locked here.
+
+def _budget(flight: _Flight) -> float:
+    """Seconds the flight may take from now: its timeout, and compile time if it sends a module."""
+    compile_time = COMPILE_TIMEOUT if flight.request.module is not None else 0.0
+    return flight.request.limits.timeout + KILL_GRACE + compile_time
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One task in flight on one worker."""
+
+    index: int
+    task: Task
+    request: RunRequest
+    module: bytes
+    worker: Worker
+    deadline: float = 0.0
+    finished: bool = False
+    expired: bool = False
+
+
+class _Deadlines:
+    """A thread that kills the worker of any task still running at its deadline.
+
+    Deadlines hold whatever the waiting thread does (a ``map`` consumer may pause between
+    results); the waiting side sees the worker die and recovers the partial result.
     """
-    base = Path(temp_dir or tempfile.gettempdir())
-    removed = 0
-    with contextlib.suppress(OSError), os.scandir(base) as entries:
-        candidates = [e.path for e in entries if e.name.startswith(ROOT_PREFIX)]
-    for path in candidates:
-        try:
-            fd = os.open(Path(path) / _LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        try:
-            remove_tree(Path(path))
-            removed += 1
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return removed
 
-
-class _Worker:
-    """One worker process and its private directory."""
-
-    def __init__(self, root: Path, cache_dir: Path) -> None:
-        self.root = root
-        root.mkdir(mode=0o700)
-        ours, theirs = socket.socketpair()
-        # Output is shared memory: it survives a kill, and costs no syscall per task.
-        self.output_fd = os.memfd_create("parity-sandbox-output", os.MFD_CLOEXEC)
-        os.ftruncate(self.output_fd, OUTPUT_BUFFER_SIZE)
-        env = dict(os.environ)
-        package_root = str(Path(parity_sandbox.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        try:
-            with (root / "worker.log").open("wb") as log:
-                self.proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "parity_sandbox.runtimes._wasm_worker",
-                        str(theirs.fileno()),
-                        str(self.output_fd),
-                        str(root),
-                        str(cache_dir),
-                    ],
-                    pass_fds=(theirs.fileno(), self.output_fd),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                    start_new_session=True,
-                )
-        except OSError as exc:
-            ours.close()
-            os.close(self.output_fd)
-            raise RuntimeUnavailable(f"cannot start a wasm worker process: {exc}") from exc
-        finally:
-            theirs.close()
-        self.conn = Connection(ours.detach())
-        self.poller = select.poll()
-        self.poller.register(self.conn.fileno(), select.POLLIN)
-        self.version = ""
-        self._killed = False
-        self._kill_lock = threading.Lock()
-        self.modules: set[tuple[tuple[int, bool], str]] = set()
-
-    def ensure_ready(self) -> str:
-        """Wait until the worker has started; returns its wasmtime version."""
-        if not self.version:
-            if not self.conn.poll(STARTUP_TIMEOUT):
-                raise RuntimeUnavailable("a wasm worker did not start within 60 s")
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                raise RuntimeUnavailable(
-                    "a wasm worker died while starting; is wasmtime installed? "
-                    f"(pip install wasmtime). Its log: {self.log_tail()}"
-                ) from None
-            assert isinstance(message, Ready)
-            self.version = message.wasmtime_version
-        return self.version
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.root / "worker.log").read_bytes()[-2000:].decode("utf-8", "replace")
-        return ""
-
-    def describe_death(self) -> str:
-        code = self.proc.wait(timeout=5)
-        if code < 0:
-            return f"the worker process was killed by signal {-code}"
-        return f"the worker process exited with code {code}"
-
-    def read_output(self, stream: int, cap: int) -> tuple[bytes, bool]:
-        """The output a (killed) worker kept of stream 0 or 1, and whether it was truncated."""
-        counter, base = output_slot(stream)
-        (count,) = struct.unpack("<Q", os.pread(self.output_fd, 8, counter))
-        data = os.pread(self.output_fd, min(count, cap + 1), base)
-        return data[:cap], len(data) > cap
-
-    def kill(self) -> None:
-        """Kill the process and remove its directory; safe to call twice, from any thread."""
-        with self._kill_lock:
-            if self._killed:
-                return
-            self._killed = True
-        with contextlib.suppress(OSError):
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self.conn.close()
-        os.close(self.output_fd)
-        with contextlib.suppress(OSError):
-            remove_tree(self.root)
-
-
-class _Pool:
-    """Up to ``size`` warm workers; a task takes an idle one or starts one."""
-
-    def __init__(self, size: int, root: Path, cache_dir: Path) -> None:
-        self.size = size
-        self._root = root
-        self._cache_dir = cache_dir
-        self._idle: list[_Worker] = []
-        self._all: set[_Worker] = set()
-        self._starting = 0
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Flight]] = []
+        self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
-        self._names = itertools.count()
+        threading.Thread(target=self._loop, name="parity-sandbox-deadlines", daemon=True).start()
 
-    def _spawn(self) -> _Worker:
-        worker = _Worker(self._root / f"w{next(self._names)}", self._cache_dir)
-        self._all.add(worker)
-        return worker
-
-    def prestart(self) -> None:
+    def set(self, flight: _Flight, seconds: float) -> None:
+        """(Re)arm ``flight`` to expire ``seconds`` from now."""
         with self._cond:
-            self._idle.append(self._spawn())
-
-    def acquire(self, cancel: threading.Event | None) -> _Worker:
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise RuntimeUnavailable("the WasmExecutor is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if len(self._all) + self._starting < self.size:
-                    self._starting += 1
-                    break
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("cancelled while waiting for a worker")
-                self._cond.wait(0.05)
-        try:
-            with self._cond:
-                return self._spawn()
-        finally:
-            with self._cond:
-                self._starting -= 1
-
-    def release(self, worker: _Worker) -> None:
-        with self._cond:
-            if not self._closed:
-                self._idle.append(worker)
+            flight.deadline = time.monotonic() + seconds
+            entry = (flight.deadline, next(self._order), flight)
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
                 self._cond.notify()
-                return
-        self.discard(worker)
 
-    def discard(self, worker: _Worker) -> None:
-        """Kill ``worker`` and start its replacement, so the next task finds a warm one."""
-        worker.kill()
+    def finish(self, flight: _Flight) -> None:
+        """Stop watching ``flight`` (its reply is in, or it is being torn down)."""
         with self._cond:
-            self._all.discard(worker)
-            with contextlib.suppress(ValueError):
-                self._idle.remove(worker)
-            if not self._closed:
-                with contextlib.suppress(RuntimeUnavailable):
-                    self._idle.append(self._spawn())
-            self._cond.notify()
+            flight.finished = True
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            workers = list(self._all)
-            self._all.clear()
-            self._idle.clear()
-            self._cond.notify_all()
-        for worker in workers:
-            worker.kill()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, _, flight = self._heap[0]
+                if flight.finished or deadline != flight.deadline:
+                    heapq.heappop(self._heap)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                heapq.heappop(self._heap)
+                flight.expired = True
+                flight.worker.deadline_killed = True
+                with contextlib.suppress(OSError):
+                    flight.worker.proc.kill()
 
 
 class WasmExecutor(Executor):
@@ -407,9 +283,10 @@ class WasmExecutor(Executor):
         self._default_limits = wasm_limits(self._limits)
         reap_stale_roots()
         self._root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
-        self._lock_fd = os.open(self._root / _LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC)
+        self._lock_fd = os.open(self._root / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._pool = _Pool(size, self._root, self.config.resolved_cache_dir() / "wasm-modules")
+        self._pool = Pool(size, self._root, self.config.resolved_cache_dir() / "wasm-modules")
+        self._deadlines = _Deadlines()
         self._seq = itertools.count()
         self._modules = _ModuleFiles()
         try:
@@ -421,7 +298,153 @@ class WasmExecutor(Executor):
     def max_parallel(self) -> int:
         return self._pool.size
 
+    # -- one task ------------------------------------------------------------------------------
+
     def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
+        request, module = self._prepare(task)
+        worker = self._pool.acquire(cancel)
+        flight = _Flight(0, task, request, module, worker)
+        try:
+            self._send(flight)
+            self._deadlines.set(flight, _budget(flight))
+            reply = None
+            while reply is None:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("the task was cancelled")
+                # The deadline thread kills the worker at the deadline; this wait only returns.
+                wait_s = 0.05 if cancel is not None else flight.deadline - time.monotonic() + 1.0
+                if worker.poller.poll(max(wait_s, 0.0) * 1000):
+                    reply = self._receive(flight)
+        except BaseException:
+            # Cancel, Ctrl-C, close() or a worker that failed to start: the worker dies.
+            self._deadlines.finish(flight)
+            self._pool.discard(worker)
+            raise
+        result = self._settle(flight, reply)
+        if worker.dead:
+            self._pool.discard(worker)
+        else:
+            self._pool.release(worker)
+        if result.status in (Status.SUCCEEDED, Status.FAILED):
+            return result
+        if self.closed and reply.outcome == "error":
+            raise RuntimeUnavailable("the executor was closed while the task ran", result=result)
+        error = result.to_error()
+        assert error is not None
+        raise error
+
+    # -- many tasks ----------------------------------------------------------------------------
+
+    def map(self, tasks: Iterable[Task], *, max_parallel: int | None = None) -> Iterator[Result]:
+        """Run many tasks on up to ``max_parallel`` workers at once; results in order.
+
+        One thread drives all the workers (no thread per task) and keeps the next task queued
+        at each worker, so workers do not wait for the parent between tasks. Like
+        ``Executor.map``, a task that fails yields its result instead of raising; closing the
+        iterator early stops the tasks still running.
+        """
+        self._check_open()
+        width = min(max(1, max_parallel or self._pool.size), self._pool.size)
+        return self._map(iter(tasks), width)
+
+    def _map(self, source: Iterator[Task], width: int) -> Iterator[Result]:
+        # Each worker in use has a lane: the flight it runs (the head, which alone has a
+        # deadline) and the next one, already sent. A dead worker's queued flights run again.
+        lanes: dict[Worker, deque[_Flight]] = {}
+        retry: deque[_Flight] = deque()
+        done: dict[int, Result] = {}
+        indices = itertools.count()
+        yielded = 0
+        exhausted = False
+
+        def next_flight(worker: Worker) -> _Flight | None:
+            nonlocal exhausted
+            while retry or not exhausted:
+                if retry:
+                    flight = retry.popleft()
+                    return _Flight(flight.index, flight.task, flight.request, flight.module, worker)
+                task = next(source, None)
+                if task is None:
+                    exhausted = True
+                    break
+                index = next(indices)
+                try:
+                    return _Flight(index, task, *self._prepare(task), worker)
+                except SandboxError as exc:
+                    done[index] = self._error_result(task, exc)
+            return None
+
+        def retire(worker: Worker) -> None:
+            """Discard a dead (or abandoned) worker; what it had queued runs elsewhere."""
+            lane = lanes.pop(worker)
+            for flight in lane:
+                self._deadlines.finish(flight)
+            retry.extend(lane)
+            self._pool.discard(worker)
+
+        try:
+            while True:
+                while len(lanes) < width and (retry or not exhausted):
+                    worker = self._pool.try_acquire()
+                    if worker is None:
+                        if lanes:
+                            break
+                        worker = self._pool.acquire(None)  # others hold every worker: wait
+                    lanes[worker] = deque()
+                for worker, lane in list(lanes.items()):
+                    while len(lane) < _DEPTH:
+                        flight = next_flight(worker)
+                        if flight is None:
+                            break
+                        try:
+                            self._send(flight)
+                        except (OSError, RuntimeUnavailable) as exc:
+                            done[flight.index] = self._error_result(
+                                flight.task, RuntimeUnavailable(f"a wasm worker failed: {exc}")
+                            )
+                            retire(worker)
+                            break
+                        if not lane:
+                            self._deadlines.set(flight, _budget(flight))
+                        lane.append(flight)
+                    if worker in lanes and not lane:
+                        del lanes[worker]
+                        self._pool.release(worker)
+                while yielded in done:
+                    yield done.pop(yielded)
+                    yielded += 1
+                if not lanes:
+                    if exhausted and not retry:
+                        return
+                    continue
+                by_conn = {worker.conn: worker for worker in lanes}
+                for conn in wait(list(by_conn), timeout=1.0):
+                    assert isinstance(conn, Connection)
+                    worker = by_conn[conn]
+                    lane = lanes[worker]
+                    if not lane:  # an idle worker in a lane can only have died
+                        retire(worker)
+                        continue
+                    reply = self._receive(lane[0])
+                    if reply is None:
+                        continue
+                    if reply.outcome == "requeue":
+                        retire(worker)
+                        continue
+                    head = lane.popleft()
+                    done[head.index] = self._settle(head, reply)
+                    if worker.dead:
+                        retire(worker)
+                    elif lane:
+                        self._deadlines.set(lane[0], _budget(lane[0]))
+        finally:
+            for worker in list(lanes):
+                retire(worker)
+
+    # -- the steps of a flight -----------------------------------------------------------------
+
+    def _prepare(self, task: Task) -> tuple[RunRequest, bytes]:
+        """Everything about ``task`` that needs no worker; raises ``InvalidInput``."""
         if task.runtime not in (None, "wasm"):
             raise InvalidInput(f"runtime: this executor runs wasm tasks, not {task.runtime}")
         limits = self._default_limits
@@ -440,69 +463,51 @@ class WasmExecutor(Executor):
             outputs=task.outputs,
             limits=limits,
         )
-        worker = self._pool.acquire(cancel)
+        return request, module
+
+    @staticmethod
+    def _send(flight: _Flight) -> None:
+        """Send the flight's request, with the module's bytes if its worker may lack them."""
+        worker, request = flight.worker, flight.request
+        worker.ensure_ready()
+        key = (request.limits.engine_key, request.module_sha256)
+        if key not in worker.modules:
+            flight.request = replace(request, module=flight.module)
+            worker.modules.add(key)
+        worker.conn.send(flight.request)
+
+    def _receive(self, flight: _Flight) -> RunReply | None:
+        """Take one message from the flight's worker; the reply once it is final."""
         try:
-            version = worker.ensure_ready()
-            if (limits.engine_key, sha) not in worker.modules:
-                request = replace(request, module=module)
-            reply = self._exchange(worker, request, module, cancel)
+            message = flight.worker.conn.recv()
         except (EOFError, OSError):
-            detail = worker.describe_death()
-            self._pool.discard(worker)
-            if self.closed:
-                raise RuntimeUnavailable("the executor was closed while the task ran") from None
-            raise ExecutionError(f"the task crashed its worker: {detail}") from None
-        except BaseException:
-            # A cancel, Ctrl-C or a failed start: the worker may be mid-task, so it dies.
-            self._pool.discard(worker)
-            raise
-        if reply is None:
-            reply = self._partial_reply(worker, request)
-            self._pool.discard(worker)
-        elif reply.outcome == "error":
-            self._pool.discard(worker)
-        else:
-            worker.modules.add((limits.engine_key, sha))
-            self._pool.release(worker)
-        result = self._to_result(task, reply, sha, version)
-        if result.status in (Status.SUCCEEDED, Status.FAILED):
-            return result
-        error = result.to_error()
-        assert error is not None
-        raise error
+            return self._after_death(flight)
+        if isinstance(message, Loaded):
+            flight.request = replace(flight.request, module=None)
+            self._deadlines.set(flight, _budget(flight))
+            return None
+        if isinstance(message, NeedModule):
+            flight.request = replace(flight.request, module=flight.module)
+            self._deadlines.set(flight, _budget(flight))
+            try:
+                flight.worker.conn.send(flight.request)
+            except OSError:
+                return self._after_death(flight)
+            return None
+        assert isinstance(message, RunReply) and message.seq == flight.request.seq
+        return message
 
-    def _exchange(
-        self, worker: _Worker, request: RunRequest, module: bytes, cancel: threading.Event | None
-    ) -> RunReply | None:
-        """Send ``request`` and wait for its reply; ``None`` when the deadline passed."""
-        budget = request.limits.timeout + KILL_GRACE
-        worker.conn.send(request)
-        deadline = time.monotonic() + budget + (COMPILE_TIMEOUT if request.module else 0)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if cancel is not None:
-                if cancel.is_set():
-                    raise Cancelled("the task was cancelled")
-                remaining = min(remaining, 0.05)
-            if not worker.poller.poll(remaining * 1000):
-                continue
-            message = worker.conn.recv()
-            if isinstance(message, Loaded):
-                deadline = time.monotonic() + budget
-            elif isinstance(message, NeedModule):
-                request = replace(request, module=module)
-                worker.conn.send(request)
-                deadline = time.monotonic() + budget + COMPILE_TIMEOUT
-            else:
-                assert isinstance(message, RunReply) and message.seq == request.seq
-                return message
-
-    def _partial_reply(self, worker: _Worker, request: RunRequest) -> RunReply:
-        """Kill a worker past its deadline; return its mirrored output and workspace files."""
-        worker.proc.kill()
-        worker.proc.wait()
+    def _after_death(self, flight: _Flight) -> RunReply:
+        """The flight's worker died: killed at its deadline (a timeout), for another flight's
+        deadline (``requeue``: it never ran, or ran only briefly), or it crashed."""
+        worker, request = flight.worker, flight.request
+        detail = worker.describe_death()
+        if not flight.expired:
+            if worker.deadline_killed:
+                return RunReply(seq=request.seq, outcome="requeue")
+            return RunReply(
+                seq=request.seq, outcome="error", message=f"the task crashed its worker: {detail}"
+            )
         cap = request.limits.output
         stdout, stdout_truncated = worker.read_output(0, cap)
         stderr, stderr_truncated = worker.read_output(1, cap)
@@ -520,6 +525,15 @@ class WasmExecutor(Executor):
             files=files,
             files_truncated=files_truncated,
             duration=request.limits.timeout,
+        )
+
+    def _settle(self, flight: _Flight, reply: RunReply) -> Result:
+        """Stop the flight's deadline; mark its worker dead if it must not run again."""
+        self._deadlines.finish(flight)
+        if flight.expired or reply.outcome in ("error", "timeout"):
+            flight.worker.dead = True
+        return self._to_result(
+            flight.task, reply, flight.request.module_sha256, flight.worker.version
         )
 
     def _to_result(self, task: Task, reply: RunReply, sha: str, version: str) -> Result:
@@ -555,6 +569,7 @@ class WasmExecutor(Executor):
         )
 
     def _close(self) -> None:
+        self._deadlines.close()
         self._pool.close()
         try:
             remove_tree(self._root)
