@@ -59,12 +59,18 @@ def test_a_thousand_runs_with_timeouts_and_failures_leave_nothing(
         tasks = [slow[i // 50 % 2] if i % 50 == 49 else mix[i % len(mix)] for i in range(1000)]
         for result in executor.map(tasks):
             statuses[result.status] = statuses.get(result.status, 0) + 1
-        # While the executor lives, no task's files outlive it.
-        leftovers = [
-            p
-            for p in root.rglob("*")
-            if p.is_file() and p.name != "worker.log" and p.parent.name != root.name
-        ]
+        # While the executor lives, no task's files outlive it (stdin and inputs are removed
+        # just after the reply, so give the workers a moment).
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            leftovers = [
+                p
+                for p in root.rglob("*")
+                if p.is_file() and p.name != "worker.log" and p.parent.name != root.name
+            ]
+            if not leftovers:
+                break
+            time.sleep(0.05)
         assert leftovers == []
     finally:
         executor.close()

@@ -25,7 +25,7 @@ import parity_sandbox
 from parity_sandbox._exceptions import RuntimeUnavailable
 from parity_sandbox._executor import Cancelled
 from parity_sandbox._fs import remove_tree
-from parity_sandbox.runtimes._wasm_protocol import OUTPUT_BUFFER_SIZE, Ready, output_slot
+from parity_sandbox.runtimes._wasm_protocol import OUTPUT_BUFFER_SIZE, Ready, decode, output_slot
 
 #: How long a worker may take to start.
 STARTUP_TIMEOUT = 60.0
@@ -119,8 +119,8 @@ class Worker:
             if not self.conn.poll(STARTUP_TIMEOUT):
                 raise RuntimeUnavailable("a wasm worker did not start within 60 s")
             try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
+                message = decode(self.conn.recv_bytes())
+            except (EOFError, OSError, ValueError):
                 raise RuntimeUnavailable(
                     "a wasm worker died while starting; is wasmtime installed? "
                     f"(pip install wasmtime). Its log: {self.log_tail()}"

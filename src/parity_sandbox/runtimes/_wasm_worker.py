@@ -45,6 +45,8 @@ from parity_sandbox.runtimes._wasm_protocol import (
     RunRequest,
     StoreSettings,
     WasmLimits,
+    decode,
+    encode,
     output_slot,
     store_settings,
 )
@@ -308,9 +310,9 @@ class Runner:
         if pre is None:
             pre = self.cache.load(settings, request.module_sha256, request.module)
             if pre is None:
-                conn.send(NeedModule(request.seq))
+                conn.send_bytes(encode(NeedModule(request.seq)))
                 return None
-            conn.send(Loaded(request.seq))
+            conn.send_bytes(encode(Loaded(request.seq)))
         return pre
 
     def run(self, request: RunRequest, pre: wasmtime.InstancePre) -> RunReply:
@@ -505,10 +507,11 @@ def _blame_limits(ending: _Ending, peak: int | None, limits: WasmLimits, work: P
 def serve(conn: Connection, runner: Runner) -> None:
     """Answer requests on ``conn`` until the parent hangs up."""
     runner.reset()
-    conn.send(Ready(wasmtime_version()))
+    conn.send_bytes(encode(Ready(wasmtime_version())))
     while True:
         try:
-            request: RunRequest = conn.recv()
+            request = decode(conn.recv_bytes())
+            assert isinstance(request, RunRequest)
         except (EOFError, OSError):
             return
         try:
@@ -522,7 +525,7 @@ def serve(conn: Connection, runner: Runner) -> None:
             reply = RunReply(seq=request.seq, outcome="error", message=f"worker error: {exc!r}")
         finally:
             runner.clear_workspace()
-        conn.send(reply)
+        conn.send_bytes(encode(reply))
         runner.reset()
 
 

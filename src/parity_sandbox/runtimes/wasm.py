@@ -52,6 +52,8 @@ from parity_sandbox.runtimes._wasm_protocol import (
     RunReply,
     RunRequest,
     WasmLimits,
+    decode,
+    encode,
 )
 
 #: Slack past a task's timeout before its worker is killed (covers the request's delivery).
@@ -474,14 +476,18 @@ class WasmExecutor(Executor):
         if key not in worker.modules:
             flight.request = replace(request, module=flight.module)
             worker.modules.add(key)
-        worker.conn.send(flight.request)
+        worker.conn.send_bytes(encode(flight.request))
 
     def _receive(self, flight: _Flight) -> RunReply | None:
         """Take one message from the flight's worker; the reply once it is final."""
         try:
-            message = flight.worker.conn.recv()
+            message = decode(flight.worker.conn.recv_bytes())
         except (EOFError, OSError):
             return self._after_death(flight)
+        except ValueError as exc:
+            # Garbage from a worker means it is not ours any more: it dies, the task errs.
+            flight.worker.kill()
+            return RunReply(seq=flight.request.seq, outcome="error", message=f"worker: {exc}")
         if isinstance(message, Loaded):
             flight.request = replace(flight.request, module=None)
             self._deadlines.set(flight, _budget(flight))
@@ -490,7 +496,7 @@ class WasmExecutor(Executor):
             flight.request = replace(flight.request, module=flight.module)
             self._deadlines.set(flight, _budget(flight))
             try:
-                flight.worker.conn.send(flight.request)
+                flight.worker.conn.send_bytes(encode(flight.request))
             except OSError:
                 return self._after_death(flight)
             return None
