@@ -147,3 +147,16 @@ def test_ctrl_c_stops_the_task_and_leaves_nothing(wasm: WasmFixtures, cache_dir:
 def test_errors_are_sandbox_errors(wasm: WasmFixtures, executor: WasmExecutor) -> None:
     with pytest.raises(SandboxError):
         executor.execute(Task(wasm_file=wasm.trap))
+
+
+def test_workers_are_hardened(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    assert executor.execute(Task(wasm_file=wasm.hello)).ok
+    pids = worker_pids(str(executor._root))
+    assert pids
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"]
+        assert Path(f"/proc/{pid}/cwd").resolve().is_relative_to(executor._root)

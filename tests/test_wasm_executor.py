@@ -166,6 +166,21 @@ def test_a_file_past_the_disk_limit_is_refused(executor: WasmExecutor, wasm: Was
     assert info.value.result is not None and b"write failed at 4 MiB" in info.value.result.stderr
 
 
+def test_a_workspace_past_the_disk_limit_is_reported(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    # Each file is under the cap, together they are over it: checked after the run.
+    with pytest.raises(ResourceLimitExceeded) as info:
+        executor.execute(
+            Task(wasm_file=wasm.many_files, args=("6", str(MiB)), limits=Limits(disk="4m"))
+        )
+    assert info.value.limit == "disk"
+    within = executor.execute(
+        Task(wasm_file=wasm.many_files, args=("3", str(MiB)), limits=Limits(disk="4m"))
+    )
+    assert within.ok
+
+
 @pytest.mark.parametrize(
     ("task", "needle"),
     [

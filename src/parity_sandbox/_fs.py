@@ -174,22 +174,26 @@ def _is_regular(dir_fd: int, name: str) -> bool:
         return False
 
 
-def largest_file(directory: Path, max_depth: int = 64, max_entries: int = 100_000) -> int:
-    """Size of the largest regular file below ``directory`` (0 if none), without following links."""
+def disk_usage(directory: Path, max_depth: int = 64, max_entries: int = 100_000) -> tuple[int, int]:
+    """Bytes allocated to regular files below ``directory``, and the largest file's size.
+
+    Links are not followed; the walk stops at ``max_depth`` and ``max_entries``.
+    """
     try:
         root_fd = os.open(directory, _DIR_FLAGS)
     except OSError:
-        return 0
-    largest = 0
+        return 0, 0
+    total = largest = 0
     try:
         for _, _, entry in _walk_files(root_fd, (), max_depth, max_entries):
             with contextlib.suppress(OSError):
                 info = entry.stat(follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode):
+                    total += info.st_blocks * 512
                     largest = max(largest, info.st_size)
     finally:
         os.close(root_fd)
-    return largest
+    return total, largest
 
 
 def write_files(directory: Path, files: Mapping[str, bytes]) -> None:

@@ -93,6 +93,7 @@ class Worker:
                     stdout=log,
                     stderr=log,
                     env=env,
+                    cwd=root,
                     start_new_session=True,
                 )
         except OSError as exc:

@@ -15,6 +15,7 @@ the deadline. Processes also sidestep the GIL, so throughput scales with cores. 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import wasmtime
 
-from parity_sandbox._fs import collect_outputs, largest_file, remove_tree, write_files
+from parity_sandbox._fs import collect_outputs, disk_usage, remove_tree, write_files
 from parity_sandbox.runtimes._wasm_protocol import (
     OUTPUT_BUFFER_SIZE,
     Loaded,
@@ -336,11 +337,12 @@ class Runner:
         if settings.fuel is not None:
             with contextlib.suppress(wasmtime.WasmtimeError):
                 fuel_used = settings.fuel - store.get_fuel()
-        if ending.abnormal:
-            ending = _blame_limits(ending, peak, limits, self.work)
         files: dict[str, bytes] = {}
         files_truncated = False
-        self._dirty = next(self.work.iterdir(), None) is not None
+        with os.scandir(self.work) as entries:
+            self._dirty = next(entries, None) is not None
+        usage = disk_usage(self.work) if self._dirty else (0, 0)
+        ending = _blame_limits(ending, peak, limits, usage)
         if self._dirty:
             files, files_truncated = collect_outputs(
                 self.work, request.outputs, request.output_caps
@@ -486,21 +488,32 @@ def _classify_trap(trap: wasmtime.Trap, limits: WasmLimits) -> _Ending:
     return _Ending("trap", None, None, f"guest trapped: {what}")
 
 
-def _blame_limits(ending: _Ending, peak: int | None, limits: WasmLimits, work: Path) -> _Ending:
-    """Attribute an abnormal end to a limit the guest most likely hit.
+def _blame_limits(
+    ending: _Ending, peak: int | None, limits: WasmLimits, usage: tuple[int, int]
+) -> _Ending:
+    """Attribute the end of a run to a limit the guest hit.
 
-    wasmtime refuses ``memory.grow`` past the limit without telling the host, so a guest whose
-    linear memory ended within one sixteenth (at least 2 MiB) of the limit is reported as having
-    hit it; likewise a file that reached the disk cap (writes past it fail with EFBIG).
+    The workspace holding more than the disk cap is a violation however the task ended (no
+    single file can pass the cap: ``RLIMIT_FSIZE`` makes such writes fail with EFBIG; the total
+    is checked here, after the run). wasmtime refuses ``memory.grow`` past the limit without
+    telling the host, so a guest that ended abnormally with its linear memory within one
+    sixteenth (at least 2 MiB) of the limit is reported as having hit it.
     """
     if ending.limit is not None:
         return ending
-    if peak is not None and peak + max(limits.memory // 16, 2 << 20) >= limits.memory:
+    total, largest = usage
+    if total > limits.disk or largest >= limits.disk:
+        message = f"disk limit reached: the workspace held {total} bytes (cap {limits.disk})"
+        if largest >= limits.disk:
+            message = f"disk limit reached: a file grew to the {limits.disk} byte cap"
+        return _Ending("limit", ending.exit_code, "disk", message)
+    if (
+        ending.abnormal
+        and peak is not None
+        and peak + max(limits.memory // 16, 2 << 20) >= limits.memory
+    ):
         message = f"memory limit reached: linear memory grew to {peak} of {limits.memory} bytes"
         return _Ending("limit", ending.exit_code, "memory", message)
-    if largest_file(work) >= limits.disk:
-        message = f"disk limit reached: a file grew to {limits.disk} bytes"
-        return _Ending("limit", ending.exit_code, "disk", message)
     return ending
 
 
@@ -529,11 +542,27 @@ def serve(conn: Connection, runner: Runner) -> None:
         runner.reset()
 
 
+_PR_SET_DUMPABLE = 4
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def harden() -> None:
+    """Defence in depth, should a guest ever escape wasmtime into this process: no core dumps
+    of guest memory, no ptrace or /proc/<pid>/mem access by other processes of this user, and
+    no privileges gained through exec."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    for option in (_PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS):
+        value = 0 if option == _PR_SET_DUMPABLE else 1
+        libc.prctl(option, value, 0, 0, 0)
+
+
 def main(argv: list[str]) -> None:
     fd, output_fd, root, cache_dir = int(argv[0]), int(argv[1]), Path(argv[2]), Path(argv[3])
     # The parent decides about Ctrl-C; a file hitting the disk cap fails with EFBIG, not a kill.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    harden()
     # Fds 1 and 2 become the guest's output pipes; this process's own output goes to its log.
     log = os.fdopen(os.dup(2), "w", buffering=1)
     sys.stdout = sys.stderr = log
