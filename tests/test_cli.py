@@ -133,3 +133,10 @@ def test_config_show_and_doctor(cache_dir: Path) -> None:
     done = run_cli("doctor", env={"PARITY_SANDBOX_DEFAULT_RUNTIME": "docker"}, cache=cache_dir)
     assert done.returncode == 1
     assert_one_line(done.stderr, "default runtime")
+
+
+def test_limits_wasm_cannot_enforce_are_named_once(wasm: WasmFixtures, cache_dir: Path) -> None:
+    done = run_cli("run", "--cpus", "0.5", str(wasm.hello), cache=cache_dir)
+    assert done.returncode == 0
+    assert done.stderr.decode().count("ignores cpu") == 1
+    assert "pids" not in done.stderr.decode()

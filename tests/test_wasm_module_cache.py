@@ -79,3 +79,14 @@ def test_changed_module_files_are_noticed(
         target.write_bytes(wasm.exit_code.read_bytes())
         result = executor.execute(Task(wasm_file=target))
         assert (result.exit_code, result.stderr) == (3, b"bye\n")
+
+
+def test_the_disk_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    from parity_sandbox.runtimes._wasm_worker import _evict
+
+    for i in range(5):
+        path = tmp_path / f"{i}.cwasm"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    _evict(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.cwasm", "3.cwasm", "4.cwasm"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -270,6 +271,12 @@ def doctor(config: ConfigOption = None) -> None:
             usable[name], detail = False, PLANNED.get(name, "no check for this runtime")
         table.add_row(name, "yes" if usable[name] else "no", detail)
     _out.print(table)
+    cache = settings.resolved_cache_dir() / "wasm-modules"
+    if usable.get("wasm"):
+        from parity_sandbox.runtimes._wasm_worker import private_dir
+
+        state = "in use" if private_dir(cache) else "NOT used: others can write to it (chmod 700)"
+        _out.print(f"compiled-module cache: {cache} ({state})", markup=False)
     default = settings.default_runtime
     if not usable.get(default):
         _err.print(
@@ -280,8 +287,20 @@ def doctor(config: ConfigOption = None) -> None:
         raise typer.Exit(1)
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    _err.print(f"parity-sandbox: warning: {message}", markup=False)
+
+
 def main() -> None:
     """Console-script entry point."""
+    warnings.showwarning = _one_line_warning
     app()
 
 

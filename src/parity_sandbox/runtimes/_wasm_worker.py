@@ -54,6 +54,8 @@ from parity_sandbox.runtimes._wasm_protocol import (
 
 WASI_MODULE = "wasi_snapshot_preview1"
 MEMORY_CACHE_SIZE = 32
+#: Compiled modules kept on disk per engine configuration (least recently used go first).
+DISK_CACHE_FILES = 256
 _PAGE = 65536
 
 
@@ -179,7 +181,7 @@ class ModuleCache:
         self._memory: OrderedDict[tuple[tuple[int, bool], str], wasmtime.InstancePre] = (
             OrderedDict()
         )
-        self._disk = cache_dir if _private_dir(cache_dir) else None
+        self._disk = cache_dir if private_dir(cache_dir) else None
 
     def engine(self, settings: StoreSettings) -> tuple[wasmtime.Engine, wasmtime.Linker]:
         key = (settings.max_wasm_stack, settings.consume_fuel)
@@ -211,6 +213,7 @@ class ModuleCache:
         if path is not None and path.is_file():
             with contextlib.suppress(wasmtime.WasmtimeError, OSError):
                 module = wasmtime.Module.deserialize_file(engine, str(path))
+                os.utime(path)  # recently used: evicted last
         if module is None:
             if module_bytes is None:
                 return None
@@ -223,6 +226,7 @@ class ModuleCache:
             _check_command_module(module)
             if path is not None:
                 _write_atomically(path, bytes(module.serialize()))
+                _evict(path.parent, DISK_CACHE_FILES)
         else:
             _check_command_module(module)
         pre = linker.instantiate_pre(module)
@@ -238,7 +242,7 @@ class ModuleCache:
         return self._disk / f"wasmtime-{wasmtime_version()}-s{stack}-f{int(fuel)}" / f"{sha}.cwasm"
 
 
-def _private_dir(path: Path) -> bool:
+def private_dir(path: Path) -> bool:
     """Create ``path`` (mode 0700) and check that only this user can write to it.
 
     A deserialized module is native code; a cache that others can write would let them run
@@ -253,15 +257,26 @@ def _private_dir(path: Path) -> bool:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write under a temporary name, then rename: readers never see a partial module."""
     with contextlib.suppress(OSError):
         path.parent.mkdir(mode=0o700, exist_ok=True)
         temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         temp.replace(path)
+
+
+def _evict(directory: Path, keep: int) -> None:
+    """Remove the least recently used compiled modules beyond the newest ``keep``."""
+    with contextlib.suppress(OSError):
+        modules = sorted(directory.glob("*.cwasm"), key=lambda p: p.stat().st_mtime)
+        for stale in modules[: max(0, len(modules) - keep)]:
+            stale.unlink(missing_ok=True)
 
 
 def _check_command_module(module: wasmtime.Module) -> None:

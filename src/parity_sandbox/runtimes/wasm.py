@@ -20,6 +20,7 @@ import stat
 import tempfile
 import threading
 import time
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -291,6 +292,7 @@ class WasmExecutor(Executor):
         self._deadlines = _Deadlines()
         self._seq = itertools.count()
         self._modules = _ModuleFiles()
+        self._warned_ignored = False
         try:
             self._pool.prestart()
         except BaseException:
@@ -452,6 +454,15 @@ class WasmExecutor(Executor):
         limits = self._default_limits
         if task.limits.model_fields_set:
             limits = wasm_limits(self._limits.merged(task.limits))
+            ignored = {name for name in ("cpu", "pids") if getattr(task.limits, name) is not None}
+            if ignored and not self._warned_ignored:
+                self._warned_ignored = True
+                warnings.warn(
+                    f"the wasm runtime ignores {' and '.join(sorted(ignored))}: a WebAssembly task "
+                    "is one thread and starts no processes (use fuel to bound its CPU)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         module, sha = self._modules.load(task)
         argv0 = task.wasm_file.name if task.wasm_file is not None else "task.wasm"
         request = RunRequest(
