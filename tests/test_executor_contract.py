@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -101,3 +102,25 @@ def test_close_stops_a_running_task(wasm: WasmFixtures, cache_dir: Path) -> None
     assert not thread.is_alive()
     assert time.monotonic() - started < 5
     assert isinstance(outcome.get("error"), RuntimeUnavailable)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_timeouts_hold_while_a_map_consumer_pauses(wasm: WasmFixtures, cache_dir: Path) -> None:
+    from test_wasm_cleanup import worker_pids
+
+    with WasmExecutor(Config(cache_dir=cache_dir), workers=2) as executor:
+        tasks = [
+            Task(wasm_file=wasm.hello),
+            Task(wasm_file=wasm.print_then_loop, limits=Limits(timeout=0.5)),
+        ]
+        results = executor.map(tasks, max_parallel=2)
+        assert next(results).ok
+        time.sleep(2.5)  # the consumer looks away; the loop must still be stopped at 0.5 s
+        busy = {pid: _cpu_seconds(pid) for pid in worker_pids(str(executor._root))}
+        assert all(seconds < 1.5 for seconds in busy.values()), busy
+        late = next(results)
+        assert late.status is Status.TIMEOUT and late.stdout == b"started\n"

@@ -196,6 +196,13 @@ def disk_usage(directory: Path, max_depth: int = 64, max_entries: int = 100_000)
     return total, largest
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may take less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_files(directory: Path, files: Mapping[str, bytes]) -> None:
     """Write ``files`` (validated relative names) into ``directory``, refusing to follow links.
 
@@ -218,9 +225,7 @@ def write_files(directory: Path, files: Mapping[str, bytes]) -> None:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                 out = os.open(parts[-1], flags, 0o644, dir_fd=fd)
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(out, view) :]
+                    write_all(out, data)
                 finally:
                     os.close(out)
             finally:

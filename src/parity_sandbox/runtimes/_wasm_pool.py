@@ -25,7 +25,14 @@ import parity_sandbox
 from parity_sandbox._exceptions import RuntimeUnavailable
 from parity_sandbox._executor import Cancelled
 from parity_sandbox._fs import remove_tree
-from parity_sandbox.runtimes._wasm_protocol import OUTPUT_BUFFER_SIZE, Ready, decode, output_slot
+from parity_sandbox.runtimes._wasm_protocol import (
+    OUTPUT_BUFFER_SIZE,
+    START_FORMAT,
+    START_SLOT,
+    Ready,
+    decode,
+    output_slot,
+)
 
 #: How long a worker may take to start.
 STARTUP_TIMEOUT = 60.0
@@ -103,8 +110,10 @@ class Worker:
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
+        #: The parent's end of the socket (stays known after ``conn`` is closed).
+        self.fd = self.conn.fileno()
         self.poller = select.poll()
-        self.poller.register(self.conn.fileno(), select.POLLIN)
+        self.poller.register(self.fd, select.POLLIN)
         self.version = ""
         #: Set when this worker must not run another task (it timed out, crashed or was killed).
         self.dead = False
@@ -140,6 +149,11 @@ class Worker:
         if code < 0:
             return f"the worker process was killed by signal {-code}"
         return f"the worker process exited with code {code}"
+
+    def read_start(self) -> tuple[int, float]:
+        """The seq of the request whose guest this worker started last, and when (monotonic)."""
+        seq, started = struct.unpack(START_FORMAT, os.pread(self.output_fd, 16, START_SLOT))
+        return int(seq), float(started)
 
     def read_output(self, stream: int, cap: int) -> tuple[bytes, bool]:
         """The output a (killed) worker kept of stream 0 or 1, and whether it was truncated."""

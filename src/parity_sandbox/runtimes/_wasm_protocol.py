@@ -17,8 +17,12 @@ from parity_sandbox._fs import OutputCaps
 #: wasm32 linear memory cannot grow past 4 GiB.
 MAX_WASM_MEMORY = 4 << 30
 
-# Layout of the shared output buffer (a sparse memfd both processes map): two little-endian
-# u64 counters of bytes mirrored so far, then one region per stream of the largest cap + 1.
+# Layout of the buffer a worker shares with the parent (a sparse memfd both map): two
+# little-endian u64 counters of output bytes kept so far; at START_SLOT the seq (u64) and
+# CLOCK_MONOTONIC time (f64) at which the worker last started a guest; then one region per
+# stream of the largest cap + 1.
+START_SLOT = 16
+START_FORMAT = "<Qd"
 OUTPUT_HEADER = 4096
 OUTPUT_REGION = (1 << 30) + 4096
 OUTPUT_BUFFER_SIZE = OUTPUT_HEADER + 2 * OUTPUT_REGION
@@ -97,13 +101,6 @@ class Ready:
 
 
 @dataclass(frozen=True)
-class Loaded:
-    """Sent by a worker after compiling or loading a module it did not hold in memory."""
-
-    seq: int
-
-
-@dataclass(frozen=True)
 class NeedModule:
     """Sent by a worker asked to run a module it does not hold; the parent resends the bytes."""
 
@@ -136,7 +133,7 @@ class RunReply:
     fuel_used: int | None = None
 
 
-Message = RunRequest | RunReply | Ready | Loaded | NeedModule
+Message = RunRequest | RunReply | Ready | NeedModule
 
 _REPLY_FIELDS = tuple(f.name for f in fields(RunReply))
 
@@ -177,8 +174,6 @@ def encode(message: Message) -> bytes:
         return marshal.dumps(("reply", *(getattr(message, name) for name in _REPLY_FIELDS)))
     if isinstance(message, Ready):
         return marshal.dumps(("ready", message.wasmtime_version))
-    if isinstance(message, Loaded):
-        return marshal.dumps(("loaded", message.seq))
     return marshal.dumps(("need", message.seq))
 
 
@@ -205,8 +200,6 @@ def decode(data: bytes) -> Message:
             return RunReply(*item[1:])
         if kind == "ready":
             return Ready(str(item[1]))
-        if kind == "loaded":
-            return Loaded(int(item[1]))
         if kind == "need":
             return NeedModule(int(item[1]))
     except (EOFError, TypeError, IndexError, KeyError) as exc:

@@ -16,6 +16,7 @@ import hashlib
 import heapq
 import itertools
 import os
+import select
 import stat
 import tempfile
 import threading
@@ -23,8 +24,7 @@ import time
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from parity_sandbox._config import Config
@@ -48,7 +48,6 @@ from parity_sandbox.runtimes._wasm_pool import (
 )
 from parity_sandbox.runtimes._wasm_protocol import (
     MAX_WASM_MEMORY,
-    Loaded,
     NeedModule,
     RunReply,
     RunRequest,
@@ -188,12 +187,6 @@ def _input_files(task: Task) -> dict[str, bytes]:
 _DEPTH = 2
 
 
-def _budget(flight: _Flight) -> float:
-    """Seconds the flight may take from now: its timeout, and compile time if it sends a module."""
-    compile_time = COMPILE_TIMEOUT if flight.request.module is not None else 0.0
-    return flight.request.limits.timeout + KILL_GRACE + compile_time
-
-
 @dataclass(eq=False)
 class _Flight:
     """One task in flight on one worker."""
@@ -201,7 +194,7 @@ class _Flight:
     index: int
     task: Task
     request: RunRequest
-    module: bytes
+    module: bytes = field(repr=False)
     worker: Worker
     deadline: float = 0.0
     finished: bool = False
@@ -211,55 +204,89 @@ class _Flight:
 class _Deadlines:
     """A thread that kills the worker of any task still running at its deadline.
 
-    Deadlines hold whatever the waiting thread does (a ``map`` consumer may pause between
-    results); the waiting side sees the worker die and recovers the partial result.
+    A task's deadline counts from the moment its worker starts the guest, which the worker
+    stamps in the memory it shares with the parent; time spent compiling the module (at most
+    ``COMPILE_TIMEOUT``) or queued behind another task does not count. Deadlines hold whatever
+    the waiting thread does (a ``map`` consumer may pause between results): this thread reads
+    the stamps itself, every 20 ms while some task has not started, and kills on its own; the
+    waiting side then sees the worker die and recovers the partial result.
     """
+
+    _POLL = 0.02
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _Flight]] = []
         self._order = itertools.count()
+        self._unstarted: set[_Flight] = set()
         self._cond = threading.Condition()
         self._closed = False
         threading.Thread(target=self._loop, name="parity-sandbox-deadlines", daemon=True).start()
 
-    def set(self, flight: _Flight, seconds: float) -> None:
-        """(Re)arm ``flight`` to expire ``seconds`` from now."""
+    def watch(self, flight: _Flight, *, starts_now: bool, bound: float | None) -> None:
+        """Watch a flight just sent (or sent again).
+
+        Args:
+            flight: the flight.
+            starts_now: its worker starts the guest at once (it is idle and holds the module),
+                so the deadline is armed now, without waiting for the stamp.
+            bound: otherwise, the most seconds from now it may take in all (compiling and
+                running); ``None`` when it waits behind another flight that has a deadline.
+        """
         with self._cond:
-            flight.deadline = time.monotonic() + seconds
-            entry = (flight.deadline, next(self._order), flight)
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
-                self._cond.notify()
+            if starts_now:
+                self._arm(flight, time.monotonic() + flight.request.limits.timeout + KILL_GRACE)
+                return
+            self._unstarted.add(flight)
+            if bound is not None:
+                self._arm(flight, time.monotonic() + bound)
+            self._cond.notify()
 
     def finish(self, flight: _Flight) -> None:
         """Stop watching ``flight`` (its reply is in, or it is being torn down)."""
         with self._cond:
             flight.finished = True
+            self._unstarted.discard(flight)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()
 
+    def _arm(self, flight: _Flight, deadline: float) -> None:
+        flight.deadline = deadline
+        entry = (deadline, next(self._order), flight)
+        heapq.heappush(self._heap, entry)
+        if self._heap[0] is entry:
+            self._cond.notify()
+
     def _loop(self) -> None:
         with self._cond:
             while not self._closed:
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline, _, flight = self._heap[0]
-                if flight.finished or deadline != flight.deadline:
-                    heapq.heappop(self._heap)
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._cond.wait(remaining)
-                    continue
-                heapq.heappop(self._heap)
-                flight.expired = True
-                flight.worker.deadline_killed = True
-                with contextlib.suppress(OSError):
-                    flight.worker.proc.kill()
+                for flight in list(self._unstarted):
+                    with contextlib.suppress(OSError):
+                        seq, started = flight.worker.read_start()
+                        if seq == flight.request.seq and started > 0:
+                            self._unstarted.discard(flight)
+                            budget = flight.request.limits.timeout + KILL_GRACE
+                            self._arm(flight, started + budget)
+                now = time.monotonic()
+                while self._heap:
+                    deadline, _, flight = self._heap[0]
+                    if flight.finished or deadline != flight.deadline:
+                        heapq.heappop(self._heap)
+                    elif deadline <= now:
+                        heapq.heappop(self._heap)
+                        self._unstarted.discard(flight)
+                        flight.expired = True
+                        flight.worker.deadline_killed = True
+                        with contextlib.suppress(OSError):
+                            flight.worker.proc.kill()
+                    else:
+                        break
+                pause = self._heap[0][0] - now if self._heap else None
+                if self._unstarted:
+                    pause = self._POLL if pause is None else min(pause, self._POLL)
+                self._cond.wait(pause)
 
 
 class WasmExecutor(Executor):
@@ -310,7 +337,7 @@ class WasmExecutor(Executor):
         flight = _Flight(0, task, request, module, worker)
         try:
             self._send(flight)
-            self._deadlines.set(flight, _budget(flight))
+            self._watch(flight, queued=False)
             reply = None
             while reply is None:
                 if cancel is not None and cancel.is_set():
@@ -355,6 +382,8 @@ class WasmExecutor(Executor):
         # Each worker in use has a lane: the flight it runs (the head, which alone has a
         # deadline) and the next one, already sent. A dead worker's queued flights run again.
         lanes: dict[Worker, deque[_Flight]] = {}
+        by_fd: dict[int, Worker] = {}
+        poller = select.poll()  # one for the whole map: cheaper than a selector per wait
         retry: deque[_Flight] = deque()
         done: dict[int, Result] = {}
         indices = itertools.count()
@@ -378,9 +407,19 @@ class WasmExecutor(Executor):
                     done[index] = self._error_result(task, exc)
             return None
 
+        def open_lane(worker: Worker) -> None:
+            lanes[worker] = deque()
+            by_fd[worker.fd] = worker
+            poller.register(worker.fd, select.POLLIN)
+
+        def close_lane(worker: Worker) -> deque[_Flight]:
+            poller.unregister(worker.fd)
+            del by_fd[worker.fd]
+            return lanes.pop(worker)
+
         def retire(worker: Worker) -> None:
             """Discard a dead (or abandoned) worker; what it had queued runs elsewhere."""
-            lane = lanes.pop(worker)
+            lane = close_lane(worker)
             for flight in lane:
                 self._deadlines.finish(flight)
             retry.extend(lane)
@@ -394,11 +433,15 @@ class WasmExecutor(Executor):
                         if lanes:
                             break
                         worker = self._pool.acquire(None)  # others hold every worker: wait
-                    lanes[worker] = deque()
+                    open_lane(worker)
                 for worker, lane in list(lanes.items()):
                     while len(lane) < _DEPTH:
                         flight = next_flight(worker)
                         if flight is None:
+                            break
+                        if lane and self._needs_module(flight):
+                            # Compiling is bounded only for a lane's head: wait for one.
+                            retry.appendleft(flight)
                             break
                         try:
                             self._send(flight)
@@ -408,11 +451,10 @@ class WasmExecutor(Executor):
                             )
                             retire(worker)
                             break
-                        if not lane:
-                            self._deadlines.set(flight, _budget(flight))
+                        self._watch(flight, queued=bool(lane))
                         lane.append(flight)
                     if worker in lanes and not lane:
-                        del lanes[worker]
+                        close_lane(worker)
                         self._pool.release(worker)
                 while yielded in done:
                     yield done.pop(yielded)
@@ -421,10 +463,10 @@ class WasmExecutor(Executor):
                     if exhausted and not retry:
                         return
                     continue
-                by_conn = {worker.conn: worker for worker in lanes}
-                for conn in wait(list(by_conn), timeout=1.0):
-                    assert isinstance(conn, Connection)
-                    worker = by_conn[conn]
+                for fd, _ in poller.poll(1000):
+                    worker = by_fd.get(fd)  # None: retired earlier in this loop
+                    if worker is None:
+                        continue
                     lane = lanes[worker]
                     if not lane:  # an idle worker in a lane can only have died
                         retire(worker)
@@ -439,8 +481,6 @@ class WasmExecutor(Executor):
                     done[head.index] = self._settle(head, reply)
                     if worker.dead:
                         retire(worker)
-                    elif lane:
-                        self._deadlines.set(lane[0], _budget(lane[0]))
         finally:
             for worker in list(lanes):
                 retire(worker)
@@ -479,15 +519,26 @@ class WasmExecutor(Executor):
         return request, module
 
     @staticmethod
-    def _send(flight: _Flight) -> None:
+    def _needs_module(flight: _Flight) -> bool:
+        """Whether the flight's worker may lack its module (so the bytes go along)."""
+        request = flight.request
+        return (request.limits.engine_key, request.module_sha256) not in flight.worker.modules
+
+    def _send(self, flight: _Flight) -> None:
         """Send the flight's request, with the module's bytes if its worker may lack them."""
-        worker, request = flight.worker, flight.request
-        worker.ensure_ready()
-        key = (request.limits.engine_key, request.module_sha256)
-        if key not in worker.modules:
-            flight.request = replace(request, module=flight.module)
-            worker.modules.add(key)
-        worker.conn.send_bytes(encode(flight.request))
+        flight.worker.ensure_ready()
+        if self._needs_module(flight):
+            flight.request = replace(flight.request, module=flight.module)
+            flight.worker.modules.add(
+                (flight.request.limits.engine_key, flight.request.module_sha256)
+            )
+        flight.worker.conn.send_bytes(encode(flight.request))
+
+    def _watch(self, flight: _Flight, *, queued: bool) -> None:
+        """Hand a flight just sent to the deadline thread."""
+        compiles = flight.request.module is not None
+        bound = None if queued else flight.request.limits.timeout + KILL_GRACE + COMPILE_TIMEOUT
+        self._deadlines.watch(flight, starts_now=not queued and not compiles, bound=bound)
 
     def _receive(self, flight: _Flight) -> RunReply | None:
         """Take one message from the flight's worker; the reply once it is final."""
@@ -499,17 +550,13 @@ class WasmExecutor(Executor):
             # Garbage from a worker means it is not ours any more: it dies, the task errs.
             flight.worker.kill()
             return RunReply(seq=flight.request.seq, outcome="error", message=f"worker: {exc}")
-        if isinstance(message, Loaded):
-            flight.request = replace(flight.request, module=None)
-            self._deadlines.set(flight, _budget(flight))
-            return None
         if isinstance(message, NeedModule):
             flight.request = replace(flight.request, module=flight.module)
-            self._deadlines.set(flight, _budget(flight))
             try:
                 flight.worker.conn.send_bytes(encode(flight.request))
             except OSError:
                 return self._after_death(flight)
+            self._watch(flight, queued=False)
             return None
         assert isinstance(message, RunReply) and message.seq == flight.request.seq
         return message
