@@ -124,3 +124,23 @@ def test_timeouts_hold_while_a_map_consumer_pauses(wasm: WasmFixtures, cache_dir
         assert all(seconds < 1.5 for seconds in busy.values()), busy
         late = next(results)
         assert late.status is Status.TIMEOUT and late.stdout == b"started\n"
+
+
+def test_the_caller_can_fork_after_running_tasks(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    # wasmtime runs only in workers: a fork() in the caller's process must not hang (a fork
+    # after a WASI run in-process hangs the child).
+    assert executor.execute(Task(wasm_file=wasm.hello)).ok
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 7
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    pytest.fail("the forked child hung")

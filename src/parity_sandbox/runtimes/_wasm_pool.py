@@ -223,8 +223,9 @@ class Pool:
             return None
 
     def release(self, worker: Worker) -> None:
+        """Give back a worker after a task; a dead one is replaced instead."""
         with self._cond:
-            if not self._closed:
+            if not self._closed and not worker.dead:
                 self._idle.append(worker)
                 self._cond.notify()
                 return

@@ -333,10 +333,11 @@ class WasmExecutor(Executor):
 
     def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
         request, module = self._prepare(task)
-        worker = self._pool.acquire(cancel)
-        flight = _Flight(0, task, request, module, worker)
+        flight = self._dispatch(
+            _Flight(0, task, request, module, self._pool.acquire(cancel)), cancel
+        )
+        worker = flight.worker
         try:
-            self._send(flight)
             self._watch(flight, queued=False)
             reply = None
             while reply is None:
@@ -347,15 +348,12 @@ class WasmExecutor(Executor):
                 if worker.poller.poll(max(wait_s, 0.0) * 1000):
                     reply = self._receive(flight)
         except BaseException:
-            # Cancel, Ctrl-C, close() or a worker that failed to start: the worker dies.
+            # Cancel, Ctrl-C or close(): the worker may be mid-task, so it dies.
             self._deadlines.finish(flight)
             self._pool.discard(worker)
             raise
         result = self._settle(flight, reply)
-        if worker.dead:
-            self._pool.discard(worker)
-        else:
-            self._pool.release(worker)
+        self._pool.release(worker)  # or replaced, if it died
         if result.status in (Status.SUCCEEDED, Status.FAILED):
             return result
         if self.closed and reply.outcome == "error":
@@ -444,18 +442,27 @@ class WasmExecutor(Executor):
                             retry.appendleft(flight)
                             break
                         try:
+                            worker.ensure_ready()
+                        except RuntimeUnavailable as exc:
+                            done[flight.index] = self._error_result(flight.task, exc)
+                            worker.dead = True
+                            break
+                        try:
                             self._send(flight)
-                        except (OSError, RuntimeUnavailable) as exc:
-                            done[flight.index] = self._error_result(
-                                flight.task, RuntimeUnavailable(f"a wasm worker failed: {exc}")
-                            )
-                            retire(worker)
+                        except OSError:
+                            # The worker died under us (its running task's deadline): this one
+                            # never ran and goes again; the poll below learns how the other ended.
+                            worker.dead = True
+                            retry.appendleft(flight)
                             break
                         self._watch(flight, queued=bool(lane))
                         lane.append(flight)
                     if worker in lanes and not lane:
-                        close_lane(worker)
-                        self._pool.release(worker)
+                        if worker.dead:
+                            retire(worker)
+                        else:
+                            close_lane(worker)
+                            self._pool.release(worker)
                 while yielded in done:
                     yield done.pop(yielded)
                     yielded += 1
@@ -517,6 +524,22 @@ class WasmExecutor(Executor):
             limits=limits,
         )
         return request, module
+
+    def _dispatch(self, flight: _Flight, cancel: threading.Event | None) -> _Flight:
+        """Send ``flight``; if its (idle) worker turns out dead, once more on a fresh one."""
+        for attempt in range(2):
+            try:
+                self._send(flight)
+                return flight
+            except OSError:
+                self._pool.discard(flight.worker)
+                if attempt:
+                    raise RuntimeUnavailable("wasm workers die before they run a task") from None
+                flight.worker = self._pool.acquire(cancel)
+            except BaseException:
+                self._pool.discard(flight.worker)
+                raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _needs_module(flight: _Flight) -> bool:
