@@ -143,9 +143,12 @@ class OutputPipes:
             self._poller.register(read_end, select.POLLIN)
         threading.Thread(target=self._loop, name="output-reader", daemon=True).start()
 
-    def drain(self) -> None:
-        """Move everything now in the pipes into the captures."""
-        for fd, _ in self._poller.poll(0):
+    def drain(self, poller: select.poll | None = None) -> None:
+        """Move everything now in the pipes into the captures.
+
+        A poll object must not be used by two threads at once: the reader thread passes its own.
+        """
+        for fd, _ in (poller or self._poller).poll(0):
             self._drain_one(self._read_ends.index(fd))
 
     def _drain_one(self, index: int) -> None:
@@ -160,10 +163,13 @@ class OutputPipes:
                     return
 
     def _loop(self) -> None:
+        poller = select.poll()
+        for read_end in self._read_ends:
+            poller.register(read_end, select.POLLIN)
         while True:
             time.sleep(self._BUSY_PERIOD if self.active else self._IDLE_PERIOD)
             if self.active:
-                self.drain()
+                self.drain(poller)
 
 
 def watch_parent() -> None:
