@@ -218,6 +218,7 @@ class _Deadlines:
         self._heap: list[tuple[float, int, _Flight]] = []
         self._order = itertools.count()
         self._unstarted: set[_Flight] = set()
+        self._stale = 0
         self._cond = threading.Condition()
         self._closed = False
         threading.Thread(target=self._loop, name="parity-sandbox-deadlines", daemon=True).start()
@@ -246,6 +247,13 @@ class _Deadlines:
         with self._cond:
             flight.finished = True
             self._unstarted.discard(flight)
+            # Finished flights' entries wait in the heap until their deadline would have come
+            # (30 s by default); sweep them once they are half of it, so it stays small.
+            self._stale += 1
+            if self._stale > 64 and 2 * self._stale > len(self._heap):
+                self._heap = [e for e in self._heap if not e[2].finished and e[0] == e[2].deadline]
+                heapq.heapify(self._heap)
+                self._stale = 0
 
     def close(self) -> None:
         with self._cond:
