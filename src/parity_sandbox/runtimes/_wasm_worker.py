@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -311,8 +312,9 @@ def _first_line(exc: BaseException) -> str:
 class Runner:
     """Runs requests inside this worker: the workspace is ``root/work``, inputs ``root/input``.
 
-    The next workspace is made, and the last one removed, after the reply has gone out, so on
-    a slow file system that work overlaps with the parent's instead of adding to latency.
+    A workspace the task wrote to is emptied before the reply goes out; what is left (freeing
+    the store, removing stdin and inputs) is done after it, so that work overlaps with the
+    parent's instead of adding to latency.
     """
 
     def __init__(self, root: Path, cache_dir: Path, output_fd: int) -> None:
@@ -346,17 +348,16 @@ class Runner:
         engine, _ = self.cache.engine(settings)
         store = self._store(engine, settings, self._wasi(request))
         cpu_start = resource.getrusage(resource.RUSAGE_THREAD)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (settings.file_size_limit, self._fsize_hard))
         # The parent's deadline counts from this stamp (compile time and queueing excluded).
         struct.pack_into(START_FORMAT, self.shared, START_SLOT, request.seq, time.monotonic())
         started = time.perf_counter()
         self.pipes.active = True
         try:
-            ending, memory = _call_start(pre, store, limits)
+            with self._file_size_cap(settings.file_size_limit):
+                ending, memory = _call_start(pre, store, limits)
         finally:
             self.pipes.active = False
             duration = time.perf_counter() - started
-            resource.setrlimit(resource.RLIMIT_FSIZE, (self._fsize_hard, self._fsize_hard))
         cpu_end = resource.getrusage(resource.RUSAGE_THREAD)
         self.pipes.drain()
         peak = memory.data_len(store) if memory is not None else None
@@ -394,6 +395,17 @@ class Runner:
             peak_memory=peak,
             fuel_used=fuel_used,
         )
+
+    @contextlib.contextmanager
+    def _file_size_cap(self, size: int) -> Iterator[None]:
+        """Lower this process's ``RLIMIT_FSIZE`` to ``size`` (never above the hard limit)."""
+        if self._fsize_hard != resource.RLIM_INFINITY:
+            size = min(size, self._fsize_hard)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, self._fsize_hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self._fsize_hard, self._fsize_hard))
 
     def _wasi(self, request: RunRequest) -> wasmtime.WasiConfig:
         """The guest's view: argv, env, stdin, output pipes, ``/work`` and ``/input``."""

@@ -385,8 +385,9 @@ class WasmExecutor(Executor):
         return self._map(iter(tasks), width)
 
     def _map(self, source: Iterator[Task], width: int) -> Iterator[Result]:
-        # Each worker in use has a lane: the flight it runs (the head, which alone has a
-        # deadline) and the next one, already sent. A dead worker's queued flights run again.
+        # Each worker in use has a lane: the flight it runs (the head) and the next one, already
+        # sent, so the worker never waits for this thread. A dead worker's queued flights run
+        # again elsewhere (they never started, or a crash of another task cut them short).
         lanes: dict[Worker, deque[_Flight]] = {}
         by_fd: dict[int, Worker] = {}
         poller = select.poll()  # one for the whole map: cheaper than a selector per wait
