@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 
 from conftest import WasmFixtures
-from parity_sandbox import Config, Limits, RuntimeUnavailable, Status, Task, WasmExecutor
+from parity_sandbox import (
+    Config,
+    ExecutionTimeout,
+    Executor,
+    InvalidInput,
+    Limits,
+    Result,
+    RuntimeUnavailable,
+    Status,
+    Task,
+    WasmExecutor,
+)
 
 
 def test_map_yields_results_in_order_and_never_raises(
@@ -144,3 +155,51 @@ def test_the_caller_can_fork_after_running_tasks(
         time.sleep(0.01)
     os.kill(pid, 9)
     pytest.fail("the forked child hung")
+
+
+class _Echo(Executor):
+    """A runtime-less executor: tests the contract's own logic (map, async, close)."""
+
+    runtime_name = "echo"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+
+    def max_parallel(self) -> int:
+        return 3
+
+    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
+        if task.id == "bad":
+            raise InvalidInput("bad task", field="id")
+        if task.id == "slow":
+            assert cancel is not None
+            if cancel.wait(5):
+                self.cancelled += 1
+                raise ExecutionTimeout("stopped")
+        return Result(status=Status.SUCCEEDED, exit_code=0, stdout=task.input, task_id=task.id)
+
+
+def test_the_generic_map_keeps_order_and_turns_errors_into_results() -> None:
+    tasks = [Task(wasm_module=b"\0asm", stdin=bytes([i]), id=f"t{i}") for i in range(10)]
+    tasks[4] = Task(wasm_module=b"\0asm", id="bad")
+    with _Echo() as executor:
+        results = list(executor.map(tasks))
+    assert [r.task_id for r in results[:4]] == ["t0", "t1", "t2", "t3"]
+    assert results[4].status is Status.ERROR and results[4].error is not None
+    assert results[4].error.type == "InvalidInput"
+    assert [r.stdout for r in results[5:]] == [bytes([i]) for i in range(5, 10)]
+
+
+def test_closing_the_generic_map_early_cancels_what_runs() -> None:
+    executor = _Echo()
+    tasks = [Task(wasm_module=b"\0asm", id="t0")] + [
+        Task(wasm_module=b"\0asm", id="slow") for _ in range(3)
+    ]
+    results = executor.map(tasks)
+    assert next(results).task_id == "t0"
+    started = time.monotonic()
+    results.close()
+    assert time.monotonic() - started < 2
+    assert executor.cancelled >= 1
+    executor.close()

@@ -11,7 +11,7 @@ import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import ClassVar, Self
@@ -78,7 +78,9 @@ class Executor(ABC):
             cancel.set()
             raise
 
-    def map(self, tasks: Iterable[Task], *, max_parallel: int | None = None) -> Iterator[Result]:
+    def map(
+        self, tasks: Iterable[Task], *, max_parallel: int | None = None
+    ) -> Generator[Result, None, None]:
         """Run many tasks, up to ``max_parallel`` at once, yielding their results in order.
 
         Unlike ``execute``, a task that times out, hits a limit or is rejected does not raise:

@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -372,7 +372,9 @@ class WasmExecutor(Executor):
 
     # -- many tasks ----------------------------------------------------------------------------
 
-    def map(self, tasks: Iterable[Task], *, max_parallel: int | None = None) -> Iterator[Result]:
+    def map(
+        self, tasks: Iterable[Task], *, max_parallel: int | None = None
+    ) -> Generator[Result, None, None]:
         """Run many tasks on up to ``max_parallel`` workers at once; results in order.
 
         One thread drives all the workers (no thread per task) and keeps the next task queued
@@ -384,7 +386,7 @@ class WasmExecutor(Executor):
         width = min(max(1, max_parallel or self._pool.size), self._pool.size)
         return self._map(iter(tasks), width)
 
-    def _map(self, source: Iterator[Task], width: int) -> Iterator[Result]:
+    def _map(self, source: Iterator[Task], width: int) -> Generator[Result, None, None]:
         # Each worker in use has a lane: the flight it runs (the head) and the next one, already
         # sent, so the worker never waits for this thread. A dead worker's queued flights run
         # again elsewhere (they never started, or a crash of another task cut them short).
