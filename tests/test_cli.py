@@ -140,3 +140,29 @@ def test_limits_wasm_cannot_enforce_are_named_once(wasm: WasmFixtures, cache_dir
     assert done.returncode == 0
     assert done.stderr.decode().count("ignores cpu") == 1
     assert "pids" not in done.stderr.decode()
+
+
+def test_ctrl_c_stops_the_task_with_exit_130(wasm: WasmFixtures, cache_dir: Path) -> None:
+    import signal
+    import time
+
+    from test_wasm_cleanup import worker_pids
+
+    environ = dict(os.environ, XDG_CACHE_HOME=str(cache_dir))
+    child = subprocess.Popen(
+        [*CLI, "run", "--timeout", "60", str(wasm.print_then_sleep)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environ,
+    )
+    assert child.stdout is not None
+    deadline = time.monotonic() + 30
+    while not worker_pids(f"parity-sandbox-wasm-{child.pid}-") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=10)
+    assert child.returncode == 130
+    assert_one_line(stderr, "interrupted")
+    time.sleep(0.2)
+    assert worker_pids(f"parity-sandbox-wasm-{child.pid}-") == set()
