@@ -22,6 +22,7 @@ import hashlib
 import importlib.metadata
 import mmap
 import os
+import platform
 import resource
 import select
 import signal
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import wasmtime
 
+from parity_sandbox import _seccomp
 from parity_sandbox._fs import collect_outputs, disk_usage, remove_tree, write_all, write_files
 from parity_sandbox.runtimes._wasm_protocol import (
     OUTPUT_BUFFER_SIZE,
@@ -582,18 +584,17 @@ def serve(conn: Connection, runner: Runner) -> None:
 
 
 _PR_SET_DUMPABLE = 4
-_PR_SET_NO_NEW_PRIVS = 38
 
 
 def harden() -> None:
     """Defence in depth, should a guest ever escape wasmtime into this process: no core dumps
-    of guest memory, no ptrace or /proc/<pid>/mem access by other processes of this user, and
-    no privileges gained through exec."""
+    of guest memory, no ptrace or /proc/<pid>/mem access by other processes of this user, no
+    privileges gained through exec, and a seccomp deny-list (no exec, fork, sockets, ptrace,
+    ...; see ``parity_sandbox._seccomp``). Runs before this process starts any thread."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    for option in (_PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS):
-        value = 0 if option == _PR_SET_DUMPABLE else 1
-        libc.prctl(option, value, 0, 0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    if not _seccomp.install():
+        print(f"no seccomp deny-list for {platform.machine()}; running without", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:
