@@ -247,6 +247,12 @@ def main() -> None:
         header = (
             "# Benchmark results\n\nRecorded by `.venv/bin/python bench/wasm_bench.py --write`; "
             "ratios come from one run.\n\n"
+            "Baselines: *raw-callback* is a minimal wasmtime-py loop (fresh store per run) that "
+            "captures output in memory, capped, through wasmtime-py's output callbacks, as a "
+            "wasmtime-py user would; *raw-pipe* is the same loop with the capture parity-sandbox "
+            "uses (inherited pipes, read after the run). parity-sandbox adds a process hop per "
+            "task: the price of timeouts that always hold (a worker can be killed) and of "
+            "throughput that scales with cores.\n\n"
         )
         results.write_text(header + report + "\n")
 
