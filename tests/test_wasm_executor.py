@@ -96,9 +96,19 @@ def test_a_sleeping_guest_times_out_on_time(executor: WasmExecutor, wasm: WasmFi
     assert executor.execute(Task(wasm_file=wasm.hello)).ok
 
 
+def rss() -> int:
+    """This (the host) process's resident memory, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def test_a_memory_bomb_hits_the_memory_limit(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    before = rss()
     with pytest.raises(ResourceLimitExceeded) as info:
         executor.execute(Task(wasm_file=wasm.membomb, limits=Limits(memory="64m")))
+    assert rss() - before < 16 * MiB  # the guest's memory lives in a worker, not here
     assert info.value.limit == "memory"
     result = info.value.result
     assert result is not None and result.status is Status.RESOURCE_LIMIT
@@ -137,9 +147,11 @@ def test_fuel_exhaustion_is_deterministic(executor: WasmExecutor, wasm: WasmFixt
 
 
 def test_a_stdout_flood_is_capped_and_quick(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    before = rss()
     started = time.monotonic()
     result = executor.execute(Task(wasm_file=wasm.flood, args=(str(100 * MiB),)))
     assert time.monotonic() - started < 5
+    assert rss() - before < 16 * MiB  # about the 1 MiB cap, not 100 MB
     assert result.ok and result.stdout_truncated and not result.stderr_truncated
     assert result.stdout == b"x" * MiB
     result = executor.execute(
@@ -226,3 +238,19 @@ def test_results_come_from_the_limits_in_force(wasm: WasmFixtures, cache_dir: Pa
             Task(wasm_file=wasm.flood, args=("100",), limits=Limits(output=50))
         )
         assert bigger.stdout == b"x" * 50
+
+
+def test_a_flood_costs_the_worker_about_the_cap(wasm: WasmFixtures, cache_dir: Path) -> None:
+    from test_wasm_cleanup import worker_pids
+
+    def peak(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) * 1024
+
+    with WasmExecutor(Config(cache_dir=cache_dir), workers=1) as executor:
+        assert executor.execute(Task(wasm_file=wasm.hello)).ok
+        (pid,) = worker_pids(str(executor._root))
+        before = peak(pid)
+        result = executor.execute(Task(wasm_file=wasm.flood, args=(str(100 * MiB),)))
+        assert result.stdout_truncated
+        assert peak(pid) - before < 32 * MiB  # 100 MB went through; about 1 MiB was kept
