@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-export PARITY_SANDBOX_FIXTURE_DIR="$PWD/tests/fixtures/wasm/build"
+export WASM_FIXTURE_DIR="$PWD/tests/fixtures/wasm/build"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

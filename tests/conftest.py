@@ -18,7 +18,7 @@ BUILD_SCRIPT = Path(__file__).parent.parent / "scripts" / "build-wasm.sh"
 @pytest.fixture(scope="session")
 def wasm_dir() -> Path:
     """Directory of the compiled fixtures (built once; rebuilt when a source changes)."""
-    out = Path(os.environ.get("PARITY_SANDBOX_FIXTURE_DIR", FIXTURES / "build"))
+    out = Path(os.environ.get("WASM_FIXTURE_DIR", FIXTURES / "build"))
     subprocess.run(["bash", str(BUILD_SCRIPT), str(FIXTURES), str(out)], check=True)
     return out
 

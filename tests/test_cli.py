@@ -148,7 +148,8 @@ def test_ctrl_c_stops_the_task_with_exit_130(wasm: WasmFixtures, cache_dir: Path
 
     from test_wasm_cleanup import worker_pids
 
-    environ = dict(os.environ, XDG_CACHE_HOME=str(cache_dir))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PARITY_SANDBOX_")}
+    environ["XDG_CACHE_HOME"] = str(cache_dir)
     child = subprocess.Popen(
         [*CLI, "run", "--timeout", "60", str(wasm.print_then_sleep)],
         stdout=subprocess.PIPE,
