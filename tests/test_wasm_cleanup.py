@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -53,6 +54,7 @@ def test_a_thousand_runs_with_timeouts_and_failures_leave_nothing(
         Task(wasm_file=wasm.sleep, limits=Limits(timeout=0.05)),
     ]
     statuses: dict[Status, int] = {}
+    fds_before = len(os.listdir("/proc/self/fd"))
     executor = WasmExecutor(Config(cache_dir=cache_dir))
     root = executor._root
     try:
@@ -78,6 +80,9 @@ def test_a_thousand_runs_with_timeouts_and_failures_leave_nothing(
     assert statuses[Status.ERROR] == 200
     assert not root.exists()
     assert worker_pids(str(root)) == set()
+    del executor
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before  # no descriptor leaked
 
 
 CRASHING_PARENT = """

@@ -193,6 +193,24 @@ def test_a_workspace_past_the_disk_limit_is_reported(
     assert within.ok
 
 
+def test_a_workspace_outgrowing_the_disk_cap_is_stopped_while_it_runs(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    # 100,000 files of 1 MiB would be 100 GB: the run is stopped soon after it passes 4 MiB.
+    started = time.monotonic()
+    with pytest.raises(ResourceLimitExceeded) as info:
+        executor.execute(
+            Task(
+                wasm_file=wasm.many_files,
+                args=("100000", str(MiB)),
+                limits=Limits(disk="4m", timeout=30),
+            )
+        )
+    assert time.monotonic() - started < 5
+    assert info.value.limit == "disk"
+    assert executor.execute(Task(wasm_file=wasm.hello)).ok  # the worker was replaced
+
+
 @pytest.mark.parametrize(
     ("task", "needle"),
     [

@@ -49,13 +49,18 @@ def _open_dir_at(root_fd: int, parts: tuple[str, ...]) -> int:
 
 
 def _walk_files(
-    root_fd: int, start: tuple[str, ...], max_depth: int, max_entries: int
+    root_fd: int,
+    start: tuple[str, ...],
+    max_depth: int,
+    max_entries: int,
+    *,
+    directories: bool = False,
 ) -> Iterator[tuple[tuple[str, ...], int, os.DirEntry[str]]]:
     """Yield ``(path parts, dir fd, entry)`` for every non-directory below ``start``.
 
     The walk is iterative and never follows symlinks; directories deeper than ``max_depth``
-    and entries past ``max_entries`` are not visited. ``dir fd`` is only valid during the
-    iteration step that yields it.
+    and entries past ``max_entries`` are not visited. With ``directories``, directories are
+    yielded too. ``dir fd`` is only valid during the iteration step that yields it.
     """
     stack = [start]
     seen = 0
@@ -74,6 +79,8 @@ def _walk_files(
                     if entry.is_dir(follow_symlinks=False):
                         if len(parts) < max_depth:
                             stack.append((*parts, entry.name))
+                        if directories:
+                            yield (*parts, entry.name), fd, entry
                     else:
                         yield (*parts, entry.name), fd, entry
         finally:
@@ -174,26 +181,38 @@ def _is_regular(dir_fd: int, name: str) -> bool:
         return False
 
 
-def disk_usage(directory: Path, max_depth: int = 64, max_entries: int = 100_000) -> tuple[int, int]:
-    """Bytes allocated to regular files below ``directory``, and the largest file's size.
+@dataclass(frozen=True)
+class DiskUsage:
+    """What a tree takes: allocated bytes (files and directories), its largest file, entries."""
 
-    Links are not followed; the walk stops at ``max_depth`` and ``max_entries``.
+    total: int = 0
+    largest: int = 0
+    entries: int = 0
+
+
+def disk_usage(directory: Path, max_depth: int = 64, max_entries: int = 100_000) -> DiskUsage:
+    """Measure the tree below ``directory`` without following links.
+
+    The walk stops at ``max_depth`` and ``max_entries``; ``entries == max_entries`` means it
+    may hold more.
     """
     try:
         root_fd = os.open(directory, _DIR_FLAGS)
     except OSError:
-        return 0, 0
-    total = largest = 0
+        return DiskUsage()
+    total = largest = entries = 0
     try:
-        for _, _, entry in _walk_files(root_fd, (), max_depth, max_entries):
+        walk = _walk_files(root_fd, (), max_depth, max_entries, directories=True)
+        for _, _, entry in walk:
+            entries += 1
             with contextlib.suppress(OSError):
                 info = entry.stat(follow_symlinks=False)
+                total += info.st_blocks * 512
                 if stat.S_ISREG(info.st_mode):
-                    total += info.st_blocks * 512
                     largest = max(largest, info.st_size)
     finally:
         os.close(root_fd)
-    return total, largest
+    return DiskUsage(total, largest, entries)
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from parity_sandbox.runtimes._wasm_protocol import (
     OUTPUT_BUFFER_SIZE,
     START_FORMAT,
     START_SLOT,
+    VIOLATION_SLOT,
     Ready,
     decode,
     output_slot,
@@ -79,6 +81,8 @@ class Worker:
         ours, theirs = socket.socketpair()
         # Output is shared memory: it survives a kill, and costs no syscall per task.
         self.output_fd = os.memfd_create("parity-sandbox-output", os.MFD_CLOEXEC)
+        # Readable after the worker is killed (partial output), so closed only with this object.
+        self._close_output = weakref.finalize(self, os.close, self.output_fd)
         os.ftruncate(self.output_fd, OUTPUT_BUFFER_SIZE)
         env = dict(os.environ)
         package_root = str(Path(parity_sandbox.__file__).resolve().parent.parent)
@@ -105,7 +109,7 @@ class Worker:
                 )
         except OSError as exc:
             ours.close()
-            os.close(self.output_fd)
+            self._close_output()
             raise RuntimeUnavailable(f"cannot start a wasm worker process: {exc}") from exc
         finally:
             theirs.close()
@@ -155,6 +159,16 @@ class Worker:
         seq, started = struct.unpack(START_FORMAT, os.pread(self.output_fd, 16, START_SLOT))
         return int(seq), float(started)
 
+    @property
+    def exited(self) -> bool:
+        """Whether the process has ended (killed, crashed, or killed itself)."""
+        return self.proc.poll() is not None
+
+    def read_violation(self) -> int:
+        """The seq of the request that outgrew the disk cap (0: none)."""
+        (seq,) = struct.unpack("<Q", os.pread(self.output_fd, 8, VIOLATION_SLOT))
+        return int(seq)
+
     def read_output(self, stream: int, cap: int) -> tuple[bytes, bool]:
         """The output a (killed) worker kept of stream 0 or 1, and whether it was truncated."""
         counter, base = output_slot(stream)
@@ -173,7 +187,6 @@ class Worker:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         self.conn.close()
-        os.close(self.output_fd)
         with contextlib.suppress(OSError):
             remove_tree(self.root)
 

@@ -21,10 +21,14 @@ MAX_WASM_MEMORY = 4 << 30
 
 # Layout of the buffer a worker shares with the parent (a sparse memfd both map): two
 # little-endian u64 counters of output bytes kept so far; at START_SLOT the seq (u64) and
-# CLOCK_MONOTONIC time (f64) at which the worker last started a guest; then one region per
-# stream of the largest cap + 1.
+# CLOCK_MONOTONIC time (f64) at which the worker last started a guest; at VIOLATION_SLOT the
+# seq (u64) of a request whose workspace outgrew the disk cap while it ran (the worker then
+# kills itself); then one region per stream of the largest cap + 1. Seqs start at 1.
 START_SLOT = 16
 START_FORMAT = "<Qd"
+VIOLATION_SLOT = 32
+#: Entries a workspace may hold; the walk that measures it stops there.
+MAX_WORKSPACE_ENTRIES = 100_000
 OUTPUT_HEADER = 4096
 OUTPUT_REGION = (1 << 30) + 4096
 OUTPUT_BUFFER_SIZE = OUTPUT_HEADER + 2 * OUTPUT_REGION

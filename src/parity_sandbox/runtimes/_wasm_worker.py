@@ -39,11 +39,20 @@ from pathlib import Path
 import wasmtime
 
 from parity_sandbox import _seccomp
-from parity_sandbox._fs import collect_outputs, disk_usage, remove_tree, write_all, write_files
+from parity_sandbox._fs import (
+    DiskUsage,
+    collect_outputs,
+    disk_usage,
+    remove_tree,
+    write_all,
+    write_files,
+)
 from parity_sandbox.runtimes._wasm_protocol import (
+    MAX_WORKSPACE_ENTRIES,
     OUTPUT_BUFFER_SIZE,
     START_FORMAT,
     START_SLOT,
+    VIOLATION_SLOT,
     NeedModule,
     Ready,
     RunReply,
@@ -173,6 +182,50 @@ class OutputPipes:
             time.sleep(self._BUSY_PERIOD if self.active else self._IDLE_PERIOD)
             if self.active:
                 self.drain(poller)
+
+
+class DiskWatch:
+    """Stops a guest whose workspace outgrows the disk cap while it runs.
+
+    No file can pass the cap (``RLIMIT_FSIZE``), but many files can; every 50 ms while a guest
+    runs this thread measures the workspace, and past the cap (or ``MAX_WORKSPACE_ENTRIES``
+    entries) it records the request in the shared buffer and kills this worker: the parent
+    reports ``ResourceLimitExceeded("disk")`` with the partial result.
+    """
+
+    _PERIOD = 0.05
+
+    def __init__(self, work: Path, shared: mmap.mmap) -> None:
+        self._work = work
+        self._shared = shared
+        self._lock = threading.Lock()
+        self._running: tuple[int, int] | None = None  # (seq, disk cap) of the guest running
+        threading.Thread(target=self._loop, name="disk-watch", daemon=True).start()
+
+    @contextlib.contextmanager
+    def watching(self, seq: int, cap: int) -> Iterator[None]:
+        with self._lock:
+            self._running = (seq, cap)
+        try:
+            yield
+        finally:
+            with self._lock:  # after this, no kill for this request can happen
+                self._running = None
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._PERIOD)
+            running = self._running
+            if running is None:
+                continue
+            seq, cap = running
+            usage = disk_usage(self._work, max_entries=MAX_WORKSPACE_ENTRIES)
+            if usage.total <= cap and usage.entries < MAX_WORKSPACE_ENTRIES:
+                continue
+            with self._lock:
+                if self._running == running:
+                    struct.pack_into("<Q", self._shared, VIOLATION_SLOT, seq)
+                    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def watch_parent() -> None:
@@ -330,6 +383,7 @@ class Runner:
         self.stdout = Capture(buffer, 0)
         self.stderr = Capture(buffer, 1)
         self.pipes = OutputPipes((self.stdout, self.stderr))
+        self.disk = DiskWatch(self.work, buffer)
         self._fsize_hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         self._last_store: wasmtime.Store | None = None
         self._used_stdin = self._used_inputs = self._dirty = True
@@ -355,7 +409,10 @@ class Runner:
         started = time.perf_counter()
         self.pipes.active = True
         try:
-            with self._file_size_cap(settings.file_size_limit):
+            with (
+                self._file_size_cap(settings.file_size_limit),
+                self.disk.watching(request.seq, limits.disk),
+            ):
                 ending, memory = _call_start(pre, store, limits)
         finally:
             self.pipes.active = False
@@ -371,7 +428,9 @@ class Runner:
         files_truncated = False
         with os.scandir(self.work) as entries:
             self._dirty = next(entries, None) is not None
-        usage = disk_usage(self.work) if self._dirty else (0, 0)
+        usage = DiskUsage()
+        if self._dirty:
+            usage = disk_usage(self.work, max_entries=MAX_WORKSPACE_ENTRIES)
         ending = _blame_limits(ending, peak, limits, usage)
         if self._dirty:
             files, files_truncated = collect_outputs(
@@ -530,23 +589,27 @@ def _classify_trap(trap: wasmtime.Trap, limits: WasmLimits) -> _Ending:
 
 
 def _blame_limits(
-    ending: _Ending, peak: int | None, limits: WasmLimits, usage: tuple[int, int]
+    ending: _Ending, peak: int | None, limits: WasmLimits, usage: DiskUsage
 ) -> _Ending:
     """Attribute the end of a run to a limit the guest hit.
 
-    The workspace holding more than the disk cap is a violation however the task ended (no
-    single file can pass the cap: ``RLIMIT_FSIZE`` makes such writes fail with EFBIG; the total
-    is checked here, after the run). wasmtime refuses ``memory.grow`` past the limit without
-    telling the host, so a guest that ended abnormally with its linear memory within one
-    sixteenth (at least 2 MiB) of the limit is reported as having hit it.
+    A workspace holding more than the disk cap (or ``MAX_WORKSPACE_ENTRIES`` entries) is a
+    violation however the task ended (no single file can pass the cap: ``RLIMIT_FSIZE`` makes
+    such writes fail with EFBIG; ``DiskWatch`` stops runs that outgrow it). wasmtime refuses
+    ``memory.grow`` past the limit without telling the host, so a guest that ended abnormally
+    with its linear memory within one sixteenth (at least 2 MiB) of the limit is reported as
+    having hit it.
     """
     if ending.limit is not None:
         return ending
-    total, largest = usage
-    if total > limits.disk or largest >= limits.disk:
-        message = f"disk limit reached: the workspace held {total} bytes (cap {limits.disk})"
-        if largest >= limits.disk:
-            message = f"disk limit reached: a file grew to the {limits.disk} byte cap"
+    if usage.largest >= limits.disk:
+        message = f"disk limit reached: a file grew to the {limits.disk} byte cap"
+        return _Ending("limit", ending.exit_code, "disk", message)
+    if usage.total > limits.disk or usage.entries >= MAX_WORKSPACE_ENTRIES:
+        message = (
+            f"disk limit reached: the workspace held {usage.total} bytes in {usage.entries} "
+            f"entries (caps: {limits.disk} bytes, {MAX_WORKSPACE_ENTRIES} entries)"
+        )
         return _Ending("limit", ending.exit_code, "disk", message)
     if (
         ending.abnormal

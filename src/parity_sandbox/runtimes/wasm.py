@@ -333,7 +333,7 @@ class WasmExecutor(Executor):
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._pool = Pool(size, self._root, self.config.resolved_cache_dir() / "wasm-modules")
         self._deadlines = _Deadlines()
-        self._seq = itertools.count()
+        self._seq = itertools.count(1)  # 0 means none in the shared buffer
         self._modules = _ModuleFiles()
         self._warned_ignored = False
         try:
@@ -604,39 +604,48 @@ class WasmExecutor(Executor):
         return message
 
     def _after_death(self, flight: _Flight) -> RunReply:
-        """The flight's worker died: killed at its deadline (a timeout), for another flight's
-        deadline (``requeue``: it never ran, or ran only briefly), or it crashed."""
+        """The flight's worker died. Killed at the flight's deadline: a timeout. Killed by
+        itself because the workspace outgrew the disk cap: a disk limit. Killed for another
+        flight's deadline: ``requeue`` (this one never ran, or barely). Otherwise: a crash."""
         worker, request = flight.worker, flight.request
         detail = worker.describe_death()
-        if not flight.expired:
-            if worker.deadline_killed:
-                return RunReply(seq=request.seq, outcome="requeue")
-            return RunReply(
-                seq=request.seq, outcome="error", message=f"the task crashed its worker: {detail}"
-            )
+        timeout = request.limits.timeout
+        if flight.expired:
+            outcome, limit = "timeout", None
+            message = f"task exceeded its {timeout:g} s timeout and was killed"
+        elif worker.read_violation() == request.seq:
+            outcome, limit = "limit", "disk"
+            message = f"disk limit reached: the workspace outgrew {request.limits.disk} bytes"
+        elif worker.deadline_killed:
+            return RunReply(seq=request.seq, outcome="requeue")
+        else:
+            message = f"the task crashed its worker: {detail}"
+            return RunReply(seq=request.seq, outcome="error", message=message)
         cap = request.limits.output
         stdout, stdout_truncated = worker.read_output(0, cap)
         stderr, stderr_truncated = worker.read_output(1, cap)
         files, files_truncated = collect_outputs(
             worker.root / "work", request.outputs, request.output_caps
         )
+        seq, started = worker.read_start()
         return RunReply(
             seq=request.seq,
-            outcome="timeout",
-            message=f"task exceeded its {request.limits.timeout:g} s timeout and was killed",
+            outcome=outcome,
+            limit=limit,
+            message=message,
             stdout=stdout,
             stderr=stderr,
             stdout_truncated=stdout_truncated,
             stderr_truncated=stderr_truncated,
             files=files,
             files_truncated=files_truncated,
-            duration=request.limits.timeout,
+            duration=time.monotonic() - started if seq == request.seq else timeout,
         )
 
     def _settle(self, flight: _Flight, reply: RunReply) -> Result:
         """Stop the flight's deadline; mark its worker dead if it must not run again."""
         self._deadlines.finish(flight)
-        if flight.expired or reply.outcome in ("error", "timeout"):
+        if flight.expired or reply.outcome in ("error", "timeout") or flight.worker.exited:
             flight.worker.dead = True
         return self._to_result(
             flight.task, reply, flight.request.module_sha256, flight.worker.version
