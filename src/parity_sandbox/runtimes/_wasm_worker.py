@@ -213,13 +213,18 @@ class DiskWatch:
                 self._running = None
 
     def _loop(self) -> None:
+        pause = self._PERIOD
         while True:
-            time.sleep(self._PERIOD)
+            time.sleep(pause)
             running = self._running
             if running is None:
+                pause = self._PERIOD
                 continue
             seq, cap = running
+            began = time.perf_counter()
             usage = disk_usage(self._work, max_entries=MAX_WORKSPACE_ENTRIES)
+            # A big tree takes long to measure: look less often, at most a third of the time.
+            pause = max(self._PERIOD, 2 * (time.perf_counter() - began))
             if usage.total <= cap and usage.entries < MAX_WORKSPACE_ENTRIES:
                 continue
             with self._lock:
