@@ -65,6 +65,16 @@ def test_stdin_env_inputs_and_output_dir(
     assert done.returncode == 0
     assert (out / "out" / "result.txt").read_bytes() == b"result 42\n"
     assert sorted(p.name for p in (out / "out").iterdir()) == ["result.txt", "sub"]
+    # Again into the same place: nothing is overwritten, the output still shows, exit 65.
+    done = run_cli("run", "--output-dir", str(out), str(wasm.write_outputs), cache=cache_dir)
+    assert done.returncode == 65
+    assert done.stdout == b"written\n"
+    assert_one_line(done.stderr, "never overwritten")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    done = run_cli("run", "--output-dir", str(blocked), str(wasm.write_outputs), cache=cache_dir)
+    assert done.returncode == 65
+    assert_one_line(done.stderr, "--output-dir")
 
 
 def test_json_result(wasm: WasmFixtures, cache_dir: Path) -> None:

@@ -108,18 +108,28 @@ def _fail(error: SandboxError, as_json: bool) -> typer.Exit:
     return typer.Exit(error.exit_code)
 
 
-def _report(result: Result, as_json: bool, output_dir: Path | None) -> int:
-    """Show a result the way ``run`` documents; returns the exit code."""
-    if output_dir is not None and result.files:
+def _write_outputs(result: Result, output_dir: Path | None) -> str | None:
+    """Write the result's files under ``output_dir``; a message if that failed."""
+    if output_dir is None or not result.files:
+        return None
+    try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            write_files(output_dir, result.files)
-        except OSError as exc:
-            raise InvalidInput(
-                f"--output-dir: cannot write {exc.filename or output_dir}: {exc.strerror} "
-                "(existing files are never overwritten)",
-                field="output_dir",
-            ) from None
+        write_files(output_dir, result.files)
+    except OSError as exc:
+        return (
+            f"--output-dir: cannot write {exc.filename or output_dir}: {exc.strerror} "
+            "(existing files are never overwritten)"
+        )
+    return None
+
+
+def _report(result: Result, as_json: bool, output_dir: Path | None) -> int:
+    """Show a result the way ``run`` documents; returns the exit code.
+
+    The task's output is shown even when its files cannot be written (nothing is lost); that
+    failure then decides the exit code.
+    """
+    write_error = _write_outputs(result, output_dir)
     error = result.to_error()
     if as_json:
         _out.print_json(json.dumps(result.to_json_dict()))
@@ -138,6 +148,9 @@ def _report(result: Result, as_json: bool, output_dir: Path | None) -> int:
             _err.print("parity-sandbox: some output files were left out (caps)", markup=False)
         if error is not None and result.status is not Status.FAILED:
             _err.print(f"parity-sandbox: {type(error).__name__}: {error.message}", markup=False)
+    if write_error is not None:
+        _err.print(f"parity-sandbox: InvalidInput: {write_error}", markup=False)
+        return InvalidInput.exit_code
     if result.status in (Status.SUCCEEDED, Status.FAILED):
         return result.exit_code or 0
     assert error is not None
