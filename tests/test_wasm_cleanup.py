@@ -165,3 +165,19 @@ def test_workers_are_hardened(executor: WasmExecutor, wasm: WasmFixtures) -> Non
         core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
         assert core.split()[4:6] == ["0", "0"]
         assert Path(f"/proc/{pid}/cwd").resolve().is_relative_to(executor._root)
+
+
+def test_an_executor_dropped_unclosed_releases_everything(
+    wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    executor = WasmExecutor(Config(cache_dir=cache_dir), workers=1)
+    assert executor.execute(Task(wasm_file=wasm.hello)).ok
+    root = executor._root
+    assert worker_pids(str(root))
+    del executor
+    gc.collect()
+    assert not root.exists()
+    deadline = time.monotonic() + 5
+    while worker_pids(str(root)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker_pids(str(root)) == set()

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -336,6 +337,11 @@ class WasmExecutor(Executor):
         self._seq = itertools.count(1)  # 0 means none in the shared buffer
         self._modules = _ModuleFiles()
         self._warned_ignored = False
+        # Workers and the temporary root go also when the executor is dropped unclosed, or at
+        # interpreter exit; the finaliser holds no reference to the executor itself.
+        self._release = weakref.finalize(
+            self, _release, self._deadlines, self._pool, self._root, self._lock_fd
+        )
         try:
             self._pool.prestart()
         except BaseException:
@@ -684,9 +690,14 @@ class WasmExecutor(Executor):
         )
 
     def _close(self) -> None:
-        self._deadlines.close()
-        self._pool.close()
-        try:
-            remove_tree(self._root)
-        finally:
-            os.close(self._lock_fd)
+        self._release()
+
+
+def _release(deadlines: _Deadlines, pool: Pool, root: Path, lock_fd: int) -> None:
+    """Stop the deadline thread, kill the workers, remove the root (once)."""
+    deadlines.close()
+    pool.close()
+    try:
+        remove_tree(root)
+    finally:
+        os.close(lock_fd)
