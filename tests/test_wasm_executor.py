@@ -49,7 +49,8 @@ def test_a_successful_run_reports_everything(executor: WasmExecutor, wasm: WasmF
     assert result.runtime.name == "wasm" and result.runtime.version.startswith("wasmtime 50")
     assert result.runtime.module_sha256 == hashlib.sha256(wasm.hello.read_bytes()).hexdigest()
     assert result.duration > 0
-    assert result.usage.cpu_time is not None and result.usage.peak_memory
+    assert result.usage.cpu_time is not None and 0 < result.usage.cpu_time < 1
+    assert result.usage.peak_memory
 
 
 def test_a_non_zero_exit_is_a_result(executor: WasmExecutor, wasm: WasmFixtures) -> None:
