@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up, then run the whole check: lint, types and every test (extra args go to pytest).
+# Set up (the toolchain, the venv, a Docker engine with gVisor and the test image), then run
+# the whole check: lint, types and every test, Docker ones included (extra args go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/docker-setup.sh
 export WASM_FIXTURE_DIR="$PWD/tests/fixtures/wasm/build"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

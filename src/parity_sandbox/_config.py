@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from parity_sandbox._exceptions import InvalidInput
 from parity_sandbox._models import (
@@ -82,17 +82,44 @@ class _LimitSettings(_Model):
 
 
 class DockerSettings(_LimitSettings):
-    """The ``docker`` section."""
+    """The ``docker`` section (operator settings; a task cannot change these)."""
 
+    #: The Docker host (``unix:///...``, ``tcp://...``); default: ``$DOCKER_HOST`` or the socket.
+    base_url: str | None = None
+    #: The OCI runtime of tasks that do not choose: ``runc``, or ``runsc`` for gVisor.
+    runtime: Literal["runc", "runsc"] = "runc"
+    #: ``never`` (the default: an image must already be on the host), ``if-missing``, ``always``.
+    pull_policy: Literal["never", "if-missing", "always"] = "never"
+    #: When set, only images whose reference matches one of these ``fnmatch`` patterns run.
+    allowed_images: tuple[str, ...] | None = None
+    #: Containers never get a network; ``none`` is the only accepted value.
     network_mode: Literal["none"] = "none"
+    #: A privileged container is no sandbox; it takes ``allow_privileged`` as well.
     privileged: bool = False
+    allow_privileged: bool = False
+    #: Whether a task may run as UID 0 (``user: "0"``); without capabilities, but still root.
+    allow_root: bool = False
+    #: Throttles of the disk that holds the images (blkio, where the kernel has it).
+    disk_read_bps: Size | None = None
+    disk_write_bps: Size | None = None
+    disk_read_iops: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    disk_write_iops: Annotated[int, Field(ge=1, le=10**7)] | None = None
 
-    @field_validator("privileged")
+    @field_validator("allowed_images", mode="before")
     @classmethod
-    def _no_privileged(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("privileged containers are never allowed; set privileged: false")
+    def _patterns(cls, value: object) -> object:
+        if isinstance(value, str):  # from an environment variable: comma-separated
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _privileged(self) -> DockerSettings:
+        if self.privileged and not self.allow_privileged:
+            raise ValueError(
+                "privileged containers are refused; set privileged: false (an operator who "
+                "accepts a container with full host access also sets allow_privileged: true)"
+            )
+        return self
 
 
 class WasmSettings(_LimitSettings):
@@ -149,7 +176,9 @@ class Config(_LimitSettings):
             if runtime == "wasm":
                 section["workers"] = self.wasm.workers or os.cpu_count() or 1
             else:
-                section.update(network_mode="none", privileged=False)
+                section.update(
+                    self.docker.model_dump(mode="json", exclude=set(_LimitSettings.model_fields))
+                )
             document[runtime] = section
         return {"sandbox": document}
 

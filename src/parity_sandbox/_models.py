@@ -66,6 +66,21 @@ MAX_NAME_CHARS = 255
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+# A Docker image reference (``[registry[:port]/]name[:tag][@sha256:...]``) or an image id. The
+# grammar alone keeps out flags ("-v..."), whitespace, NUL and anything else a shell or an API
+# could read as more than a name.
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::[0-9]{1,5})?/)?"
+_IMAGE_RE = re.compile(
+    rf"{_IMAGE_HOST}{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+    r"|sha256:[0-9a-f]{64}"
+)
+MAX_IMAGE_CHARS = 512
+_USER_RE = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
+MAX_ID = 2**31 - 2
+#: Fields that only Docker tasks have.
+DOCKER_FIELDS = ("command", "workdir", "user", "docker_runtime", "gpus")
 
 
 def _ranged(parse: Any, low: float, high: float, form: str, unit: str = "") -> Any:
@@ -146,6 +161,16 @@ class Limits(_Model):
         return self.model_copy(update=override.model_dump(exclude_none=True))
 
 
+def check_image_reference(value: str) -> str:
+    """``value`` if it is a Docker image reference or id; raises ``ValueError`` otherwise."""
+    if len(value) > MAX_IMAGE_CHARS or not _IMAGE_RE.fullmatch(value):
+        raise ValueError(
+            f"{value[:80]!r} is not an image reference; expected NAME[:TAG][@sha256:DIGEST] "
+            "(lowercase name) or sha256:ID"
+        )
+    return value
+
+
 def _check_relative_path(value: str, what: str) -> str:
     """Validate a sandbox-relative path: no absolute paths, ``..``, NUL or oversize parts."""
     if not isinstance(value, str) or not value:
@@ -170,8 +195,16 @@ class Task(_Model):
     Args:
         wasm_file: path of a WASI (preview 1) command module on the host.
         wasm_module: the module's bytes, instead of ``wasm_file``.
-        args: arguments after the program name.
-        env: the complete environment of the task; nothing else reaches it.
+        image: a Docker image (name, ``name@sha256:...`` or image id), instead of a module.
+        args: arguments after the program name (WebAssembly).
+        command: the container's argv (Docker); default: the image's entrypoint and command.
+        workdir: the container's working directory (Docker; default ``/work``).
+        user: ``"uid"`` or ``"uid:gid"`` the container runs as (Docker; default 65534:65534).
+        docker_runtime: ``"runc"`` or ``"runsc"`` (gVisor); default: the configured one.
+        gpus: GPUs to give the container: a count or ``"all"`` (Docker).
+        privileged: ask for a privileged container; refused unless the operator allows it.
+        env: the environment of the task; nothing of the host's reaches it (a Docker image's
+            own ``ENV`` still applies).
         input: bytes fed to the task's standard input (also accepted as ``stdin`` or ``Input``).
         input_files: files made read-only under ``/input``: name -> bytes, or name -> host
             ``pathlib.Path`` whose content is copied in when the task runs.
@@ -184,7 +217,14 @@ class Task(_Model):
 
     wasm_file: Path | None = None
     wasm_module: bytes | None = Field(default=None, repr=False)
+    image: str | None = None
     args: tuple[str, ...] = ()
+    command: tuple[str, ...] | None = None
+    workdir: str | None = None
+    user: str | None = None
+    docker_runtime: Literal["runc", "runsc"] | None = None
+    gpus: Annotated[int, Field(ge=1, le=64)] | Literal["all"] | None = None
+    privileged: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     # The seed calls stdin ``Input``; ``stdin`` is the plainer spelling.
     input: bytes = Field(
@@ -211,9 +251,38 @@ class Task(_Model):
             raise ValueError("path contains a NUL byte")
         return value
 
-    @field_validator("args")
+    @field_validator("image")
     @classmethod
-    def _args(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _image(cls, value: str | None) -> str | None:
+        return None if value is None else check_image_reference(value)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str | None) -> str | None:
+        if value is None or value == "/":
+            return value
+        if not value.startswith("/"):
+            raise ValueError(f"{value[:80]!r} must be an absolute path such as /work")
+        _check_relative_path(value[1:], "workdir")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _USER_RE.fullmatch(value)
+        if not match or any(int(part) > MAX_ID for part in match.groups() if part):
+            raise ValueError(
+                f"{value[:80]!r} must be a numeric UID or UID:GID (names are not looked up)"
+            )
+        return value
+
+    @field_validator("args", "command")
+    @classmethod
+    def _args(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
         if len(value) > MAX_ARGS:
             raise ValueError(f"more than {MAX_ARGS} arguments")
         for arg in value:
@@ -302,10 +371,26 @@ class Task(_Model):
 
     @model_validator(mode="after")
     def _one_program(self) -> Task:
-        given = [f for f in ("wasm_file", "wasm_module") if getattr(self, f) is not None]
+        given = [f for f in ("wasm_file", "wasm_module", "image") if getattr(self, f) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of wasm_file or wasm_module")
+            raise ValueError("give exactly one of wasm_file, wasm_module or image")
+        if self.image is None:
+            docker_only = [f for f in DOCKER_FIELDS if getattr(self, f) is not None]
+            if self.runtime == "docker" or docker_only or self.privileged:
+                raise ValueError(
+                    f"{', '.join(docker_only) or 'runtime docker'} needs a Docker task: give image"
+                )
+        else:
+            if self.runtime == "wasm":
+                raise ValueError("image is a Docker task; a wasm task gives wasm_file")
+            if self.args:
+                raise ValueError("args are for WebAssembly tasks; a Docker task gives command")
         return self
+
+    @property
+    def runtime_name(self) -> str | None:
+        """The runtime this task names or implies (``image`` means Docker), else ``None``."""
+        return "docker" if self.image is not None else self.runtime
 
 
 class Status(StrEnum):
@@ -336,6 +421,10 @@ class RuntimeInfo(BaseModel):
     name: str
     version: str
     module_sha256: str | None = None
+    #: Docker: the image as the task named it, its id (``sha256:...``), and runc or runsc.
+    image: str | None = None
+    image_id: str | None = None
+    oci_runtime: str | None = None
 
 
 class ErrorInfo(BaseModel):

@@ -44,6 +44,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+image_app = typer.Typer(help="Manage Docker images offline.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _out = Console(highlight=False, soft_wrap=True)
@@ -69,6 +71,12 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
             raise InvalidInput(f"{option} {key!r} is given twice", field=option)
         pairs[key] = rest
     return pairs
+
+
+def _count(value: str, option: str) -> int:
+    if not value.isdigit():
+        raise InvalidInput(f"{option} {value!r}: expected a count or 'all'", field=option)
+    return int(value)
 
 
 def _read_stdin(source: str | None) -> bytes:
@@ -159,12 +167,32 @@ def _report(result: Result, as_json: bool, output_dir: Path | None) -> int:
 
 @app.command()
 def run(
-    target: Annotated[str, typer.Argument(help="The .wasm module to run (WASI preview 1).")],
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            help="The .wasm module to run (WASI preview 1); with --image, the command to run.",
+            show_default=False,
+        ),
+    ] = None,
     args: Annotated[
         list[str] | None, typer.Argument(help="Arguments for the task (after --).")
     ] = None,
     runtime: Annotated[
         str | None, typer.Option(help="Runtime: wasm or docker (default: from config).")
+    ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(help="Docker image to run (implies --runtime docker); CMD ARGS after --."),
+    ] = None,
+    docker_runtime: Annotated[
+        str | None, typer.Option(help="Docker OCI runtime: runc, or runsc for gVisor.")
+    ] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPUs for a Docker task: N or all.")] = None,
+    workdir: Annotated[
+        str | None, typer.Option(help="Working directory of a Docker task (default /work).")
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option(help="UID[:GID] of a Docker task (default 65534:65534).")
     ] = None,
     stdin: Annotated[
         str | None, typer.Option("--stdin", help="File to feed to the task's stdin; - for ours.")
@@ -206,14 +234,43 @@ def run(
             fuel=fuel,
             stack_size=stack_size,
         )
-        task = Task(
-            wasm_file=Path(target),
-            args=tuple(args or ()),
-            env=_pairs(env or [], "--env"),
-            input=_read_stdin(stdin),
-            input_files={k: Path(v) for k, v in _pairs(inputs or [], "--input").items()},
-            limits=limits,
-        )
+        common: dict[str, Any] = {
+            "env": _pairs(env or [], "--env"),
+            "input": _read_stdin(stdin),
+            "input_files": {k: Path(v) for k, v in _pairs(inputs or [], "--input").items()},
+            "limits": limits,
+        }
+        if image is not None or runtime == "docker":
+            if image is None:
+                raise InvalidInput("--runtime docker needs --image IMAGE", field="image")
+            command = None if target is None else (target, *(args or ()))
+            task = Task(
+                image=image,
+                command=command,
+                docker_runtime=docker_runtime,
+                gpus=gpus if gpus in (None, "all") else _count(gpus, "--gpus"),
+                workdir=workdir,
+                user=user,
+                runtime=runtime,
+                **common,
+            )
+            runtime = "docker"
+        else:
+            if target is None:
+                raise InvalidInput("give the .wasm module to run, or --image IMAGE", field="target")
+            docker_only = [
+                name
+                for name, value in (
+                    ("--docker-runtime", docker_runtime),
+                    ("--gpus", gpus),
+                    ("--workdir", workdir),
+                    ("--user", user),
+                )
+                if value is not None
+            ]
+            if docker_only:
+                raise InvalidInput(f"{', '.join(docker_only)}: only for Docker tasks (--image)")
+            task = Task(wasm_file=Path(target), args=tuple(args or ()), runtime=runtime, **common)
         with executor_class(runtime or settings.default_runtime)(settings) as executor:
             try:
                 result = executor.execute(task)
@@ -265,6 +322,66 @@ def _check_wasm(settings: Config) -> tuple[bool, str]:
     return True, f"{result.runtime.version}; test task ran in {result.duration * 1e3:.2f} ms"
 
 
+def _check_docker(settings: Config) -> tuple[bool, str]:
+    """Reach the daemon and report its OCI runtimes and GPU support."""
+    from parity_sandbox.runtimes.docker import DockerExecutor
+
+    try:
+        executor = DockerExecutor(settings, reap=False)
+    except SandboxError as exc:
+        return False, exc.message
+    with executor:
+        runtimes = executor.runtimes
+        parts = [f"daemon {executor.daemon_version}"]
+        for name in ("runc", "runsc"):
+            parts.append(f"{name}: {'yes' if name in runtimes else 'no'}")
+        if "runsc" not in runtimes:
+            parts.append("(gVisor: apt-get install runsc, register it in daemon.json)")
+        parts.append(f"GPU: {'yes' if executor.has_gpu_runtime() else 'no (no nvidia runtime)'}")
+        usable = settings.docker.runtime in runtimes
+    return usable, "; ".join(parts)
+
+
+@app.command()
+def reap(config: ConfigOption = None) -> None:
+    """Remove containers and volumes that crashed runs left behind (by their labels)."""
+    from parity_sandbox.runtimes.docker import DockerExecutor
+
+    try:
+        with DockerExecutor(load_config(config), reap=False) as executor:
+            removed = executor.reap()
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    _out.print(f"removed {removed} leftover object(s)", markup=False)
+
+
+@image_app.command("import")
+def image_import(
+    rootfs: Annotated[Path, typer.Argument(help="A .tar of a root filesystem.")],
+    name: Annotated[str, typer.Argument(help="NAME[:TAG] to give the image.")],
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", help="K=V baked into the image (default: a standard PATH)."),
+    ] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="K=V image label.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Make a Docker image from a root filesystem tarball, without any registry."""
+    from parity_sandbox.runtimes.docker import DockerExecutor
+
+    try:
+        with DockerExecutor(load_config(config), reap=False) as executor:
+            image_id = executor.import_image(
+                rootfs,
+                name,
+                env=_pairs(env, "--env") if env else None,
+                labels=_pairs(label or [], "--label"),
+            )
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    _out.print(f"{name} {image_id}", markup=False)
+
+
 @app.command()
 def doctor(config: ConfigOption = None) -> None:
     """Say which runtimes are usable here and, for each that is not, why and how to fix it."""
@@ -280,6 +397,8 @@ def doctor(config: ConfigOption = None) -> None:
     for name in sorted({*RUNTIMES, *PLANNED}):
         if name == "wasm":
             usable[name], detail = _check_wasm(settings)
+        elif name == "docker":
+            usable[name], detail = _check_docker(settings)
         else:
             usable[name], detail = False, PLANNED.get(name, "no check for this runtime")
         table.add_row(name, "yes" if usable[name] else "no", detail)
@@ -293,8 +412,8 @@ def doctor(config: ConfigOption = None) -> None:
     default = settings.default_runtime
     if not usable.get(default):
         _err.print(
-            f"parity-sandbox: the default runtime {default!r} is not usable; set "
-            "default_runtime: wasm or PARITY_SANDBOX_DEFAULT_RUNTIME=wasm",
+            f"parity-sandbox: the default runtime {default!r} is not usable; fix it as the "
+            "table says, or set default_runtime: wasm (PARITY_SANDBOX_DEFAULT_RUNTIME=wasm)",
             markup=False,
         )
         raise typer.Exit(1)

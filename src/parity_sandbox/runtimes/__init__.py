@@ -14,12 +14,11 @@ from parity_sandbox._executor import Executor
 #: Runtime name -> "module:class" of its executor.
 RUNTIMES: dict[str, str] = {
     "wasm": "parity_sandbox.runtimes.wasm:WasmExecutor",
+    "docker": "parity_sandbox.runtimes.docker:DockerExecutor",
 }
 
 #: Runtimes that are planned but not in this release, with what to use meanwhile.
-PLANNED: dict[str, str] = {
-    "docker": "the Docker runtime is not in this release yet; use --runtime wasm",
-}
+PLANNED: dict[str, str] = {}
 
 
 def executor_class(name: str) -> type[Executor]:

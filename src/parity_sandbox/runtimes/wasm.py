@@ -521,8 +521,12 @@ class WasmExecutor(Executor):
 
     def _prepare(self, task: Task) -> tuple[RunRequest, bytes]:
         """Everything about ``task`` that needs no worker; raises ``InvalidInput``."""
-        if task.runtime not in (None, "wasm"):
-            raise InvalidInput(f"runtime: this executor runs wasm tasks, not {task.runtime}")
+        if task.runtime_name not in (None, "wasm"):
+            raise InvalidInput(
+                f"runtime: this executor runs wasm tasks, not {task.runtime_name} tasks "
+                "(use DockerExecutor for an image)",
+                field="runtime",
+            )
         limits = self._default_limits
         if task.limits.model_fields_set:
             limits = wasm_limits(self._limits.merged(task.limits))

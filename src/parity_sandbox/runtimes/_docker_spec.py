@@ -1,0 +1,226 @@
+"""A task's translation into a container: a pure function, testable without Docker.
+
+Every hardened default is set here, each with its reason:
+
+- ``network_mode: none``: a task gets only a loopback interface.
+- ``cap_drop: ALL`` and ``no-new-privileges``: no capability, and no way to gain one through a
+  setuid binary.
+- our seccomp profile (see :mod:`._docker_seccomp`): Docker's default still allows vsock,
+  io_uring and tracing process 1.
+- ``read_only`` root: the image cannot be changed, and the only writable places are capped.
+- user ``65534:65534`` (nobody) unless the task sets another; UID 0 only where the operator allows.
+- ``pids_limit`` (runc) and ``ulimit nproc``: a fork bomb meets a ceiling. Under runsc the pids
+  cgroup counts gVisor's own threads (a low limit deadlocks the sandbox, and with a limit runsc
+  sometimes fails to start), so there ``nproc``, which gVisor counts inside the sandbox, bounds
+  the task. Under runc ``nproc`` counts every process of the UID on the host, so it is only a
+  host-wide backstop there and the pids cgroup is the per-task limit.
+- ``memory`` with ``memory_swap`` equal: no swap to spill into.
+- ``nano_cpus``: a CPU share that cannot be exceeded.
+- ulimits ``nofile``, ``fsize`` (the disk cap: no single file beyond it) and ``core 0``.
+- private IPC namespace, ``/dev/shm`` capped at the disk limit.
+- process 1 is our ``parity-init``: it reaps zombies, and kills every process left when the
+  task's main process exits.
+- ``/work`` and ``/tmp`` are size-capped tmpfs mounts (nosuid, nodev): a real quota, unlike a
+  bind mount. ``/work`` is an anonymous tmpfs volume so that outputs can be copied out after the
+  task ends; tmpfs pages count against the container's memory limit too.
+- ``/input`` is a tmpfs volume filled by the host, read-only for the task (root-owned files).
+- log driver ``none``: output travels only through the capped attach stream, never to disk.
+- never a host mount, a device, the Docker socket, or a privileged container (unless the
+  operator sets ``allow_privileged``).
+- ``oom_score_adj`` 1000: when the host itself runs out of memory, tasks go first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from docker.types import DeviceRequest, DriverConfig, LogConfig, Mount, Ulimit
+
+from parity_sandbox._config import DockerSettings
+from parity_sandbox._exceptions import InvalidInput
+from parity_sandbox._models import Limits, Task
+from parity_sandbox.runtimes._docker_io import archive_bytes, input_archive
+
+INIT_PATH = "/.parity/init"
+WORKDIR = "/work"
+INPUT_DIR = "/input"
+NOBODY = 65534
+NOFILE = 4096
+#: ``nproc`` under runc: a host-wide backstop per UID (see the module docstring).
+HOST_NPROC = 16384
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the executor learnt of an image before running a task on it."""
+
+    reference: str
+    id: str
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one container run needs, decided before anything starts."""
+
+    create: dict[str, Any]
+    host_config: dict[str, Any]
+    runtime: str
+    timeout: float
+    output_cap: int
+    stdin: bytes
+    outputs: tuple[str, ...]
+    inputs: bytes | None = field(default=None, repr=False)
+
+
+def user_ids(task: Task, settings: DockerSettings) -> tuple[int, int]:
+    """The UID and GID the task runs as; a lone UID gets the same number as GID."""
+    if task.user is None:
+        return NOBODY, NOBODY
+    uid_text, _, gid_text = task.user.partition(":")
+    uid = int(uid_text)
+    gid = int(gid_text) if gid_text else uid
+    if 0 in (uid, gid) and not settings.allow_root:
+        raise InvalidInput(
+            "user: running a task as root (UID or GID 0) is refused; pick another ID, or the "
+            "operator sets docker.allow_root: true",
+            field="user",
+        )
+    return uid, gid
+
+
+def argv_of(task: Task, image: ImageInfo) -> list[str]:
+    """The task's argv: the image's entrypoint, then the task's command or the image's CMD."""
+    argv = [*image.entrypoint, *(task.command if task.command is not None else image.cmd)]
+    if not argv:
+        raise InvalidInput(
+            f"command: image {image.reference} has no default command; give one", field="command"
+        )
+    return argv
+
+
+def plan(
+    task: Task,
+    limits: Limits,
+    settings: DockerSettings,
+    image: ImageInfo,
+    *,
+    init_image: str,
+    labels: dict[str, str],
+    seccomp: str,
+    blkio: dict[str, Any] | None = None,
+) -> Plan:
+    """Translate ``task`` under ``limits`` into ``create_container`` and host-config arguments.
+
+    Raises:
+        InvalidInput: the task asks for something the operator's settings refuse.
+    """
+    assert limits.memory and limits.cpu and limits.pids and limits.disk and limits.timeout
+    runtime = task.docker_runtime or settings.runtime
+    uid, gid = user_ids(task, settings)
+    if task.privileged and not settings.allow_privileged:
+        raise InvalidInput(
+            "privileged: privileged containers are refused unless the operator sets "
+            "docker.allow_privileged: true",
+            field="privileged",
+        )
+    argv = argv_of(task, image)
+    disk = limits.disk
+    tmpfs_options = "nosuid,nodev"
+    mounts = [
+        Mount(
+            WORKDIR,
+            None,
+            type="volume",
+            no_copy=True,
+            labels=labels,
+            driver_config=DriverConfig(
+                "local",
+                {
+                    "type": "tmpfs",
+                    "device": "tmpfs",
+                    "o": f"size={disk},uid={uid},gid={gid},mode=0700,{tmpfs_options}",
+                },
+            ),
+        )
+    ]
+    inputs = None
+    if task.input_files:
+        size = archive_bytes(task.input_files) + MiB
+        mounts.append(
+            Mount(
+                INPUT_DIR,
+                None,
+                type="volume",
+                no_copy=True,
+                labels=labels,
+                driver_config=DriverConfig(
+                    "local",
+                    {
+                        "type": "tmpfs",
+                        "device": "tmpfs",
+                        "o": f"size={size},mode=0755,{tmpfs_options}",
+                    },
+                ),
+            )
+        )
+        inputs = input_archive(task.input_files)
+    nproc = limits.pids if runtime == "runsc" else max(HOST_NPROC, limits.pids)
+    host_config: dict[str, Any] = {
+        "network_mode": "none",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true", seccomp],
+        "read_only": True,
+        "mem_limit": limits.memory,
+        "memswap_limit": limits.memory,
+        "nano_cpus": round(limits.cpu * 1e9),
+        "ulimits": [
+            Ulimit(name="nofile", soft=NOFILE, hard=NOFILE),
+            Ulimit(name="nproc", soft=nproc, hard=nproc),
+            Ulimit(name="fsize", soft=disk, hard=disk),
+            Ulimit(name="core", soft=0, hard=0),
+        ],
+        "ipc_mode": "private",
+        "shm_size": disk,
+        "tmpfs": {"/tmp": f"size={disk},mode=1777,{tmpfs_options}"},
+        "mounts": mounts,
+        "log_config": LogConfig(type="none"),
+        "runtime": runtime,
+        "oom_score_adj": 1000,
+        "privileged": bool(task.privileged),
+    }
+    if runtime != "runsc":
+        host_config["pids_limit"] = limits.pids
+    if task.gpus is not None:
+        count = -1 if task.gpus == "all" else task.gpus
+        host_config["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]
+    if blkio:
+        host_config.update(blkio)
+    entrypoint = [INIT_PATH, "--"]
+    create: dict[str, Any] = {
+        "image": init_image,
+        "command": argv,
+        "entrypoint": entrypoint,
+        "user": f"{uid}:{gid}",
+        "working_dir": task.workdir or WORKDIR,
+        "environment": [f"{name}={value}" for name, value in task.env.items()],
+        "labels": labels,
+        "hostname": "sandbox",
+        "network_disabled": True,
+        # Always open: parity-init reads the run's secret from stdin before the task starts.
+        "stdin_open": True,
+        "tty": False,
+    }
+    return Plan(
+        create=create,
+        host_config=host_config,
+        runtime=runtime,
+        timeout=limits.timeout,
+        output_cap=limits.output if limits.output is not None else 0,
+        stdin=task.input,
+        outputs=task.outputs,
+        inputs=inputs,
+    )

@@ -1,0 +1,624 @@
+"""The Docker runtime: one fresh, hardened container per task, through the Docker Engine API.
+
+A task's flow::
+
+    Task ──plan()──> create (our init as process 1, tmpfs /work volume, limits, labels)
+         ──attach──> start ──[copy inputs to /input]──> send secret + stdin (the task starts)
+         ──> read stdout/stderr (capped) until init's trailer: the secret and the exit status,
+             written once the task and all it started are dead ──> read cgroup usage
+         ──> copy /work/<outputs> out (tar, parsed safely) while init keeps the tmpfs alive
+         ──> remove container and volumes (always, in ``finally``)
+
+At the deadline the container is killed with SIGKILL (no stop grace) and what was printed so
+far is returned. Containers carry ownership labels, so :meth:`DockerExecutor.reap` (run when an
+executor starts, and by ``parity-sandbox reap``) removes what a crashed process left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from parity_sandbox._config import Config
+from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
+from parity_sandbox._executor import Cancelled, Executor
+from parity_sandbox._fs import OutputCaps
+from parity_sandbox._models import (
+    ErrorInfo,
+    ResourceUsage,
+    Result,
+    RuntimeInfo,
+    Status,
+    Task,
+    check_image_reference,
+)
+from parity_sandbox.runtimes import _docker_host as host
+from parity_sandbox.runtimes import _docker_init as init
+from parity_sandbox.runtimes._docker_io import (
+    SECRET_BYTES,
+    STDERR,
+    STDOUT,
+    Collected,
+    Demux,
+    read_outputs,
+)
+from parity_sandbox.runtimes._docker_seccomp import security_opt
+from parity_sandbox.runtimes._docker_spec import (
+    INIT_PATH,
+    INPUT_DIR,
+    WORKDIR,
+    ImageInfo,
+    Plan,
+    plan,
+)
+
+#: Seconds any one Engine API call may take before the daemon counts as unresponsive.
+API_TIMEOUT = 30
+#: Seconds to wait for the exit status of a container that died on its own.
+EXIT_TIMEOUT = 10
+_CHUNK = 1 << 16
+#: Stdin up to this size is written before reading output (socket buffers hold it).
+_INLINE_STDIN = 1 << 16
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+_DAEMON_HINT = "start it (dockerd) or point docker.base_url / DOCKER_HOST at a running daemon"
+
+
+def _split_reference(reference: str) -> tuple[str, str]:
+    """``name[:tag][@digest]`` -> (name, tag or digest); a registry port is not a tag."""
+    if "@" in reference:
+        name, _, digest = reference.partition("@")
+        return name.rpartition(":")[0] if ":" in name.rsplit("/", 1)[-1] else name, digest
+    name, _, tag = reference.rpartition(":")
+    if not name or "/" in tag:
+        return reference, "latest"
+    return name, tag
+
+
+def _inspect_image(api: docker.APIClient, reference: str) -> dict[str, Any]:
+    details: dict[str, Any] = api.inspect_image(reference)  # type: ignore[no-untyped-call]
+    return details
+
+
+@contextlib.contextmanager
+def _docker_errors(what: str) -> Iterator[None]:
+    """Map the SDK's and requests' errors to ours: a lost daemon is ``RuntimeUnavailable``."""
+    try:
+        yield
+    except SandboxError:
+        raise
+    except docker.errors.APIError as exc:
+        explanation = exc.explanation or str(exc)
+        if isinstance(explanation, bytes):
+            explanation = explanation.decode(errors="replace")
+        raise RuntimeUnavailable(f"Docker refused to {what}: {explanation}") from exc
+    except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
+        raise RuntimeUnavailable(
+            f"lost the Docker daemon while trying to {what}: {exc}; {_DAEMON_HINT}"
+        ) from exc
+
+
+class DockerExecutor(Executor):
+    """Runs each task in a fresh container with hardened defaults; see ``_docker_spec``.
+
+    Args:
+        config: limits and the ``docker`` section (runtime, pull policy, allowed images, ...).
+        reap: remove leftovers of crashed processes when the executor starts (default).
+
+    Raises:
+        RuntimeUnavailable: the Docker daemon cannot be reached.
+    """
+
+    runtime_name: ClassVar[str] = "docker"
+
+    def __init__(self, config: Config | None = None, *, reap: bool = True) -> None:
+        super().__init__(config)
+        self._settings = self.config.docker
+        self._limits = self.config.limits_for("docker")
+        try:
+            if self._settings.base_url:
+                client = docker.DockerClient(base_url=self._settings.base_url, timeout=API_TIMEOUT)
+            else:  # $DOCKER_HOST, else the local socket
+                client = docker.DockerClient.from_env(timeout=API_TIMEOUT)
+            self._api = client.api
+            self._info: dict[str, Any] = self._api.info()
+            self._version = str(self._api.version().get("Version", "unknown"))
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise RuntimeUnavailable(
+                f"cannot reach the Docker daemon: {exc}; {_DAEMON_HINT}"
+            ) from exc
+        self._lock = threading.Lock()
+        self._derived: dict[str, str] = {}
+        self._derive_locks: dict[str, threading.Lock] = {}
+        self._live: set[str] = set()
+        self._blkio = self._blkio_settings()
+        self._warned_ignored = False
+        if reap:
+            self.reap()
+
+    # -- executor contract ---------------------------------------------------------------
+
+    def max_parallel(self) -> int:
+        return max(2, os.cpu_count() or 1)
+
+    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
+        started = time.monotonic()
+        run_plan, image = self._prepare(task)
+        result = _Run(self, task, run_plan, image, cancel).run()
+        return result.model_copy(update={"duration": time.monotonic() - started})
+
+    def _close(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for container in live:
+            with contextlib.suppress(Exception):
+                self._api.remove_container(container, force=True, v=True)
+        with contextlib.suppress(Exception):
+            self._api.close()
+
+    # -- what the daemon offers ------------------------------------------------------------
+
+    @property
+    def runtimes(self) -> set[str]:
+        """The OCI runtimes the daemon has registered (``runc``, ``runsc``, ...)."""
+        return set(self._info.get("Runtimes") or {})
+
+    def has_gpu_runtime(self) -> bool:
+        """Whether the daemon has the NVIDIA container runtime, which GPU requests need."""
+        return any("nvidia" in name for name in self.runtimes)
+
+    @property
+    def daemon_version(self) -> str:
+        return self._version
+
+    # -- before a task runs -----------------------------------------------------------------
+
+    def _prepare(self, task: Task) -> tuple[Plan, ImageInfo]:
+        if task.runtime_name != "docker" or task.image is None:
+            raise InvalidInput(
+                "image: the Docker runtime runs images; give image (a wasm task goes to the "
+                "wasm runtime)",
+                field="image",
+            )
+        runtime = task.docker_runtime or self._settings.runtime
+        if runtime not in self.runtimes:
+            raise RuntimeUnavailable(
+                f"the Docker daemon has no {runtime!r} runtime; install gVisor (Debian: apt-get "
+                "install runsc) and register it in /etc/docker/daemon.json as "
+                '{"runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": '
+                '["--network=none"]}}}, then restart dockerd'
+                if runtime == "runsc"
+                else f"the Docker daemon has no {runtime!r} runtime"
+            )
+        if task.gpus is not None and not self.has_gpu_runtime():
+            raise RuntimeUnavailable(
+                "gpus: this Docker daemon has no GPU runtime; install the NVIDIA driver and the "
+                "NVIDIA Container Toolkit on the host, or run without gpus"
+            )
+        limits = self._limits.merged(task.limits) if task.limits.model_fields_set else self._limits
+        ignored = {n for n in ("fuel", "stack_size") if getattr(task.limits, n) is not None}
+        if ignored and not self._warned_ignored:
+            self._warned_ignored = True
+            warnings.warn(
+                f"the docker runtime ignores {' and '.join(sorted(ignored))} (WebAssembly limits)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        image = self._image(task.image)
+        derived = self._derived_image(image)
+        run_plan = plan(
+            task,
+            limits,
+            self._settings,
+            image,
+            init_image=derived,
+            labels=host.labels(task.id, limits.timeout or 0),
+            seccomp=security_opt(),
+            blkio=self._blkio,
+        )
+        return run_plan, image
+
+    def _image(self, reference: str) -> ImageInfo:
+        """Inspect (and, as the pull policy says, pull) ``reference``."""
+        allowed = self._settings.allowed_images
+        if allowed is not None and not any(fnmatch.fnmatchcase(reference, p) for p in allowed):
+            raise InvalidInput(
+                f"image: {reference} is not in docker.allowed_images ({', '.join(allowed)})",
+                field="image",
+            )
+        policy = self._settings.pull_policy
+        if policy == "always":
+            self._pull(reference)
+        try:
+            with _docker_errors(f"inspect image {reference}"):
+                try:
+                    details = _inspect_image(self._api, reference)
+                except docker.errors.ImageNotFound:
+                    if policy == "never":
+                        raise RuntimeUnavailable(
+                            f"image {reference} is not on this Docker host and docker.pull_policy "
+                            "is never; import it (parity-sandbox image import ROOTFS.tar "
+                            f"{reference}) or set pull_policy: if-missing"
+                        ) from None
+                    self._pull(reference)
+                    details = _inspect_image(self._api, reference)
+        except RuntimeUnavailable:
+            raise
+        config = details.get("Config") or {}
+        return ImageInfo(
+            reference=reference,
+            id=str(details["Id"]),
+            entrypoint=tuple(config.get("Entrypoint") or ()),
+            cmd=tuple(config.get("Cmd") or ()),
+        )
+
+    def _pull(self, reference: str) -> None:
+        name, tag = _split_reference(reference)
+        try:
+            self._api.pull(name, tag=tag)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise RuntimeUnavailable(f"cannot pull image {reference}: {exc}") from exc
+
+    def _derived_image(self, image: ImageInfo) -> str:
+        """The id of ``image`` plus our init, made once per image and Docker host."""
+        with self._lock:
+            known = self._derived.get(image.id)
+            gate = self._derive_locks.setdefault(image.id, threading.Lock())
+        if known is not None:
+            return known
+        with gate:
+            tag = init.derived_tag(image.id)
+            with _docker_errors(f"prepare image {image.reference}"):
+                try:
+                    derived = str(_inspect_image(self._api, tag)["Id"])
+                except docker.errors.ImageNotFound:
+                    derived = self._derive(image, tag)
+            with self._lock:
+                self._derived[image.id] = derived
+            return derived
+
+    def _derive(self, image: ImageInfo, tag: str) -> str:
+        binary = init.build()
+        container = self._api.create_container(
+            image.id,
+            command=[INIT_PATH],
+            entrypoint=[],
+            labels=host.labels(None, 300),
+            network_disabled=True,
+        )["Id"]
+        try:
+            self._api.put_archive(container, "/", init.helper_archive(binary))
+            repository, _, name = tag.partition(":")
+            self._api.commit(container, repository=repository, tag=name)
+            return str(_inspect_image(self._api, tag)["Id"])
+        finally:
+            with contextlib.suppress(docker.errors.DockerException):
+                self._api.remove_container(container, force=True, v=True)
+
+    def _blkio_settings(self) -> dict[str, Any]:
+        wanted = {
+            "device_read_bps": self._settings.disk_read_bps,
+            "device_write_bps": self._settings.disk_write_bps,
+            "device_read_iops": self._settings.disk_read_iops,
+            "device_write_iops": self._settings.disk_write_iops,
+        }
+        wanted = {key: value for key, value in wanted.items() if value is not None}
+        if not wanted:
+            return {}
+        try:
+            if not host.blkio_available():
+                raise OSError("this kernel has no per-cgroup block I/O throttling")
+            device = host.block_device(str(self._info.get("DockerRootDir", "/var/lib/docker")))
+        except OSError as exc:
+            warnings.warn(
+                f"docker.disk_*_bps/iops are not applied: {exc}", RuntimeWarning, stacklevel=3
+            )
+            return {}
+        return {key: [{"Path": device, "Rate": value}] for key, value in wanted.items()}
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def import_image(
+        self,
+        rootfs: Path,
+        reference: str,
+        *,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> str:
+        """Make image ``reference`` from a root filesystem tarball, offline; returns its id.
+
+        ``env`` defaults to a standard ``PATH``, which an imported image otherwise lacks.
+
+        Raises:
+            InvalidInput: a bad reference, an unreadable tarball, or a bad variable or label.
+        """
+        try:
+            check_image_reference(reference)
+        except ValueError as exc:
+            raise InvalidInput(f"image: {exc}", field="image") from None
+        if "@" in reference or reference.startswith("sha256:"):
+            raise InvalidInput("image: give NAME[:TAG] to import as, not a digest", field="image")
+        if not rootfs.is_file():
+            raise InvalidInput(f"rootfs: {rootfs} is not a file (a .tar of a root filesystem)")
+        changes = []
+        for name, value in (env if env is not None else {"PATH": DEFAULT_PATH}).items():
+            if not _ENV_NAME.fullmatch(name) or "\n" in value:
+                raise InvalidInput(f"env: {name!r} is not a variable name", field="env")
+            changes.append(f"ENV {name}={json.dumps(value)}")
+        for key, value in (labels or {}).items():
+            if not _LABEL_KEY.fullmatch(key) or "\n" in value:
+                raise InvalidInput(f"label: {key!r} is not a label key", field="label")
+            changes.append(f"LABEL {key}={json.dumps(value)}")
+        name, tag = _split_reference(reference)
+        with _docker_errors(f"import {rootfs} as {reference}"):
+            self._api.import_image(src=str(rootfs), repository=name, tag=tag, changes=changes)
+            return str(_inspect_image(self._api, reference)["Id"])
+
+    # -- leftovers ----------------------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Remove containers and volumes of crashed runs (this host's or past their deadline).
+
+        Returns how many objects were removed.
+        """
+        removed = 0
+        with _docker_errors("list leftover containers"):
+            containers = self._api.containers(all=True, filters={"label": f"{host.MANAGED}=true"})
+        with self._lock:
+            live = set(self._live)
+        for found in containers:
+            if found["Id"] in live or not host.is_leftover(found.get("Labels") or {}):
+                continue
+            with (
+                contextlib.suppress(docker.errors.NotFound),
+                _docker_errors("remove a leftover container"),
+            ):
+                self._api.remove_container(found["Id"], force=True, v=True)
+                removed += 1
+        with _docker_errors("list leftover volumes"):
+            volumes = self._api.volumes(filters={"label": f"{host.MANAGED}=true"}).get("Volumes")
+        for volume in volumes or ():
+            if not host.is_leftover(volume.get("Labels") or {}):
+                continue
+            with contextlib.suppress(docker.errors.APIError):
+                self._api.remove_volume(volume["Name"])  # in use: its container is still live
+                removed += 1
+        return removed
+
+    def _track(self, container: str, live: bool) -> None:
+        with self._lock:
+            if live:
+                self._live.add(container)
+            else:
+                self._live.discard(container)
+
+
+class _Run:
+    """One container's life, from create to remove."""
+
+    def __init__(
+        self,
+        executor: DockerExecutor,
+        task: Task,
+        run_plan: Plan,
+        image: ImageInfo,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.executor = executor
+        self.api = executor._api
+        self.task = task
+        self.plan = run_plan
+        self.image = image
+        self.cancel = cancel
+        self.container: str | None = None
+        self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
+
+    def run(self) -> Result:
+        response: Any = None
+        raw: socket.socket | None = None
+        try:
+            with _docker_errors("create the container"):
+                host_config = self.api.create_host_config(**self.plan.host_config)
+                self.container = str(
+                    self.api.create_container(host_config=host_config, **self.plan.create)["Id"]
+                )
+            self.executor._track(self.container, True)
+            with _docker_errors("start the container"):
+                params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+                response = self.api.attach_socket(self.container, params=params)
+                raw = getattr(response, "_sock", response)
+                self.api.start(self.container)
+            deadline = time.monotonic() + self.plan.timeout
+            if self.plan.inputs is not None:
+                with _docker_errors("copy the input files in"):
+                    self.api.put_archive(self.container, INPUT_DIR, self.plan.inputs)
+            self._send_stdin(raw)
+            ended = self._pump(raw, deadline)
+            return self._finish(ended)
+        finally:
+            if raw is not None:
+                with contextlib.suppress(OSError):
+                    raw.close()
+            if response is not None:
+                with contextlib.suppress(Exception):
+                    response.close()
+            if self.container is not None:
+                self._remove()
+
+    def _send_stdin(self, raw: socket.socket) -> None:
+        """Send the secret (the task starts on it), then the task's stdin, then end-of-file."""
+        data = self.demux.secret + self.plan.stdin
+        if len(data) <= _INLINE_STDIN:
+            _feed(raw.dup(), data, API_TIMEOUT)
+            return
+        # A task may print a lot before it reads its stdin: write from another thread.
+        threading.Thread(
+            target=_feed,
+            args=(raw.dup(), data, self.plan.timeout + API_TIMEOUT),
+            daemon=True,
+            name="parity-sandbox-stdin",
+        ).start()
+
+    def _pump(self, raw: socket.socket, deadline: float) -> str:
+        """Read the attach stream until init's trailer (``"done"``), its end (``"eof"``: the
+        container died), the deadline, a cancel or the executor's close."""
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        slice_ = 0.25 if self.cancel is not None else 1.0
+        while self.demux.exit_code is None:
+            if self.cancel is not None and self.cancel.is_set():
+                return "cancel"
+            if self.executor.closed:
+                return "closed"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            raw.settimeout(min(left, slice_))
+            try:
+                size = raw.recv_into(buffer)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self.executor.closed:
+                    return "closed"
+                raise RuntimeUnavailable(f"lost the task's output stream: {exc}") from exc
+            if size == 0:
+                return "eof"
+            self.demux.feed(view[:size])
+        return "done"
+
+    def _finish(self, ended: str) -> Result:
+        assert self.container is not None
+        usage = host.cgroup_usage(self.container)
+        if ended == "cancel":
+            raise Cancelled("the task was cancelled")
+        if ended == "closed":
+            raise RuntimeUnavailable("the executor was closed while the task ran")
+        if ended == "timeout":
+            message = f"the task ran past its timeout of {self.plan.timeout:g} s and was killed"
+            error = ErrorInfo(type="ExecutionTimeout", message=message)
+            return self._result(Status.TIMEOUT, None, usage, error=error)
+        if ended == "done":
+            assert self.demux.exit_code is not None
+            code, collected, oom = self.demux.exit_code, self._collect(), usage.oom_killed
+        else:  # the container ended without init's trailer: killed from outside (OOM, runsc)
+            with _docker_errors("wait for the container"):
+                code = int(self.api.wait(self.container, timeout=EXIT_TIMEOUT)["StatusCode"])
+                state = self.api.inspect_container(self.container)["State"]
+            collected, oom = None, bool(state.get("OOMKilled")) or usage.oom_killed
+        if oom:
+            message = "the task ran out of memory and was killed"
+            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", error)
+        if usage.pids_exhausted and code != 0:
+            message = "the task hit its process limit"
+            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "pids", error)
+        if collected is None:
+            message = f"the container ended without its init (exit status {code})"
+            error = ErrorInfo(type="ExecutionError", message=message)
+            return self._result(Status.ERROR, code, usage, error=error)
+        status = Status.SUCCEEDED if code == 0 else Status.FAILED
+        return self._result(status, code, usage, collected)
+
+    def _collect(self) -> Collected:
+        assert self.container is not None
+        collected = Collected(OutputCaps())
+        for path in self.plan.outputs:
+            try:
+                with _docker_errors("copy the outputs out"):
+                    stream, _ = self.api.get_archive(self.container, f"{WORKDIR}/{path}")
+                    read_outputs(stream, path, collected)
+            except RuntimeUnavailable as exc:
+                cause = exc.__cause__
+                if isinstance(cause, docker.errors.NotFound):
+                    continue  # the task made no such path
+                if isinstance(cause, docker.errors.APIError):
+                    break  # the container is gone (killed by the kernel): nothing to copy
+                raise
+        return collected
+
+    def _remove(self) -> None:
+        assert self.container is not None
+        try:
+            self.api.remove_container(self.container, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            warnings.warn(
+                f"could not remove container {self.container[:12]}: {exc}; the next executor's "
+                "reap (or parity-sandbox reap) removes it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        finally:
+            self.executor._track(self.container, False)
+
+    def _result(
+        self,
+        status: Status,
+        code: int | None,
+        usage: host.CgroupUsage,
+        collected: Collected | None = None,
+        limit: str | None = None,
+        error: ErrorInfo | None = None,
+    ) -> Result:
+        """The result; stdout and stderr without init's trailer."""
+        stdout, stdout_cut = self.demux.output(STDOUT)
+        stderr, stderr_cut = self.demux.output(STDERR)
+        return Result(
+            status=status,
+            exit_code=code,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=stdout_cut,
+            stderr_truncated=stderr_cut,
+            files=collected.files if collected else {},
+            files_truncated=collected.truncated if collected else False,
+            usage=ResourceUsage(cpu_time=usage.cpu_time, peak_memory=usage.peak_memory),
+            runtime=RuntimeInfo(
+                name="docker",
+                version=self.executor.daemon_version,
+                image=self.image.reference,
+                image_id=self.image.id,
+                oci_runtime=self.plan.runtime,
+            ),
+            limit=limit,
+            error=error,
+            task_id=self.task.id,
+            labels=self.task.labels,
+        )
+
+
+def _feed(raw: socket.socket, data: bytes, timeout: float) -> None:
+    """Write the task's stdin, then close our side so that the task reads end-of-file.
+
+    ``raw`` is a duplicate of the attach socket, with its own timeout; a task that never reads
+    its stdin leaves this thread blocked until the container is killed or the timeout passes.
+    """
+    try:
+        raw.settimeout(timeout)
+        raw.sendall(data)
+        raw.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        raw.close()
