@@ -1,4 +1,5 @@
-"""Shared fixtures: WASM test programs compiled from C at test time, and a shared executor."""
+"""Shared fixtures: WASM test programs compiled from C at test time, shared executors, and
+the Docker engine (runc and runsc) with its test image."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parity_sandbox import Config, WasmExecutor
+from parity_sandbox import Config, DockerExecutor, RuntimeUnavailable, WasmExecutor
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wasm"
 BUILD_SCRIPT = Path(__file__).parent.parent / "scripts" / "build-wasm.sh"
@@ -51,3 +52,46 @@ def executor(cache_dir: Path) -> Iterator[WasmExecutor]:
     """One executor per test module (its workers stay warm between tests)."""
     with WasmExecutor(Config(cache_dir=cache_dir, timeout="10s")) as ex:
         yield ex
+
+
+# -- Docker ---------------------------------------------------------------------------------
+
+#: Built by scripts/docker-setup.sh: busybox plus the probe of tests/fixtures/docker/probe.c.
+TEST_IMAGE = "parity-sandbox-test/busybox:latest"
+OCI_RUNTIMES = ("runc", "runsc")
+
+
+def _docker_required() -> bool:
+    """scripts/test.sh sets PARITY_TEST_DOCKER=required: there a missing engine is a failure."""
+    return os.environ.get("PARITY_TEST_DOCKER") == "required"
+
+
+@pytest.fixture(scope="session")
+def docker_executor() -> Iterator[DockerExecutor]:
+    """One executor for the Docker tests; skips them only where no engine is required."""
+    try:
+        executor = DockerExecutor(Config(timeout="20s"))
+    except RuntimeUnavailable as exc:
+        if _docker_required():
+            pytest.fail(f"the Docker engine is required here: {exc}")
+        pytest.skip(f"no Docker engine: {exc}")
+    with executor:
+        yield executor
+
+
+@pytest.fixture(params=OCI_RUNTIMES)
+def oci_runtime(request: pytest.FixtureRequest, docker_executor: DockerExecutor) -> str:
+    """Each test that takes this runs under runc and under runsc (gVisor)."""
+    name: str = request.param
+    if name not in docker_executor.runtimes:
+        if _docker_required():
+            pytest.fail(f"the Docker daemon has no {name} runtime")
+        pytest.skip(f"the Docker daemon has no {name} runtime")
+    return name
+
+
+def managed_containers(executor: DockerExecutor, task_id: str | None = None) -> list[str]:
+    """Ids of containers (running or not) labelled as ours, or as ``task_id``'s."""
+    label = f"parity_sandbox.task_id={task_id}" if task_id else "parity_sandbox.managed=true"
+    found = executor._api.containers(all=True, filters={"label": label})
+    return [str(item["Id"]) for item in found]

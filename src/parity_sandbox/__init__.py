@@ -34,12 +34,14 @@ from parity_sandbox._models import (
 )
 
 if TYPE_CHECKING:
+    from parity_sandbox.runtimes.docker import DockerExecutor
     from parity_sandbox.runtimes.wasm import WasmExecutor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config",
+    "DockerExecutor",
     "DockerSettings",
     "ErrorInfo",
     "ExecutionError",
@@ -70,4 +72,8 @@ def __getattr__(name: str) -> Any:
         from parity_sandbox.runtimes.wasm import WasmExecutor
 
         return WasmExecutor
+    if name == "DockerExecutor":
+        from parity_sandbox.runtimes.docker import DockerExecutor
+
+        return DockerExecutor
     raise AttributeError(f"module 'parity_sandbox' has no attribute {name!r}")

@@ -9,9 +9,9 @@ Nothing here talks to Docker; each piece takes or gives bytes so that it can be 
 - :func:`input_archive` packs a task's input files as a tar that lands read-only (root-owned,
   mode 0444/0555) under ``/input``.
 - :func:`read_outputs` reads the tar Docker gives for an output path and keeps regular files
-  only, under caps. Symlinks, hard links, devices, FIFOs and names that would escape are never
-  materialised; the bytes stay in memory and reach the host's disk only through the CLI's safe
-  writer.
+  only, under caps. Symlinks, devices, FIFOs and names that would escape are skipped; a hard
+  link to a file already read gets a copy of its bytes. Nothing is materialised: the bytes stay
+  in memory and reach the host's disk only through the CLI's safe writer.
 """
 
 from __future__ import annotations
@@ -188,10 +188,23 @@ def read_outputs(chunks: Iterable[bytes], path: str, into: Collected) -> None:
         with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as archive:
             for member in archive:
                 name = _safe_name(member.name, caps.max_depth)
-                if name is None or not member.isreg():
+                if name is None:
                     continue
                 full = f"{parent}/{name}" if parent else name
                 if full in into.files:
+                    continue
+                if member.islnk():
+                    # A second name of a file collected before: copy its bytes, in memory.
+                    target = _safe_name(member.linkname, caps.max_depth)
+                    same = into.files.get(f"{parent}/{target}" if parent else (target or ""))
+                    if same is not None and len(into.files) < caps.max_files:
+                        if len(same) <= caps.max_total_bytes - into.total:
+                            into.files[full] = same
+                            into.total += len(same)
+                            continue
+                        into.truncated = True
+                    continue
+                if not member.isreg():
                     continue
                 if len(into.files) >= caps.max_files or member.size > min(
                     caps.max_file_bytes, caps.max_total_bytes - into.total

@@ -209,7 +209,6 @@ def plan(
         "environment": [f"{name}={value}" for name, value in task.env.items()],
         "labels": labels,
         "hostname": "sandbox",
-        "network_disabled": True,
         # Always open: parity-init reads the run's secret from stdin before the task starts.
         "stdin_open": True,
         "tty": False,

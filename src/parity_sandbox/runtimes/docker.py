@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import docker
 import docker.errors
 import requests.exceptions
+from docker.utils import kwargs_from_env
 
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
@@ -72,6 +73,7 @@ API_TIMEOUT = 30
 #: Seconds to wait for the exit status of a container that died on its own.
 EXIT_TIMEOUT = 10
 _CHUNK = 1 << 16
+_POOLS = 512
 #: Stdin up to this size is written before reading output (socket buffers hold it).
 _INLINE_STDIN = 1 << 16
 
@@ -133,10 +135,16 @@ class DockerExecutor(Executor):
         self._settings = self.config.docker
         self._limits = self.config.limits_for("docker")
         try:
-            if self._settings.base_url:
-                client = docker.DockerClient(base_url=self._settings.base_url, timeout=API_TIMEOUT)
-            else:  # $DOCKER_HOST, else the local socket
-                client = docker.DockerClient.from_env(timeout=API_TIMEOUT)
+            where: dict[str, Any] = (
+                {"base_url": self._settings.base_url}
+                if self._settings.base_url
+                else kwargs_from_env()  # $DOCKER_HOST, else the local socket
+            )
+            # The SDK keeps one connection pool per URL, and each container has its own URLs:
+            # with fewer pools than tasks in flight it closes pools still in use.
+            client = docker.DockerClient(
+                **where, timeout=API_TIMEOUT, num_pools=_POOLS, max_pool_size=_POOLS
+            )
             self._api = client.api
             self._info: dict[str, Any] = self._api.info()
             self._version = str(self._api.version().get("Version", "unknown"))
@@ -457,9 +465,6 @@ class _Run:
             if raw is not None:
                 with contextlib.suppress(OSError):
                     raw.close()
-            if response is not None:
-                with contextlib.suppress(Exception):
-                    response.close()
             if self.container is not None:
                 self._remove()
 

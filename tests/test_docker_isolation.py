@@ -1,0 +1,248 @@
+"""The must-shows of the Docker runtime, each under runc and under runsc (gVisor).
+
+Everything here runs in real containers on the real engine, with the test image that
+scripts/docker-setup.sh builds (busybox plus ``probe``, tests/fixtures/docker/probe.c).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tracemalloc
+import uuid
+from typing import Any
+
+import pytest
+
+from conftest import TEST_IMAGE, managed_containers
+from parity_sandbox import DockerExecutor, InvalidInput, Result, Status, Task
+
+pytestmark = pytest.mark.docker
+
+
+def run(executor: DockerExecutor, runtime: str, *command: str, **fields: Any) -> Result:
+    return executor.execute(
+        Task(image=TEST_IMAGE, command=command, docker_runtime=runtime, **fields)
+    )
+
+
+def sh(executor: DockerExecutor, runtime: str, script: str, **fields: Any) -> Result:
+    return run(executor, runtime, "sh", "-c", script, **fields)
+
+
+def test_fork_bomb_is_contained(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = run(docker_executor, oci_runtime, "probe", "forkbomb", limits={"pids": 64})
+    assert result.ok, result.stderr
+    made = int(result.stdout.split()[1])
+    assert 0 < made < 64, result.stdout
+    assert b"EAGAIN" in result.stdout
+    # the shell version too: it ends at the timeout, and the host is fine afterwards
+    task_id = f"bomb-{uuid.uuid4().hex[:8]}"
+    bomb = sh(
+        docker_executor,
+        oci_runtime,
+        "f(){ f | f & }; f; sleep 60",
+        limits={"pids": 64, "timeout": 3},
+        id=task_id,
+    )
+    assert bomb.status in (Status.TIMEOUT, Status.FAILED, Status.RESOURCE_LIMIT)
+    assert managed_containers(docker_executor, task_id) == []
+    assert sh(docker_executor, oci_runtime, "echo fine").stdout == b"fine\n"
+
+
+def test_memory_bomb_is_a_memory_limit(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = run(docker_executor, oci_runtime, "probe", "memory", limits={"memory": "64m"})
+    assert result.status is Status.RESOURCE_LIMIT
+    assert result.limit == "memory"
+    error = result.to_error()
+    assert error is not None and type(error).__name__ == "ResourceLimitExceeded"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "while :; do :; done",
+        "trap '' TERM INT HUP; while :; do :; done",
+        "setsid sh -c 'sleep 86400' & (sleep 86400 &) ; sleep 86400",
+    ],
+    ids=["busy-loop", "sigterm-trap", "orphans"],
+)
+def test_timeout_kills_everything(
+    docker_executor: DockerExecutor, oci_runtime: str, script: str
+) -> None:
+    task_id = f"timeout-{uuid.uuid4().hex[:8]}"
+    marker = f"echo started-{task_id}; "
+    result = sh(docker_executor, oci_runtime, marker + script, limits={"timeout": 1.5}, id=task_id)
+    assert result.status is Status.TIMEOUT
+    assert result.stdout == f"started-{task_id}\n".encode()  # partial output is returned
+    assert 1.5 <= result.duration < 6
+    assert managed_containers(docker_executor, task_id) == []
+    assert subprocess.run(["pgrep", "-f", "sleep 86400"], capture_output=True).stdout == b""
+
+
+def test_orphans_die_when_the_task_exits(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = sh(docker_executor, oci_runtime, "setsid sleep 86399 & echo done")
+    assert result.ok and result.stdout == b"done\n"
+    assert result.duration < 5
+    assert subprocess.run(["pgrep", "-f", "sleep 86399"], capture_output=True).stdout == b""
+
+
+def test_stdout_flood_is_bounded(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    size = 200_000_000 if oci_runtime == "runc" else 50_000_000
+    tracemalloc.start()
+    try:
+        result = sh(
+            docker_executor,
+            oci_runtime,
+            f"head -c {size} /dev/zero; echo tail >&2",
+            limits={"output": "1m", "timeout": 60},
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.ok
+    assert len(result.stdout) == 1 << 20 and result.stdout_truncated
+    assert result.stderr == b"tail\n" and not result.stderr_truncated
+    assert peak < 2 * (1 << 20) + (20 << 20)
+
+
+@pytest.mark.parametrize("place", ["/work", "/tmp", "/dev/shm"])
+def test_disk_fill_stops_at_the_cap(
+    docker_executor: DockerExecutor, oci_runtime: str, place: str
+) -> None:
+    script = (
+        f"for i in 1 2 3 4 5 6; do dd if=/dev/zero of={place}/f$i bs=1M count=4 2>/dev/null; "
+        f"done; du -sk {place} | cut -f1"
+    )
+    result = sh(docker_executor, oci_runtime, script, limits={"disk": "8m"})
+    used_kib = int(result.stdout.split()[-1])
+    assert used_kib <= 8 * 1024 + 64, result.stdout
+
+
+def test_only_loopback(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = run(docker_executor, oci_runtime, "ls", "/sys/class/net")
+    assert result.stdout.split() == [b"lo"]
+    dev = run(docker_executor, oci_runtime, "cat", "/proc/net/dev").stdout.decode()
+    assert [line.split(":")[0].strip() for line in dev.splitlines()[2:]] == ["lo"]
+
+
+def test_root_filesystem_is_read_only(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = sh(docker_executor, oci_runtime, "touch /etc/x || touch /bin/x || echo refused")
+    assert result.stdout.endswith(b"refused\n")
+
+
+def test_no_capabilities_and_not_root(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    status = run(docker_executor, oci_runtime, "cat", "/proc/self/status").stdout.decode()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["CapEff"].strip() == "0000000000000000"
+    assert fields["CapPrm"].strip() == "0000000000000000"
+    assert fields["Uid"].split()[0] == "65534"
+    if "NoNewPrivs" in fields:  # gVisor's /proc does not show it
+        assert fields["NoNewPrivs"].strip() == "1"
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        "setuid",
+        "setgid",
+        "mount",
+        "unshare-user",
+        "unshare-mount",
+        "unshare-net",
+        "ptrace-init",
+        "ptrace-child",
+        "keyctl",
+        "vsock",
+        "io_uring",
+        "chroot",
+        "bpf",
+        "init-signal",
+    ],
+)
+def test_privileged_operations_fail(
+    docker_executor: DockerExecutor, oci_runtime: str, probe: str
+) -> None:
+    result = run(docker_executor, oci_runtime, "probe", probe)
+    assert result.ok, (result.stdout, result.stderr)
+    assert b"denied" in result.stdout
+
+
+def test_proc_sys_and_sysrq_are_not_writable(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    result = sh(
+        docker_executor,
+        oci_runtime,
+        "echo 1 > /proc/sys/kernel/sysrq && echo WROTE-SYS; "
+        "echo h > /proc/sysrq-trigger && echo WROTE-SYSRQ; "
+        "echo 1 > /proc/sys/vm/drop_caches && echo WROTE-VM; echo end",
+    )
+    assert result.stdout == b"end\n", result.stdout
+
+
+def test_symlinks_in_outputs_are_not_followed(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    result = sh(
+        docker_executor,
+        oci_runtime,
+        "mkdir -p /work/out && ln -s /etc/passwd /work/out/passwd && ln -s / /work/out/root "
+        "&& ln -s /proc/1/root /work/out/init-root && mkfifo /work/out/fifo "
+        "&& echo mine > /work/out/mine",
+    )
+    assert result.ok
+    assert result.files == {"out/mine": b"mine\n"}
+    whole = sh(docker_executor, oci_runtime, "ln -s /etc /work/out")
+    assert whole.ok and whole.files == {}
+
+
+def test_input_names_cannot_traverse(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    before = len(managed_containers(docker_executor))
+    for name in ("../escape", "/etc/passwd", "a/../../b", "nul\x00name", "a/./b", ""):
+        with pytest.raises(InvalidInput, match="input"):
+            Task(image=TEST_IMAGE, docker_runtime=oci_runtime, input_files={name: b"x"})
+    assert len(managed_containers(docker_executor)) == before
+
+
+def test_input_files_are_read_only(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = sh(
+        docker_executor,
+        oci_runtime,
+        "cat /input/dir/data.txt; echo x > /input/dir/data.txt || echo no-write; "
+        "touch /input/new || echo no-create",
+        input_files={"dir/data.txt": b"payload\n"},
+    )
+    assert result.stdout == b"payload\nno-write\nno-create\n"
+
+
+def test_fifty_parallel_tasks_leave_nothing(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    batch = uuid.uuid4().hex[:8]
+    tasks = [
+        Task(
+            image=TEST_IMAGE,
+            command=["echo", str(i)],
+            docker_runtime=oci_runtime,
+            id=f"par-{batch}-{i}",
+            labels={"batch": batch},
+        )
+        for i in range(50)
+    ]
+    results = list(docker_executor.map(tasks, max_parallel=50))
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(50)]
+    assert all(r.ok for r in results)
+    leftovers = docker_executor._api.containers(
+        all=True, filters={"label": "parity_sandbox.managed=true"}
+    )
+    assert [
+        c
+        for c in leftovers
+        if c["Labels"].get("parity_sandbox.task_id", "").startswith(f"par-{batch}")
+    ] == []
+    volumes = docker_executor._api.volumes(filters={"dangling": True}).get("Volumes") or []
+    assert [
+        v
+        for v in volumes
+        if (v.get("Labels") or {}).get("parity_sandbox.task_id", "").startswith(f"par-{batch}")
+    ] == []

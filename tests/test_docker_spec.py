@@ -1,0 +1,219 @@
+"""The translation of a task into a container (pure: no Docker needed)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from parity_sandbox import Config, DockerSettings, InvalidInput, Limits, Task
+from parity_sandbox._config import DEFAULT_LIMITS
+from parity_sandbox.runtimes._docker_seccomp import profile, security_opt
+from parity_sandbox.runtimes._docker_spec import ImageInfo, Plan, plan
+
+IMAGE = ImageInfo(reference="img", id="sha256:" + "a" * 64, entrypoint=(), cmd=("sh",))
+
+
+def make(task: Task, settings: DockerSettings | None = None, limits: Limits | None = None) -> Plan:
+    return plan(
+        task,
+        limits or DEFAULT_LIMITS,
+        settings or DockerSettings(),
+        IMAGE,
+        init_image="derived",
+        labels={"parity_sandbox.managed": "true"},
+        seccomp=security_opt("x86_64"),
+    )
+
+
+def test_hardened_defaults() -> None:
+    built = make(Task(image="img", command=["true"]))
+    host: dict[str, Any] = built.host_config
+    assert host["network_mode"] == "none"
+    assert host["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in host["security_opt"]
+    assert any(opt.startswith("seccomp=") for opt in host["security_opt"])
+    assert host["read_only"] is True
+    assert host["privileged"] is False
+    assert host["ipc_mode"] == "private"
+    assert host["log_config"]["Type"] == "none"
+    assert host["mem_limit"] == host["memswap_limit"] == 256 << 20
+    assert host["nano_cpus"] == 1_000_000_000
+    assert host["pids_limit"] == 256
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["ulimits"]}
+    assert ulimits["core"] == (0, 0)
+    assert ulimits["fsize"] == (64 << 20, 64 << 20)
+    assert "nofile" in ulimits and "nproc" in ulimits
+    assert host["tmpfs"]["/tmp"].startswith(f"size={64 << 20},")
+    assert "nosuid" in host["tmpfs"]["/tmp"] and "nodev" in host["tmpfs"]["/tmp"]
+    assert host["shm_size"] == 64 << 20
+    # never a bind mount, a device or the Docker socket
+    assert "binds" not in host and "devices" not in host and "volumes_from" not in host
+    (work,) = host["mounts"]
+    assert work["Target"] == "/work" and work["Type"] == "volume" and not work.get("Source")
+    options = work["VolumeOptions"]["DriverConfig"]["Options"]
+    assert options["type"] == "tmpfs"
+    assert options["o"].startswith(f"size={64 << 20},uid=65534,gid=65534,")
+    assert built.create["user"] == "65534:65534"
+    assert built.create["working_dir"] == "/work"
+    assert built.create["entrypoint"] == ["/.parity/init", "--"]
+    assert built.create["command"] == ["true"]
+
+
+def test_runsc_bounds_processes_with_nproc_not_the_pids_cgroup() -> None:
+    built = make(
+        Task(image="img", command=["true"], docker_runtime="runsc", limits={"pids": 40}),
+        limits=DEFAULT_LIMITS.merged(Limits(pids=40)),
+    )
+    assert "pids_limit" not in built.host_config
+    nproc = next(u for u in built.host_config["ulimits"] if u["Name"] == "nproc")
+    assert nproc["Soft"] == nproc["Hard"] == 40
+    assert built.runtime == "runsc"
+
+
+def test_command_defaults_to_the_images_entrypoint_and_cmd() -> None:
+    image = ImageInfo(reference="img", id="x", entrypoint=("/entry",), cmd=("a", "b"))
+    built = plan(
+        Task(image="img"),
+        DEFAULT_LIMITS,
+        DockerSettings(),
+        image,
+        init_image="d",
+        labels={},
+        seccomp="seccomp={}",
+    )
+    assert built.create["command"] == ["/entry", "a", "b"]
+    empty = ImageInfo(reference="img", id="x")
+    with pytest.raises(InvalidInput, match="no default command"):
+        plan(
+            Task(image="img"),
+            DEFAULT_LIMITS,
+            DockerSettings(),
+            empty,
+            init_image="d",
+            labels={},
+            seccomp="seccomp={}",
+        )
+
+
+def test_root_and_privileged_need_the_operator() -> None:
+    with pytest.raises(InvalidInput, match="root"):
+        make(Task(image="img", command=["id"], user="0"))
+    with pytest.raises(InvalidInput, match="root"):
+        make(Task(image="img", command=["id"], user="1000:0"))
+    assert make(Task(image="img", command=["id"], user="0"), DockerSettings(allow_root=True))
+    with pytest.raises(InvalidInput, match="allow_privileged"):
+        make(Task(image="img", command=["id"], privileged=True))
+    with pytest.raises(InvalidInput, match="allow_privileged"):
+        Config(docker={"privileged": True})
+    assert make(Task(image="img", command=["id"], user="1000")).create["user"] == "1000:1000"
+
+
+def test_input_files_get_a_sized_read_only_volume() -> None:
+    built = make(Task(image="img", command=["true"], input_files={"a/b.txt": b"x" * 5000}))
+    target = {m["Target"]: m for m in built.host_config["mounts"]}
+    assert "/input" in target
+    assert built.inputs is not None and b"a/b.txt" in built.inputs
+
+
+def test_gpus_become_device_requests() -> None:
+    built = make(Task(image="img", command=["true"], gpus="all"))
+    (request,) = built.host_config["device_requests"]
+    assert request["Count"] == -1 and request["Capabilities"] == [["gpu"]]
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "-v/:/host",
+        "--privileged",
+        "Busybox",
+        "a b",
+        "busybox;id",
+        "busybox\x00",
+        "",
+        "a" * 600,
+        "busybox:" + "x" * 200,
+        "../busybox",
+        "busybox@sha256:xyz",
+    ],
+)
+def test_hostile_image_names_are_refused(image: str) -> None:
+    with pytest.raises(InvalidInput, match="image"):
+        Task(image=image)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "busybox",
+        "library/busybox:1.36",
+        "registry.local:5000/team/app:v1.2-rc",
+        "sha256:" + "0" * 64,
+        "busybox@sha256:" + "f" * 64,
+    ],
+)
+def test_ordinary_image_names_are_accepted(image: str) -> None:
+    assert Task(image=image).image == image
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("user", "root"),
+        ("user", "-1"),
+        ("user", "1:2:3"),
+        ("workdir", "relative"),
+        ("workdir", "/work/../etc"),
+        ("command", ["a\x00b"]),
+        ("gpus", 0),
+    ],
+)
+def test_bad_docker_fields_are_refused(field: str, value: object) -> None:
+    with pytest.raises(InvalidInput, match=field):
+        Task(image="busybox", **{field: value})
+
+
+def test_docker_fields_need_a_docker_task() -> None:
+    with pytest.raises(InvalidInput, match="image"):
+        Task(wasm_module=b"\0asm", command=["x"])
+    with pytest.raises(InvalidInput):
+        Task(image="busybox", runtime="wasm")
+    with pytest.raises(InvalidInput, match="command"):
+        Task(image="busybox", args=("x",))
+
+
+def test_seccomp_profile_denies_what_docker_allows() -> None:
+    document = profile("x86_64")
+    assert document["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert document["architectures"] == ["SCMP_ARCH_X86_64"]
+    allowed = {
+        name
+        for rule in document["syscalls"]
+        if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args")
+        for name in rule["names"]
+    }
+    for denied in (
+        "ptrace",
+        "io_uring_setup",
+        "keyctl",
+        "add_key",
+        "bpf",
+        "mount",
+        "unshare",
+        "setns",
+        "userfaultfd",
+        "perf_event_open",
+        "open_by_handle_at",
+        "kexec_load",
+    ):
+        assert denied not in allowed
+    for needed in ("read", "write", "execve", "mmap", "futex", "wait4", "openat"):
+        assert needed in allowed
+    families = {
+        rule["args"][0]["value"] for rule in document["syscalls"] if rule["names"] == ["socket"]
+    }
+    assert 40 not in families  # AF_VSOCK
+    assert {1, 2, 10} <= families
+    assert json.loads(security_opt("x86_64").removeprefix("seccomp=")) == document
