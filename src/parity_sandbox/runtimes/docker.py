@@ -138,7 +138,7 @@ class DockerExecutor(Executor):
             where: dict[str, Any] = (
                 {"base_url": self._settings.base_url}
                 if self._settings.base_url
-                else kwargs_from_env()  # $DOCKER_HOST, else the local socket
+                else dict(kwargs_from_env())  # $DOCKER_HOST, else the local socket
             )
             # The SDK keeps one connection pool per URL, and each container has its own URLs:
             # with fewer pools than tasks in flight it closes pools still in use.
