@@ -33,7 +33,9 @@ def inputs_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def add(archive: tarfile.TarFile, name: str, kind: bytes, mode: int, data: bytes = b"", link: str = "") -> None:
+def add(
+    archive: tarfile.TarFile, name: str, kind: bytes, mode: int, data: bytes = b"", link: str = ""
+) -> None:
     entry = tarfile.TarInfo(name)
     entry.type, entry.mode, entry.linkname, entry.size = kind, mode, link, len(data)
     archive.addfile(entry, io.BytesIO(data) if data else None)
@@ -43,14 +45,25 @@ def rootfs(probe: bytes) -> bytes:
     applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, check=True, text=True)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for directory in ("bin", "etc", "usr", "usr/local", "usr/local/bin", "work", "tmp", "input"):
+        for directory in (
+            "bin",
+            "etc",
+            "usr",
+            "usr/local",
+            "usr/local/bin",
+            "work",
+            "tmp",
+            "input",
+        ):
             add(archive, directory, tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755)
         add(archive, "bin/busybox", tarfile.REGTYPE, 0o755, BUSYBOX.read_bytes())
         for applet in applets.stdout.split():
             if applet != "busybox":
                 add(archive, f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox")
         add(archive, "usr/local/bin/probe", tarfile.REGTYPE, 0o755, probe)
-        passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
+        passwd = (
+            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
+        )
         add(archive, "etc/passwd", tarfile.REGTYPE, 0o644, passwd)
         add(archive, "etc/group", tarfile.REGTYPE, 0o644, b"root:x:0:\nnogroup:x:65534:\n")
     return buffer.getvalue()

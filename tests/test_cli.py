@@ -100,7 +100,7 @@ def test_json_result(wasm: WasmFixtures, cache_dir: Path) -> None:
         (["{hello}.missing"], 65, "cannot open"),
         (["--env", "NOVALUE", "{hello}"], 65, "KEY=VALUE"),
         (["--input", "../x=/etc/hostname", "{hello}"], 65, "input"),
-        (["--runtime", "docker", "{hello}"], 125, "Docker"),
+        (["--runtime", "docker", "{hello}"], 65, "--image"),
         (["--runtime", "vm", "{hello}"], 65, "runtime"),
     ],
 )
@@ -140,8 +140,13 @@ def test_config_show_and_doctor(cache_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert b"wasm" in done.stdout and b"wasmtime" in done.stdout
     assert b"docker" in done.stdout
-    done = run_cli("doctor", env={"PARITY_SANDBOX_DEFAULT_RUNTIME": "docker"}, cache=cache_dir)
+    unreachable = {
+        "PARITY_SANDBOX_DEFAULT_RUNTIME": "docker",
+        "DOCKER_HOST": f"unix://{cache_dir}/no-docker.sock",
+    }
+    done = run_cli("doctor", env=unreachable, cache=cache_dir)
     assert done.returncode == 1
+    assert b"cannot reach the Docker daemon" in done.stdout
     assert_one_line(done.stderr, "default runtime")
 
 

@@ -62,7 +62,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ),
         ("sandbox:\n  bogus: 1\n", ["sandbox.bogus", "unknown key"]),
         ("sandbox:\n  timeout: -5\n", ["sandbox.timeout", "-5"]),
-        ("sandbox:\n  docker: {privileged: true}\n", ["privileged", "never allowed"]),
+        ("sandbox:\n  docker: {privileged: true}\n", ["privileged", "allow_privileged"]),
         ("sandbox:\n  docker: {network_mode: host}\n", ["network_mode", "host"]),
         ("sandbox:\n  default_runtime: vm\n", ["default_runtime", "vm"]),
         ("- a\n- b\n", ["mapping"]),

@@ -73,6 +73,10 @@ API_TIMEOUT = 30
 #: Seconds to wait for the exit status of a container that died on its own.
 EXIT_TIMEOUT = 10
 _CHUNK = 1 << 16
+#: Containers some executor of this process is running; :meth:`DockerExecutor.reap` spares
+#: these and takes the process's other containers as leftovers.
+_LIVE: set[str] = set()
+_LIVE_LOCK = threading.Lock()
 _POOLS = 512
 #: Stdin up to this size is written before reading output (socket buffers hold it).
 _INLINE_STDIN = 1 << 16
@@ -173,7 +177,7 @@ class DockerExecutor(Executor):
         return result.model_copy(update={"duration": time.monotonic() - started})
 
     def _close(self) -> None:
-        with self._lock:
+        with _LIVE_LOCK:
             live = list(self._live)
         for container in live:
             with contextlib.suppress(Exception):
@@ -383,17 +387,23 @@ class DockerExecutor(Executor):
     # -- leftovers ----------------------------------------------------------------------------
 
     def reap(self) -> int:
-        """Remove containers and volumes of crashed runs (this host's or past their deadline).
+        """Remove containers and volumes of runs that are over but were not cleaned up.
 
+        That is: those of this process that no executor is running any more (the daemon was
+        lost while they ran), those of dead processes on this host, and any past its deadline.
         Returns how many objects were removed.
         """
         removed = 0
+        me = host.owner_id()
         with _docker_errors("list leftover containers"):
             containers = self._api.containers(all=True, filters={"label": f"{host.MANAGED}=true"})
-        with self._lock:
-            live = set(self._live)
         for found in containers:
-            if found["Id"] in live or not host.is_leftover(found.get("Labels") or {}):
+            labels = found.get("Labels") or {}
+            if labels.get(host.OWNER) == me:
+                with _LIVE_LOCK:
+                    if found["Id"] in _LIVE:
+                        continue
+            elif not host.is_leftover(labels):
                 continue
             with (
                 contextlib.suppress(docker.errors.NotFound),
@@ -401,21 +411,25 @@ class DockerExecutor(Executor):
             ):
                 self._api.remove_container(found["Id"], force=True, v=True)
                 removed += 1
+        filters = {"label": f"{host.MANAGED}=true", "dangling": True}
         with _docker_errors("list leftover volumes"):
-            volumes = self._api.volumes(filters={"label": f"{host.MANAGED}=true"}).get("Volumes")
-        for volume in volumes or ():
-            if not host.is_leftover(volume.get("Labels") or {}):
+            volumes = self._api.volumes(filters=filters).get("Volumes") or []
+        for volume in volumes:
+            labels = volume.get("Labels") or {}
+            if labels.get(host.OWNER) != me and not host.is_leftover(labels):
                 continue
             with contextlib.suppress(docker.errors.APIError):
-                self._api.remove_volume(volume["Name"])  # in use: its container is still live
+                self._api.remove_volume(volume["Name"])  # fails if a container took it meanwhile
                 removed += 1
         return removed
 
     def _track(self, container: str, live: bool) -> None:
-        with self._lock:
+        with _LIVE_LOCK:
             if live:
+                _LIVE.add(container)
                 self._live.add(container)
             else:
+                _LIVE.discard(container)
                 self._live.discard(container)
 
 
@@ -567,15 +581,22 @@ class _Run:
             self.api.remove_container(self.container, force=True, v=True)
         except docker.errors.NotFound:
             pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409 or "in progress" not in str(exc):  # close() got there first
+                self._warn_leftover(exc)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            warnings.warn(
-                f"could not remove container {self.container[:12]}: {exc}; the next executor's "
-                "reap (or parity-sandbox reap) removes it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._warn_leftover(exc)
         finally:
             self.executor._track(self.container, False)
+
+    def _warn_leftover(self, exc: Exception) -> None:
+        assert self.container is not None
+        warnings.warn(
+            f"could not remove container {self.container[:12]}: {exc}; the next executor's "
+            "reap (or parity-sandbox reap) removes it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _result(
         self,
