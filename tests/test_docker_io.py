@@ -47,15 +47,15 @@ def test_output_is_capped_and_flagged() -> None:
         demux.feed(frame(STDOUT, b"x" * 1000))
     data, cut = demux.output(STDOUT)
     assert data == b"x" * 10 and cut
-    assert len(demux.streams[STDOUT]) <= 10 + 33  # nothing kept past the cap and the trailer
+    assert len(demux.streams[STDOUT]) <= 10 + 34  # nothing kept past the cap and the trailer
 
 
 def test_trailer_on_both_streams_ends_the_run_and_is_stripped() -> None:
     demux = Demux(cap=100, secret=SECRET)
-    stream = frame(STDOUT, b"out") + frame(STDERR, b"err") + frame(STDOUT, SECRET + b"\x07")
+    stream = frame(STDOUT, b"out") + frame(STDERR, b"err") + frame(STDOUT, SECRET + b"\x07\x00")
     feed_in_random_pieces(demux, stream)
     assert demux.exit_code is None  # stderr's trailer has not come yet
-    demux.feed(frame(STDERR, SECRET + b"\x07"))
+    demux.feed(frame(STDERR, SECRET + b"\x07\x00"))
     assert demux.exit_code == 7
     assert demux.output(STDOUT) == (b"out", False)
     assert demux.output(STDERR) == (b"err", False)
@@ -63,18 +63,20 @@ def test_trailer_on_both_streams_ends_the_run_and_is_stripped() -> None:
 
 def test_a_forged_trailer_does_not_end_the_run() -> None:
     demux = Demux(cap=100, secret=SECRET)
-    fake = bytes(32) + b"\x00"
+    fake = bytes(32) + b"\x00\x00"
     demux.feed(frame(STDOUT, fake) + frame(STDERR, fake))
     assert demux.exit_code is None
 
 
 def test_trailer_after_a_capped_flood_keeps_the_truncation() -> None:
     demux = Demux(cap=5, secret=SECRET)
-    demux.feed(frame(STDOUT, b"y" * 50 + SECRET + b"\x00") + frame(STDERR, SECRET + b"\x00"))
+    demux.feed(
+        frame(STDOUT, b"y" * 50 + SECRET + b"\x00\x01") + frame(STDERR, SECRET + b"\x00\x01")
+    )
     assert demux.exit_code == 0
     assert demux.output(STDOUT) == (b"yyyyy", True)
     exact = Demux(cap=5, secret=SECRET)
-    exact.feed(frame(STDOUT, b"y" * 5 + SECRET + b"\x00") + frame(STDERR, SECRET + b"\x00"))
+    exact.feed(frame(STDOUT, b"y" * 5 + SECRET + b"\x00\x01") + frame(STDERR, SECRET + b"\x00\x01"))
     assert exact.output(STDOUT) == (b"yyyyy", False)
 
 

@@ -57,7 +57,7 @@ def test_hardened_defaults() -> None:
     assert options["o"].startswith(f"size={64 << 20},uid=65534,gid=65534,")
     assert built.create["user"] == "65534:65534"
     assert built.create["working_dir"] == "/work"
-    assert built.create["entrypoint"] == ["/.parity/init", "--"]
+    assert built.create["entrypoint"] == ["/.parity/init", "-o", "out", "--"]
     assert built.create["command"] == ["true"]
 
 

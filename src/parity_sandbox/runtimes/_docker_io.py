@@ -29,7 +29,7 @@ from parity_sandbox._fs import OutputCaps
 STDOUT, STDERR = 1, 2
 SECRET_BYTES = 32
 _HEADER = 8
-_TRAILER = SECRET_BYTES + 1
+_TRAILER = SECRET_BYTES + 2  # the secret, the exit status, whether outputs exist
 
 
 def _pair() -> dict[int, Any]:
@@ -42,8 +42,8 @@ class Demux:
 
     Args:
         cap: bytes kept of each stream.
-        secret: the run's secret; the stream is complete once both streams end with it and
-            one status byte (``exit_code`` is then set).
+        secret: the run's secret; the stream is complete once both streams end with it, the
+            exit status and a flag (``exit_code`` and ``outputs_exist`` are then set).
     """
 
     cap: int
@@ -51,6 +51,7 @@ class Demux:
     streams: dict[int, bytearray] = field(default_factory=_pair)
     seen: dict[int, int] = field(default_factory=lambda: {STDOUT: 0, STDERR: 0})
     exit_code: int | None = None
+    outputs_exist: bool = False
     _tails: dict[int, bytearray] = field(default_factory=_pair)
     _header: bytearray = field(default_factory=bytearray)
     _stream: int = 0
@@ -90,7 +91,8 @@ class Demux:
             return
         tails = self._tails.values()
         if all(len(t) == _TRAILER and t[:SECRET_BYTES] == self.secret for t in tails):
-            self.exit_code = self._tails[STDOUT][-1]
+            self.exit_code = self._tails[STDOUT][SECRET_BYTES]
+            self.outputs_exist = bool(self._tails[STDOUT][SECRET_BYTES + 1])
 
     def output(self, stream: int) -> tuple[bytes, bool]:
         """The kept bytes of ``stream`` (at most ``cap``) and whether more were printed."""

@@ -199,7 +199,7 @@ def plan(
         host_config["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]
     if blkio:
         host_config.update(blkio)
-    entrypoint = [INIT_PATH, "--"]
+    entrypoint = [INIT_PATH, *(arg for path in task.outputs for arg in ("-o", path)), "--"]
     create: dict[str, Any] = {
         "image": init_image,
         "command": argv,
@@ -209,6 +209,9 @@ def plan(
         "environment": [f"{name}={value}" for name, value in task.env.items()],
         "labels": labels,
         "hostname": "sandbox",
+        # No libnetwork sandbox: the container still gets its own network namespace with
+        # only loopback, and starts about 80 ms sooner than with network_mode none alone.
+        "network_disabled": True,
         # Always open: parity-init reads the run's secret from stdin before the task starts.
         "stdin_open": True,
         "tty": False,

@@ -452,6 +452,8 @@ class _Run:
         self.cancel = cancel
         self.container: str | None = None
         self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
+        #: Set once init has been told (or decided) to exit with the task's status.
+        self.exiting = False
 
     def run(self) -> Result:
         response: Any = None
@@ -537,7 +539,12 @@ class _Run:
             return self._result(Status.TIMEOUT, None, usage, error=error)
         if ended == "done":
             assert self.demux.exit_code is not None
-            code, collected, oom = self.demux.exit_code, self._collect(), usage.oom_killed
+            code, oom = self.demux.exit_code, usage.oom_killed
+            collected = self._collect() if self.demux.outputs_exist else Collected(OutputCaps())
+            if self.demux.outputs_exist:  # init waits for this to exit
+                with contextlib.suppress(docker.errors.APIError), _docker_errors("end the task"):
+                    self.api.kill(self.container, "SIGUSR1")
+            self.exiting = True
         else:  # the container ended without init's trailer: killed from outside (OOM, runsc)
             with _docker_errors("wait for the container"):
                 code = int(self.api.wait(self.container, timeout=EXIT_TIMEOUT)["StatusCode"])
@@ -578,6 +585,11 @@ class _Run:
     def _remove(self) -> None:
         assert self.container is not None
         try:
+            if self.exiting:
+                # init is exiting by itself: waiting for that and removing a stopped container
+                # is much faster than a forced removal, which kills and then waits.
+                with contextlib.suppress(docker.errors.APIError):
+                    self.api.wait(self.container, timeout=EXIT_TIMEOUT)
             self.api.remove_container(self.container, force=True, v=True)
         except docker.errors.NotFound:
             pass

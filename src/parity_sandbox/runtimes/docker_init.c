@@ -1,7 +1,7 @@
 /*
  * parity-init: process 1 of every parity-sandbox container.
  *
- *   /.parity/init -- COMMAND [ARGS...]
+ *   /.parity/init [-o OUTPUT]... -- COMMAND [ARGS...]
  *
  * 1. Reads a 32-byte secret from stdin before anything else. The host writes it once the
  *    container runs and its input files are in place, so it doubles as the "go" signal. The
@@ -11,9 +11,12 @@
  *    from process 1 reaches the whole PID namespace), then writes the secret and COMMAND's
  *    status (one byte: the exit code, or 128 + the signal) to stdout. The attach stream does not
  *    end when a process closes its output, so this trailer is how the host learns that the task
- *    and all it started are gone; no task process can forge it, as none knows the secret.
- * 4. Closes its streams and waits, keeping the container (and so its tmpfs workspace) alive
- *    while the host copies the outputs out; the host then removes the container.
+ *    and all it started are gone; no task process can forge it, as none knows the secret. A
+ *    last byte says whether any OUTPUT (a path under /work) exists.
+ * 4. Closes its streams. If there are outputs, waits for SIGUSR1, keeping the container (and so
+ *    its tmpfs workspace) alive while the host copies them out; then, or at once when there
+ *    are none, exits with COMMAND's status: a container that exits by itself is removed much
+ *    faster than one that has to be killed.
  *
  * Process 1 of a PID namespace gets no signal it has no handler for, so the task cannot kill it;
  * it is also made non-dumpable so that a task running as the same user cannot read its memory.
@@ -24,10 +27,12 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #define SECRET_BYTES 32
+#define MAX_OUTPUTS 64
 
 static void ignore(int sig) { (void)sig; }
 
@@ -48,8 +53,23 @@ static int write_all(int fd, const unsigned char *data, size_t size) {
     return 0;
 }
 
+static int any_exists(char **outputs, int count) {
+    char path[4200];
+    struct stat info;
+    for (int i = 0; i < count; i++) {
+        if (snprintf(path, sizeof path, "/work/%s", outputs[i]) >= (int)sizeof path) continue;
+        if (lstat(path, &info) == 0) return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    int arg = 1;
+    int arg = 1, output_count = 0;
+    char *outputs[MAX_OUTPUTS];
+    while (arg + 1 < argc && strcmp(argv[arg], "-o") == 0 && output_count < MAX_OUTPUTS) {
+        outputs[output_count++] = argv[arg + 1];
+        arg += 2;
+    }
     if (arg < argc && strcmp(argv[arg], "--") == 0) arg++;
     if (arg >= argc) {
         fputs("parity-init: no command to run\n", stderr);
@@ -57,7 +77,7 @@ int main(int argc, char **argv) {
     }
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
-    unsigned char trailer[SECRET_BYTES + 1];
+    unsigned char trailer[SECRET_BYTES + 2];
     size_t have = 0;
     while (have < SECRET_BYTES) {
         ssize_t got = read(0, trailer + have, SECRET_BYTES - have);
@@ -71,11 +91,14 @@ int main(int argc, char **argv) {
 
     sigset_t handled, previous;
     sigemptyset(&handled);
-    sigaddset(&handled, SIGCHLD);
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_handler = ignore;
-    sigaction(SIGCHLD, &action, NULL);
+    const int signals[] = {SIGCHLD, SIGUSR1};
+    for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++) {
+        sigaction(signals[i], &action, NULL);
+        sigaddset(&handled, signals[i]);
+    }
     sigprocmask(SIG_BLOCK, &handled, &previous);
 
     int code = 126;
@@ -84,7 +107,8 @@ int main(int argc, char **argv) {
         memset(trailer, 0, sizeof trailer);
         setpgid(0, 0); /* the task's own group: kill(0, ...) in the task cannot reach us */
         action.sa_handler = SIG_DFL;
-        sigaction(SIGCHLD, &action, NULL);
+        for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++)
+            sigaction(signals[i], &action, NULL);
         sigprocmask(SIG_SETMASK, &previous, NULL);
         execvp(argv[arg], argv + arg);
         int error = errno;
@@ -108,11 +132,14 @@ int main(int argc, char **argv) {
     }
     kill(-1, SIGKILL);
     while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {}
+    int keep = any_exists(outputs, output_count);
     trailer[SECRET_BYTES] = (unsigned char)code;
+    trailer[SECRET_BYTES + 1] = (unsigned char)keep;
     write_all(1, trailer, sizeof trailer);
     write_all(2, trailer, sizeof trailer);
     close(0);
     close(1);
     close(2);
-    for (;;) pause();
+    while (keep && sigwaitinfo(&handled, NULL) != SIGUSR1) {}
+    return code;
 }
