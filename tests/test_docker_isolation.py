@@ -246,3 +246,55 @@ def test_fifty_parallel_tasks_leave_nothing(
         for v in volumes
         if (v.get("Labels") or {}).get("parity_sandbox.task_id", "").startswith(f"par-{batch}")
     ] == []
+
+
+def test_huge_and_deep_output_trees_are_capped(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    script = (
+        "mkdir -p /work/out/many && cd /work/out/many && seq 1 20000 | xargs touch && "
+        "d=/work/out/deep; i=0; while [ $i -lt 1500 ]; do d=$d/d; i=$((i+1)); done; "
+        "mkdir -p $d && echo bottom > $d/f && echo top > /work/out/top.txt"
+    )
+    result = sh(docker_executor, oci_runtime, script, limits={"timeout": 120})
+    assert result.ok, result.stderr
+    assert len(result.files) == 1000 and result.files_truncated
+    assert all(name.count("/") <= 34 for name in result.files)
+
+
+def test_stdin_the_task_never_reads(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = sh(
+        docker_executor, oci_runtime, "exec 0<&-; echo ignored-stdin", stdin=b"z" * 5_000_000
+    )
+    assert result.ok and result.stdout == b"ignored-stdin\n"
+
+
+def test_closed_streams_do_not_end_the_task_early(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    result = sh(
+        docker_executor,
+        oci_runtime,
+        "echo before; exec >&- 2>&-; sleep 30",
+        limits={"timeout": 1.5},
+    )
+    assert result.status is Status.TIMEOUT and result.stdout == b"before\n"
+
+
+def test_block_io_throttles_reach_the_cgroup(docker_executor: DockerExecutor) -> None:
+    from parity_sandbox import Config
+
+    config = Config(docker={"disk_read_bps": "1m", "disk_write_iops": 100})
+    with DockerExecutor(config, reap=False) as executor:
+        result = executor.execute(
+            Task(
+                image=TEST_IMAGE,
+                command=[
+                    "cat",
+                    "/sys/fs/cgroup/blkio/blkio.throttle.read_bps_device",
+                    "/sys/fs/cgroup/blkio/blkio.throttle.write_iops_device",
+                ],
+            )
+        )
+    assert result.ok, result.stderr
+    assert result.stdout.split()[1::2] == [b"1048576", b"100"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +41,7 @@ def test_hardened_defaults() -> None:
     assert host["log_config"]["Type"] == "none"
     assert host["mem_limit"] == host["memswap_limit"] == 256 << 20
     assert host["nano_cpus"] == 1_000_000_000
-    assert host["pids_limit"] == 256
+    assert host["pids_limit"] == 256 + 1  # the task's processes and our init
     ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["ulimits"]}
     assert ulimits["core"] == (0, 0)
     assert ulimits["fsize"] == (64 << 20, 64 << 20)
@@ -68,7 +69,7 @@ def test_runsc_bounds_processes_with_nproc_not_the_pids_cgroup() -> None:
     )
     assert "pids_limit" not in built.host_config
     nproc = next(u for u in built.host_config["ulimits"] if u["Name"] == "nproc")
-    assert nproc["Soft"] == nproc["Hard"] == 40
+    assert nproc["Soft"] == nproc["Hard"] == 40 + 1
     assert built.runtime == "runsc"
 
 
@@ -217,3 +218,16 @@ def test_seccomp_profile_denies_what_docker_allows() -> None:
     assert 40 not in families  # AF_VSOCK
     assert {1, 2, 10} <= families
     assert json.loads(security_opt("x86_64").removeprefix("seccomp=")) == document
+
+
+def test_block_io_support_is_read_from_the_cgroup_tree(tmp_path: Path) -> None:
+    from parity_sandbox.runtimes._docker_host import blkio_available
+
+    assert not blkio_available(tmp_path)
+    (tmp_path / "blkio").mkdir()
+    (tmp_path / "blkio" / "blkio.throttle.read_bps_device").write_text("")
+    assert blkio_available(tmp_path)
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu io memory pids\n")
+    assert blkio_available(v2)

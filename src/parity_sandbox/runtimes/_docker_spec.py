@@ -168,7 +168,9 @@ def plan(
             )
         )
         inputs = input_archive(task.input_files)
-    nproc = limits.pids if runtime == "runsc" else max(HOST_NPROC, limits.pids)
+    # Process 1 is ours, not the task's: the task gets ``pids`` processes besides it.
+    pids = limits.pids + 1
+    nproc = pids if runtime == "runsc" else max(HOST_NPROC, pids)
     host_config: dict[str, Any] = {
         "network_mode": "none",
         "cap_drop": ["ALL"],
@@ -193,7 +195,7 @@ def plan(
         "privileged": bool(task.privileged),
     }
     if runtime != "runsc":
-        host_config["pids_limit"] = limits.pids
+        host_config["pids_limit"] = pids
     if task.gpus is not None:
         count = -1 if task.gpus == "all" else task.gpus
         host_config["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]

@@ -535,6 +535,8 @@ class _Run:
             raise RuntimeUnavailable("the executor was closed while the task ran")
         if ended == "timeout":
             message = f"the task ran past its timeout of {self.plan.timeout:g} s and was killed"
+            if usage.pids_exhausted:
+                message += " (it had also hit its process limit)"
             error = ErrorInfo(type="ExecutionTimeout", message=message)
             return self._result(Status.TIMEOUT, None, usage, error=error)
         if ended == "done":
