@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 
 from conftest import TEST_IMAGE, managed_containers
-from parity_sandbox import DockerExecutor, InvalidInput, Result, Status, Task
+from parity_sandbox import (
+    DockerExecutor,
+    ExecutionTimeout,
+    InvalidInput,
+    ResourceLimitExceeded,
+    Result,
+    Status,
+    Task,
+    TaskError,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -29,6 +38,15 @@ def sh(executor: DockerExecutor, runtime: str, script: str, **fields: Any) -> Re
     return run(executor, runtime, "sh", "-c", script, **fields)
 
 
+def outcome(executor: DockerExecutor, runtime: str, script: str, **fields: Any) -> Result:
+    """The result, also of a task that ``execute`` reports by raising (timeout, limit)."""
+    try:
+        return sh(executor, runtime, script, **fields)
+    except TaskError as error:
+        assert error.result is not None
+        return error.result
+
+
 def test_fork_bomb_is_contained(docker_executor: DockerExecutor, oci_runtime: str) -> None:
     result = run(docker_executor, oci_runtime, "probe", "forkbomb", limits={"pids": 64})
     assert result.ok, result.stderr
@@ -37,7 +55,7 @@ def test_fork_bomb_is_contained(docker_executor: DockerExecutor, oci_runtime: st
     assert b"EAGAIN" in result.stdout
     # the shell version too: it ends at the timeout, and the host is fine afterwards
     task_id = f"bomb-{uuid.uuid4().hex[:8]}"
-    bomb = sh(
+    bomb = outcome(
         docker_executor,
         oci_runtime,
         "f(){ f | f & }; f; sleep 60",
@@ -50,11 +68,11 @@ def test_fork_bomb_is_contained(docker_executor: DockerExecutor, oci_runtime: st
 
 
 def test_memory_bomb_is_a_memory_limit(docker_executor: DockerExecutor, oci_runtime: str) -> None:
-    result = run(docker_executor, oci_runtime, "probe", "memory", limits={"memory": "64m"})
-    assert result.status is Status.RESOURCE_LIMIT
-    assert result.limit == "memory"
-    error = result.to_error()
-    assert error is not None and type(error).__name__ == "ResourceLimitExceeded"
+    with pytest.raises(ResourceLimitExceeded) as raised:
+        run(docker_executor, oci_runtime, "probe", "memory", limits={"memory": "64m"})
+    assert raised.value.limit == "memory"
+    assert raised.value.result is not None
+    assert raised.value.result.status is Status.RESOURCE_LIMIT
 
 
 @pytest.mark.parametrize(
@@ -71,8 +89,10 @@ def test_timeout_kills_everything(
 ) -> None:
     task_id = f"timeout-{uuid.uuid4().hex[:8]}"
     marker = f"echo started-{task_id}; "
-    result = sh(docker_executor, oci_runtime, marker + script, limits={"timeout": 1.5}, id=task_id)
-    assert result.status is Status.TIMEOUT
+    with pytest.raises(ExecutionTimeout) as raised:
+        sh(docker_executor, oci_runtime, marker + script, limits={"timeout": 1.5}, id=task_id)
+    result = raised.value.result
+    assert result is not None and result.status is Status.TIMEOUT
     assert result.stdout == f"started-{task_id}\n".encode()  # partial output is returned
     assert 1.5 <= result.duration < 6
     assert managed_containers(docker_executor, task_id) == []
@@ -272,7 +292,7 @@ def test_stdin_the_task_never_reads(docker_executor: DockerExecutor, oci_runtime
 def test_closed_streams_do_not_end_the_task_early(
     docker_executor: DockerExecutor, oci_runtime: str
 ) -> None:
-    result = sh(
+    result = outcome(
         docker_executor,
         oci_runtime,
         "echo before; exec >&- 2>&-; sleep 30",

@@ -171,10 +171,13 @@ class DockerExecutor(Executor):
         return max(2, os.cpu_count() or 1)
 
     def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
-        started = time.monotonic()
         run_plan, image = self._prepare(task)
         result = _Run(self, task, run_plan, image, cancel).run()
-        return result.model_copy(update={"duration": time.monotonic() - started})
+        if result.status in (Status.SUCCEEDED, Status.FAILED):
+            return result
+        error = result.to_error()
+        assert error is not None
+        raise error
 
     def _close(self) -> None:
         with _LIVE_LOCK:
@@ -454,6 +457,9 @@ class _Run:
         self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
         #: Set once init has been told (or decided) to exit with the task's status.
         self.exiting = False
+        self.started = 0.0
+        #: Seconds from the container's start to the task's end (or the deadline).
+        self.duration = 0.0
 
     def run(self) -> Result:
         response: Any = None
@@ -470,12 +476,14 @@ class _Run:
                 response = self.api.attach_socket(self.container, params=params)
                 raw = getattr(response, "_sock", response)
                 self.api.start(self.container)
-            deadline = time.monotonic() + self.plan.timeout
+            self.started = time.monotonic()
+            deadline = self.started + self.plan.timeout
             if self.plan.inputs is not None:
                 with _docker_errors("copy the input files in"):
                     self.api.put_archive(self.container, INPUT_DIR, self.plan.inputs)
             self._send_stdin(raw)
             ended = self._pump(raw, deadline)
+            self.duration = time.monotonic() - self.started
             return self._finish(ended)
         finally:
             if raw is not None:
@@ -633,6 +641,7 @@ class _Run:
             stderr_truncated=stderr_cut,
             files=collected.files if collected else {},
             files_truncated=collected.truncated if collected else False,
+            duration=self.duration,
             usage=ResourceUsage(cpu_time=usage.cpu_time, peak_memory=usage.peak_memory),
             runtime=RuntimeInfo(
                 name="docker",
