@@ -79,6 +79,8 @@ def test_exit_codes_of_limits(docker_executor: DockerExecutor, tmp_path: Path) -
         (["--image", TEST_IMAGE, "--user", "root", "--", "true"], "user"),
         (["--image", TEST_IMAGE, "--user", "0", "--", "true"], "root"),
         (["--image", TEST_IMAGE, "--memory", "0", "--", "true"], "memory"),
+        (["--image", TEST_IMAGE, "--memory", "2m", "--", "true"], "6 MiB"),
+        (["--image", TEST_IMAGE, "--cpus", "999", "--", "true"], "limits.cpu"),
         (["--image", TEST_IMAGE, "--pids", "0", "--", "true"], "pids"),
         (["--image", TEST_IMAGE, "--gpus", "-1", "--", "true"], "gpus"),
         (["--image", TEST_IMAGE, "--input", "../x=/etc/hostname", "--", "true"], "input"),

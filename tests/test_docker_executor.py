@@ -167,3 +167,12 @@ def test_close_during_a_run_removes_the_container() -> None:
     assert len(errors) == 1 and isinstance(errors[0], RuntimeUnavailable)
     with DockerExecutor(reap=False) as other:
         assert managed_containers(other, task_id) == []
+
+
+def test_the_hosts_environment_never_reaches_the_task(
+    docker_executor: DockerExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARITY_HOST_SECRET", "host-only")
+    result = docker_executor.execute(Task(image=TEST_IMAGE, command=["env"], env={"GIVEN": "yes"}))
+    assert b"GIVEN=yes" in result.stdout
+    assert b"host-only" not in result.stdout and b"PARITY_HOST_SECRET" not in result.stdout

@@ -41,6 +41,7 @@ from parity_sandbox._executor import Cancelled, Executor
 from parity_sandbox._fs import OutputCaps
 from parity_sandbox._models import (
     ErrorInfo,
+    Limits,
     ResourceUsage,
     Result,
     RuntimeInfo,
@@ -78,6 +79,8 @@ _CHUNK = 1 << 16
 _LIVE: set[str] = set()
 _LIVE_LOCK = threading.Lock()
 _POOLS = 512
+#: Docker refuses a memory limit below this.
+MIN_MEMORY = 6 << 20
 #: Stdin up to this size is written before reading output (socket buffers hold it).
 _INLINE_STDIN = 1 << 16
 
@@ -114,6 +117,8 @@ def _docker_errors(what: str) -> Iterator[None]:
         explanation = exc.explanation or str(exc)
         if isinstance(explanation, bytes):
             explanation = explanation.decode(errors="replace")
+        if exc.status_code == 400:  # the request, made from the task, is what Docker refused
+            raise InvalidInput(f"Docker refused to {what}: {explanation}") from exc
         raise RuntimeUnavailable(f"Docker refused to {what}: {explanation}") from exc
     except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
         raise RuntimeUnavailable(
@@ -228,6 +233,7 @@ class DockerExecutor(Executor):
                 "NVIDIA Container Toolkit on the host, or run without gpus"
             )
         limits = self._limits.merged(task.limits) if task.limits.model_fields_set else self._limits
+        self._check_limits(limits)
         ignored = {n for n in ("fuel", "stack_size") if getattr(task.limits, n) is not None}
         if ignored and not self._warned_ignored:
             self._warned_ignored = True
@@ -249,6 +255,22 @@ class DockerExecutor(Executor):
             blkio=self._blkio,
         )
         return run_plan, image
+
+    def _check_limits(self, limits: Limits) -> None:
+        """Refuse limits this daemon cannot apply, before anything is created."""
+        assert limits.memory is not None and limits.cpu is not None
+        if limits.memory < MIN_MEMORY:
+            raise InvalidInput(
+                f"limits.memory: Docker needs at least {MIN_MEMORY >> 20} MiB; got "
+                f"{limits.memory} bytes",
+                field="limits.memory",
+            )
+        cores = int(self._info.get("NCPU") or os.cpu_count() or 1)
+        if limits.cpu > cores:
+            raise InvalidInput(
+                f"limits.cpu: the Docker host has {cores} CPUs; got {limits.cpu:g}",
+                field="limits.cpu",
+            )
 
     def _image(self, reference: str) -> ImageInfo:
         """Inspect (and, as the pull policy says, pull) ``reference``."""
