@@ -143,7 +143,7 @@ def latency(rounds: int, block: int) -> list[str]:
     lines.append(
         f"\n{rounds} rounds of {block} runs per method. parity-sandbox's cold path (runc) takes "
         f"{ratio:.2f}x epicbox's time per task (target: <= 1.00x), with every hardened default "
-        "on, the output streamed and capped, and the workspace copied out."
+        "on and the output streamed and capped."
     )
     return lines
 

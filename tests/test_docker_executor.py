@@ -176,3 +176,10 @@ def test_the_hosts_environment_never_reaches_the_task(
     result = docker_executor.execute(Task(image=TEST_IMAGE, command=["env"], env={"GIVEN": "yes"}))
     assert b"GIVEN=yes" in result.stdout
     assert b"host-only" not in result.stdout and b"PARITY_HOST_SECRET" not in result.stdout
+
+
+def test_a_daemon_without_runsc_names_the_fix(docker_executor: DockerExecutor) -> None:
+    with DockerExecutor(reap=False) as executor:
+        executor._info = {**executor._info, "Runtimes": {"runc": {}}}
+        with pytest.raises(RuntimeUnavailable, match=r"apt-get install runsc.*daemon\.json"):
+            executor.execute(Task(image=TEST_IMAGE, command=["true"], docker_runtime="runsc"))
