@@ -76,6 +76,18 @@ class Plan:
     inputs: bytes | None = field(default=None, repr=False)
 
 
+_TMPFS_FLAGS = "nosuid,nodev"
+
+
+def _tmpfs_volume(target: str, options: str, labels: dict[str, str]) -> Mount:
+    """An anonymous tmpfs volume at ``target``: removed with its container, and, unlike a
+    ``tmpfs`` mount, visible to the daemon's archive calls while the container runs."""
+    driver = DriverConfig(
+        "local", {"type": "tmpfs", "device": "tmpfs", "o": f"{options},{_TMPFS_FLAGS}"}
+    )
+    return Mount(target, None, type="volume", no_copy=True, labels=labels, driver_config=driver)
+
+
 def user_ids(task: Task, settings: DockerSettings) -> tuple[int, int]:
     """The UID and GID the task runs as; a lone UID gets the same number as GID."""
     if task.user is None:
@@ -129,44 +141,11 @@ def plan(
         )
     argv = argv_of(task, image)
     disk = limits.disk
-    tmpfs_options = "nosuid,nodev"
-    mounts = [
-        Mount(
-            WORKDIR,
-            None,
-            type="volume",
-            no_copy=True,
-            labels=labels,
-            driver_config=DriverConfig(
-                "local",
-                {
-                    "type": "tmpfs",
-                    "device": "tmpfs",
-                    "o": f"size={disk},uid={uid},gid={gid},mode=0700,{tmpfs_options}",
-                },
-            ),
-        )
-    ]
+    mounts = [_tmpfs_volume(WORKDIR, f"size={disk},uid={uid},gid={gid},mode=0700", labels)]
     inputs = None
     if task.input_files:
         size = archive_bytes(task.input_files) + MiB
-        mounts.append(
-            Mount(
-                INPUT_DIR,
-                None,
-                type="volume",
-                no_copy=True,
-                labels=labels,
-                driver_config=DriverConfig(
-                    "local",
-                    {
-                        "type": "tmpfs",
-                        "device": "tmpfs",
-                        "o": f"size={size},mode=0755,{tmpfs_options}",
-                    },
-                ),
-            )
-        )
+        mounts.append(_tmpfs_volume(INPUT_DIR, f"size={size},mode=0755", labels))
         inputs = input_archive(task.input_files)
     # Process 1 is ours, not the task's: the task gets ``pids`` processes besides it.
     pids = limits.pids + 1
@@ -187,7 +166,7 @@ def plan(
         ],
         "ipc_mode": "private",
         "shm_size": disk,
-        "tmpfs": {"/tmp": f"size={disk},mode=1777,{tmpfs_options}"},
+        "tmpfs": {"/tmp": f"size={disk},mode=1777,{_TMPFS_FLAGS}"},
         "mounts": mounts,
         "log_config": LogConfig(type="none"),
         "runtime": runtime,
