@@ -223,7 +223,7 @@ class DockerExecutor(Executor):
                 f"the Docker daemon has no {runtime!r} runtime; install gVisor (Debian: apt-get "
                 "install runsc) and register it in /etc/docker/daemon.json as "
                 '{"runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": '
-                '["--network=none"]}}}, then restart dockerd'
+                '["--network=none", "--oci-seccomp"]}}}, then restart dockerd'
                 if runtime == "runsc"
                 else f"the Docker daemon has no {runtime!r} runtime"
             )
@@ -283,21 +283,18 @@ class DockerExecutor(Executor):
         policy = self._settings.pull_policy
         if policy == "always":
             self._pull(reference)
-        try:
-            with _docker_errors(f"inspect image {reference}"):
-                try:
-                    details = _inspect_image(self._api, reference)
-                except docker.errors.ImageNotFound:
-                    if policy == "never":
-                        raise RuntimeUnavailable(
-                            f"image {reference} is not on this Docker host and docker.pull_policy "
-                            "is never; import it (parity-sandbox image import ROOTFS.tar "
-                            f"{reference}) or set pull_policy: if-missing"
-                        ) from None
-                    self._pull(reference)
-                    details = _inspect_image(self._api, reference)
-        except RuntimeUnavailable:
-            raise
+        with _docker_errors(f"inspect image {reference}"):
+            try:
+                details = _inspect_image(self._api, reference)
+            except docker.errors.ImageNotFound:
+                if policy == "never":
+                    raise RuntimeUnavailable(
+                        f"image {reference} is not on this Docker host and docker.pull_policy "
+                        "is never; import it (parity-sandbox image import ROOTFS.tar "
+                        f"{reference}) or set pull_policy: if-missing"
+                    ) from None
+                self._pull(reference)
+                details = _inspect_image(self._api, reference)
         config = details.get("Config") or {}
         return ImageInfo(
             reference=reference,
