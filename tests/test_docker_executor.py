@@ -183,3 +183,14 @@ def test_a_daemon_without_runsc_names_the_fix(docker_executor: DockerExecutor) -
         executor._info = {**executor._info, "Runtimes": {"runc": {}}}
         with pytest.raises(RuntimeUnavailable, match=r"apt-get install runsc.*daemon\.json"):
             executor.execute(Task(image=TEST_IMAGE, command=["true"], docker_runtime="runsc"))
+
+
+def test_spec_hash_resolves_the_image_to_its_id(docker_executor: DockerExecutor) -> None:
+    task = Task(image=TEST_IMAGE, command=["true"])
+    image_id = docker_executor._api.inspect_image(TEST_IMAGE)["Id"]  # type: ignore[no-untyped-call]
+    assert docker_executor.spec_hash(task) == task.spec_hash(
+        docker_executor.config, image_id=image_id
+    )
+    assert docker_executor.spec_hash(task) == Task(image=image_id, command=["true"]).spec_hash(
+        docker_executor.config
+    )

@@ -45,6 +45,10 @@ class Executor(ABC):
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release the runtime's resources; called once."""
 
+    def spec_hash(self, task: Task) -> str:
+        """``task``'s spec hash under this executor's configuration (see ``Task.spec_hash``)."""
+        return task.spec_hash(self.config)
+
     def max_parallel(self) -> int:
         """How many tasks this executor runs at once when nothing else is said."""
         return 1

@@ -33,6 +33,8 @@ from parity_sandbox._exceptions import (
     SandboxError,
     TaskFailed,
 )
+from parity_sandbox._hashing import VERSION as HASH_VERSION
+from parity_sandbox._hashing import digest, sha256_hex
 from parity_sandbox._units import (
     COUNT_FORM,
     CPU_FORM,
@@ -79,6 +81,7 @@ _IMAGE_RE = re.compile(
 MAX_IMAGE_CHARS = 512
 _USER_RE = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
 MAX_ID = 2**31 - 2
+_IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 #: Fields that only Docker tasks have.
 DOCKER_FIELDS = ("command", "workdir", "user", "docker_runtime", "gpus")
 
@@ -205,6 +208,11 @@ class Task(_Model):
         privileged: ask for a privileged container; refused unless the operator allows it.
         env: the environment of the task; nothing of the host's reaches it (a Docker image's
             own ``ENV`` still applies).
+        deterministic: WebAssembly only: run so that the same task gives the same result on
+            any machine (fuel is the CPU limit, NaNs are canonical, clocks and randomness come
+            from the task); such results may be cached.
+        cacheable: the caller vouches that the output depends only on the task, so its result
+            may be cached even without ``deterministic``.
         input: bytes fed to the task's standard input (also accepted as ``stdin`` or ``Input``).
         input_files: files made read-only under ``/input``: name -> bytes, or name -> host
             ``pathlib.Path`` whose content is copied in when the task runs.
@@ -236,6 +244,8 @@ class Task(_Model):
     id: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     runtime: Literal["wasm", "docker"] | None = None
+    deterministic: bool = False
+    cacheable: bool = False
 
     @field_validator("wasm_module")
     @classmethod
@@ -374,6 +384,10 @@ class Task(_Model):
         given = [f for f in ("wasm_file", "wasm_module", "image") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of wasm_file, wasm_module or image")
+        if self.image is not None and self.deterministic:
+            raise ValueError(
+                "deterministic mode is for WebAssembly tasks; mark a Docker task cacheable"
+            )
         if self.image is None:
             docker_only = [f for f in DOCKER_FIELDS if getattr(self, f) is not None]
             if self.runtime == "docker" or docker_only or self.privileged:
@@ -386,6 +400,90 @@ class Task(_Model):
             if self.args:
                 raise ValueError("args are for WebAssembly tasks; a Docker task gives command")
         return self
+
+    def spec_document(
+        self,
+        limits: Limits,
+        *,
+        module_sha256: str | None = None,
+        image_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The canonical description of this task hashed by :meth:`spec_hash` (see
+        ``parity_sandbox._hashing``), under the resolved ``limits``."""
+        docker = self.image is not None
+        if docker:
+            program = {"image_id": image_id or self.image}
+            names = ("memory", "cpu", "pids", "disk", "output", "timeout")
+        else:
+            program = {"module_sha256": module_sha256 or self.module_sha256()}
+            names = ("memory", "disk", "output", "timeout", "fuel", "stack_size")
+        document: dict[str, Any] = {
+            "v": HASH_VERSION,
+            "kind": "task",
+            "runtime": "docker" if docker else "wasm",
+            "program": program,
+            "args": list(self.command) if self.command is not None else None,
+            "env": dict(self.env),
+            "stdin_sha256": sha256_hex(self.input),
+            "input_files": {
+                name: sha256_hex(content.read_bytes() if isinstance(content, Path) else content)
+                for name, content in self.input_files.items()
+            },
+            "outputs": list(self.outputs),
+            "limits": {name: getattr(limits, name) for name in names},
+            "deterministic": self.deterministic,
+        }
+        if docker:
+            document["docker"] = {
+                "user": self.user,
+                "workdir": self.workdir,
+                "oci_runtime": self.docker_runtime,
+                "gpus": self.gpus,
+            }
+        else:
+            document["args"] = list(self.args)
+        return document
+
+    def spec_hash(self, config: Any = None, *, image_id: str | None = None) -> str:
+        """SHA-256 over a canonical encoding of everything that determines the output.
+
+        Args:
+            config: the :class:`~parity_sandbox.Config` whose limits apply (default:
+                built-in defaults); the hash covers the resolved limits.
+            image_id: for a Docker task, the image's id (``sha256:...``); a task whose
+                ``image`` is already an id needs none. ``DockerExecutor.spec_hash`` resolves it.
+
+        Raises:
+            InvalidInput: a Docker task's image is a name (a tag can move), or the module file
+                cannot be read.
+        """
+        from parity_sandbox._config import Config
+
+        settings = config if config is not None else Config()
+        runtime: Literal["wasm", "docker"] = "docker" if self.image is not None else "wasm"
+        if runtime == "docker" and image_id is None:
+            assert self.image is not None
+            if not _IMAGE_ID_RE.fullmatch(self.image):
+                raise InvalidInput(
+                    f"image: a spec hash needs the image's id, not the name {self.image!r}; "
+                    "give image_id= or use DockerExecutor.spec_hash, which looks it up",
+                    field="image",
+                )
+        limits = settings.limits_for(runtime).merged(self.limits)
+        return digest(self.spec_document(limits, image_id=image_id))
+
+    def module_sha256(self) -> str:
+        """The SHA-256 of this task's WebAssembly module (read from ``wasm_file`` if needed)."""
+        if self.wasm_module is not None:
+            return sha256_hex(self.wasm_module)
+        if self.wasm_file is None:
+            raise InvalidInput("wasm_file: this task has no WebAssembly module", field="wasm_file")
+        try:
+            return sha256_hex(self.wasm_file.read_bytes())
+        except OSError as exc:
+            raise InvalidInput(
+                f"wasm_file: cannot read {self.wasm_file}: {exc.strerror}", field="wasm_file"
+            ) from None
 
     @property
     def runtime_name(self) -> str | None:
@@ -404,13 +502,47 @@ class Status(StrEnum):
 
 
 class ResourceUsage(BaseModel):
-    """What a run consumed, where the runtime can tell (``None`` when it cannot)."""
+    """What a run consumed, for billing, where the runtime can tell (``None`` when it cannot).
+
+    - ``wall_time``: seconds from the task's start to its end (or its deadline).
+    - ``cpu_time``: CPU seconds. WebAssembly: of the thread that ran the guest (exact, ns
+      clock). Docker: of the container's cgroup (under runsc, gVisor's own work included).
+    - ``peak_memory``: bytes. WebAssembly: the guest's linear memory at its largest (exact).
+      Docker: the cgroup's high-water mark, page cache and the tmpfs workspace included.
+    - ``memory_byte_seconds``: ``peak_memory * wall_time``, an upper bound of the integral
+      (memory is not sampled during the run).
+    - ``output_bytes``: bytes delivered in the result: stdout, stderr and files as kept.
+    - ``fuel_used``: WebAssembly instructions (fuel units) consumed, when fuel is metered.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     cpu_time: float | None = None
     peak_memory: int | None = None
     fuel_used: int | None = None
+    wall_time: float | None = None
+    memory_byte_seconds: float | None = None
+    output_bytes: int | None = None
+
+    @classmethod
+    def measured(
+        cls,
+        *,
+        wall_time: float,
+        cpu_time: float | None,
+        peak_memory: int | None,
+        output_bytes: int,
+        fuel_used: int | None = None,
+    ) -> ResourceUsage:
+        """Usage from what a runtime measured; the derived figures are computed here."""
+        return cls(
+            cpu_time=cpu_time,
+            peak_memory=peak_memory,
+            fuel_used=fuel_used,
+            wall_time=wall_time,
+            memory_byte_seconds=peak_memory * wall_time if peak_memory is not None else None,
+            output_bytes=output_bytes,
+        )
 
 
 class RuntimeInfo(BaseModel):
@@ -456,6 +588,28 @@ class Result(BaseModel):
     error: ErrorInfo | None = None
     task_id: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def result_hash(self) -> str:
+        """SHA-256 over a canonical encoding of status, exit code, stdout, stderr, output files
+        and truncation flags (see ``parity_sandbox._hashing``); equal for equal outcomes."""
+        return digest(
+            {
+                "v": HASH_VERSION,
+                "kind": "result",
+                "status": self.status.value,
+                "exit_code": self.exit_code,
+                "stdout_sha256": sha256_hex(self.stdout),
+                "stderr_sha256": sha256_hex(self.stderr),
+                "stdout_truncated": self.stdout_truncated,
+                "stderr_truncated": self.stderr_truncated,
+                "files": {
+                    name: {"size": len(data), "sha256": sha256_hex(data)}
+                    for name, data in self.files.items()
+                },
+                "files_truncated": self.files_truncated,
+            }
+        )
 
     @property
     def ok(self) -> bool:
@@ -516,4 +670,5 @@ class Result(BaseModel):
             "runtime": self.runtime.model_dump() if self.runtime else None,
             "task_id": self.task_id,
             "labels": self.labels,
+            "result_hash": self.result_hash,
         }

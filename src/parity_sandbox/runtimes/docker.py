@@ -256,6 +256,12 @@ class DockerExecutor(Executor):
         )
         return run_plan, image
 
+    def spec_hash(self, task: Task) -> str:
+        """``task``'s spec hash, its image looked up to the image id a tag points at now."""
+        if task.image is None:
+            return super().spec_hash(task)
+        return task.spec_hash(self.config, image_id=self._image(task.image).id)
+
     def _check_limits(self, limits: Limits) -> None:
         """Refuse limits this daemon cannot apply, before anything is created."""
         assert limits.memory is not None and limits.cpu is not None
@@ -661,7 +667,12 @@ class _Run:
             files=collected.files if collected else {},
             files_truncated=collected.truncated if collected else False,
             duration=self.duration,
-            usage=ResourceUsage(cpu_time=usage.cpu_time, peak_memory=usage.peak_memory),
+            usage=ResourceUsage.measured(
+                wall_time=self.duration,
+                cpu_time=usage.cpu_time,
+                peak_memory=usage.peak_memory,
+                output_bytes=len(stdout) + len(stderr) + (collected.total if collected else 0),
+            ),
             runtime=RuntimeInfo(
                 name="docker",
                 version=self.executor.daemon_version,

@@ -37,6 +37,7 @@ from parity_sandbox._models import (
     MAX_INPUT_BYTES,
     MAX_MODULE_BYTES,
     Limits,
+    ResourceUsage,
     Result,
     Status,
     Task,
@@ -680,11 +681,15 @@ class WasmExecutor(Executor):
                 "files": reply.files,
                 "files_truncated": reply.files_truncated,
                 "duration": reply.duration,
-                "usage": {
-                    "cpu_time": reply.cpu_time,
-                    "peak_memory": reply.peak_memory,
-                    "fuel_used": reply.fuel_used,
-                },
+                "usage": ResourceUsage.measured(
+                    wall_time=reply.duration,
+                    cpu_time=reply.cpu_time,
+                    peak_memory=reply.peak_memory,
+                    fuel_used=reply.fuel_used,
+                    output_bytes=len(reply.stdout)
+                    + len(reply.stderr)
+                    + sum(map(len, reply.files.values())),
+                ),
                 "runtime": {"name": "wasm", "version": f"wasmtime {version}", "module_sha256": sha},
                 "limit": reply.limit,
                 "error": {"type": error_type, "message": reply.message} if error_type else None,
