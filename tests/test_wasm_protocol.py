@@ -22,7 +22,7 @@ def test_limits_map_onto_store_and_engine_settings() -> None:
 def test_without_fuel_the_engine_does_not_meter() -> None:
     limits = WasmLimits(memory=1 << 20, timeout=1.0, stack_size=1 << 20, disk=1 << 20, output=0)
     assert store_settings(limits).consume_fuel is False
-    assert limits.engine_key == (1 << 20, False)
+    assert limits.engine_key == (1 << 20, False, False)
 
 
 def test_more_memory_than_wasm32_addresses_is_refused() -> None:

@@ -81,6 +81,9 @@ _IMAGE_RE = re.compile(
 MAX_IMAGE_CHARS = 512
 _USER_RE = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
 MAX_ID = 2**31 - 2
+#: The fuel of a deterministic task that sets none: fuel is its only CPU limit (about 10^10
+#: WebAssembly instructions, seconds of work on current CPUs).
+DETERMINISTIC_FUEL = 10_000_000_000
 _IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 #: Fields that only Docker tasks have.
 DOCKER_FIELDS = ("command", "workdir", "user", "docker_runtime", "gpus")
@@ -411,6 +414,7 @@ class Task(_Model):
         """The canonical description of this task hashed by :meth:`spec_hash` (see
         ``parity_sandbox._hashing``), under the resolved ``limits``."""
         docker = self.image is not None
+        limits = self.effective_limits(limits)
         if docker:
             program = {"image_id": image_id or self.image}
             names = ("memory", "cpu", "pids", "disk", "output", "timeout")
@@ -471,6 +475,12 @@ class Task(_Model):
                 )
         limits = settings.limits_for(runtime).merged(self.limits)
         return digest(self.spec_document(limits, image_id=image_id))
+
+    def effective_limits(self, limits: Limits) -> Limits:
+        """``limits`` as this task runs under them: a deterministic task always has fuel."""
+        if self.deterministic and limits.fuel is None:
+            return limits.model_copy(update={"fuel": DETERMINISTIC_FUEL})
+        return limits
 
     def module_sha256(self) -> str:
         """The SHA-256 of this task's WebAssembly module (read from ``wasm_file`` if needed)."""

@@ -125,7 +125,7 @@ class Worker:
         self.deadline_killed = False
         self._killed = False
         self._kill_lock = threading.Lock()
-        self.modules: set[tuple[tuple[int, bool], str]] = set()
+        self.modules: set[tuple[tuple[int, bool, bool], str]] = set()
 
     def ensure_ready(self) -> str:
         """Wait until the worker has started; returns its wasmtime version."""

@@ -49,11 +49,13 @@ class WasmLimits:
     disk: int
     output: int
     fuel: int | None = None
+    #: Deterministic mode: canonical NaNs, and clocks and randomness from the request's seed.
+    deterministic: bool = False
 
     @property
-    def engine_key(self) -> tuple[int, bool]:
+    def engine_key(self) -> tuple[int, bool, bool]:
         """Engine settings that differ between tasks: one engine (and module cache) per key."""
-        return (self.stack_size, self.fuel is not None)
+        return (self.stack_size, self.fuel is not None, self.deterministic)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class StoreSettings:
 
     max_wasm_stack: int
     consume_fuel: bool
+    deterministic: bool
     memory_size: int
     fuel: int | None
     #: Soft ``RLIMIT_FSIZE`` of the worker while the guest runs: no file grows past the disk cap.
@@ -77,6 +80,7 @@ def store_settings(limits: WasmLimits) -> StoreSettings:
     return StoreSettings(
         max_wasm_stack=limits.stack_size,
         consume_fuel=limits.fuel is not None,
+        deterministic=limits.deterministic,
         memory_size=limits.memory,
         fuel=limits.fuel,
         file_size_limit=limits.disk,
@@ -99,6 +103,8 @@ class RunRequest:
     outputs: tuple[str, ...]
     limits: WasmLimits
     output_caps: OutputCaps = field(default_factory=OutputCaps)
+    #: Deterministic mode: where the guest's clocks and random bytes come from (32 bytes).
+    seed: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ def encode(message: Message) -> bytes:
                     limits.disk,
                     limits.output,
                     limits.fuel,
+                    limits.deterministic,
                 ),
                 (
                     caps.max_files,
@@ -176,6 +183,7 @@ def encode(message: Message) -> bytes:
                     caps.max_depth,
                     caps.max_entries,
                 ),
+                message.seed,
             )
         )
     if isinstance(message, RunReply):
@@ -214,6 +222,7 @@ def decode(data: bytes) -> Message:
                 outputs=item[8],
                 limits=_limits(tuple(item[9])),
                 output_caps=_caps(tuple(item[10])),
+                seed=item[11],
             )
         if kind == "reply":
             return RunReply(*item[1:])

@@ -245,30 +245,121 @@ def watch_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+EngineKey = tuple[int, bool, bool]
+
+#: Deterministic mode's wall clock starts at 2020-01-01T00:00:00Z; every reading of any clock
+#: advances it by one microsecond.
+DETERMINISTIC_EPOCH_NS = 1_577_836_800 * 10**9
+_CLOCK_STEP_NS = 1_000
+_ERRNO_FAULT = 21
+_ERRNO_INVAL = 28
+
+
+class Determinism:
+    """The clocks and the random source a deterministic run sees, reset from each run's seed.
+
+    Random bytes are SHA-256 in counter mode over the seed; clocks count readings. Nothing of
+    the host (time, entropy) reaches the guest through these.
+    """
+
+    def __init__(self) -> None:
+        self.reset(bytes(32))
+
+    def reset(self, seed: bytes) -> None:
+        self._seed = seed
+        self._block = 0
+        self._pending = b""
+        self._ticks = 0
+
+    def now(self, clock: int) -> int:
+        self._ticks += 1
+        elapsed = self._ticks * _CLOCK_STEP_NS
+        return DETERMINISTIC_EPOCH_NS + elapsed if clock == 0 else elapsed
+
+    def random(self, size: int) -> bytes:
+        chunks = [self._pending]
+        have = len(self._pending)
+        while have < size:
+            block = hashlib.sha256(self._seed + self._block.to_bytes(8, "little")).digest()
+            self._block += 1
+            chunks.append(block)
+            have += len(block)
+        data = b"".join(chunks)
+        self._pending = data[size:]
+        return data[:size]
+
+    def define(self, linker: wasmtime.Linker) -> None:
+        """Shadow WASI's clock and random functions in ``linker`` with this state's."""
+        i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
+        module = "wasi_snapshot_preview1"
+        linker.allow_shadowing = True
+
+        def write(caller: wasmtime.Caller, data: bytes, at: int) -> int:
+            memory = caller.get("memory")
+            if not isinstance(memory, wasmtime.Memory):
+                return _ERRNO_FAULT
+            try:
+                memory.write(caller, data, at)
+            except (IndexError, ValueError, wasmtime.WasmtimeError):
+                return _ERRNO_FAULT
+            return 0
+
+        def clock_res_get(caller: wasmtime.Caller, clock: int, at: int) -> int:
+            if not 0 <= clock <= 3:
+                return _ERRNO_INVAL
+            return write(caller, _CLOCK_STEP_NS.to_bytes(8, "little"), at)
+
+        def clock_time_get(caller: wasmtime.Caller, clock: int, precision: int, at: int) -> int:
+            if not 0 <= clock <= 3:
+                return _ERRNO_INVAL
+            return write(caller, self.now(clock).to_bytes(8, "little"), at)
+
+        def random_get(caller: wasmtime.Caller, at: int, size: int) -> int:
+            return write(caller, self.random(size & 0xFFFFFFFF), at)
+
+        linker.define_func(
+            module, "clock_res_get", wasmtime.FuncType([i32, i32], [i32]), clock_res_get, True
+        )
+        linker.define_func(
+            module,
+            "clock_time_get",
+            wasmtime.FuncType([i32, i64, i32], [i32]),
+            clock_time_get,
+            True,
+        )
+        linker.define_func(
+            module, "random_get", wasmtime.FuncType([i32, i32], [i32]), random_get, True
+        )
+
+
 class ModuleCache:
     """Compiled modules per engine: in memory (LRU) and serialized on disk between processes."""
 
-    def __init__(self, cache_dir: Path) -> None:
-        self._engines: dict[tuple[int, bool], tuple[wasmtime.Engine, wasmtime.Linker]] = {}
-        self._memory: OrderedDict[tuple[tuple[int, bool], str], wasmtime.InstancePre] = (
-            OrderedDict()
-        )
+    def __init__(self, cache_dir: Path, determinism: Determinism | None = None) -> None:
+        self._engines: dict[EngineKey, tuple[wasmtime.Engine, wasmtime.Linker]] = {}
+        self._memory: OrderedDict[tuple[EngineKey, str], wasmtime.InstancePre] = OrderedDict()
         self._disk = cache_dir if private_dir(cache_dir) else None
+        self.determinism = determinism or Determinism()
 
     def engine(self, settings: StoreSettings) -> tuple[wasmtime.Engine, wasmtime.Linker]:
-        key = (settings.max_wasm_stack, settings.consume_fuel)
+        key = _engine_key(settings)
         if key not in self._engines:
             config = wasmtime.Config()
             config.consume_fuel = settings.consume_fuel
             config.max_wasm_stack = settings.max_wasm_stack
             config.cranelift_opt_level = "speed"
+            if settings.deterministic:
+                config.cranelift_nan_canonicalization = True
+                config.wasm_relaxed_simd_deterministic = True
             engine = wasmtime.Engine(config)
             linker = wasmtime.Linker(engine)
             linker.define_wasi()
+            if settings.deterministic:
+                self.determinism.define(linker)
             self._engines[key] = (engine, linker)
         return self._engines[key]
 
-    def get(self, key: tuple[int, bool], sha: str) -> wasmtime.InstancePre | None:
+    def get(self, key: EngineKey, sha: str) -> wasmtime.InstancePre | None:
         pre = self._memory.get((key, sha))
         if pre is not None:
             self._memory.move_to_end((key, sha))
@@ -278,7 +369,7 @@ class ModuleCache:
         self, settings: StoreSettings, sha: str, module_bytes: bytes | None
     ) -> wasmtime.InstancePre | None:
         """Load from disk, or compile ``module_bytes``; ``None`` if neither is possible."""
-        key = (settings.max_wasm_stack, settings.consume_fuel)
+        key = _engine_key(settings)
         engine, linker = self.engine(settings)
         path = self._disk_path(key, sha)
         module = None
@@ -307,11 +398,18 @@ class ModuleCache:
             self._memory.popitem(last=False)
         return pre
 
-    def _disk_path(self, key: tuple[int, bool], sha: str) -> Path | None:
+    def _disk_path(self, key: EngineKey, sha: str) -> Path | None:
         if self._disk is None:
             return None
-        stack, fuel = key
-        return self._disk / f"wasmtime-{wasmtime_version()}-s{stack}-f{int(fuel)}" / f"{sha}.cwasm"
+        stack, fuel, deterministic = key
+        engine = f"wasmtime-{wasmtime_version()}-s{stack}-f{int(fuel)}"
+        if deterministic:
+            engine += "-d1"
+        return self._disk / engine / f"{sha}.cwasm"
+
+
+def _engine_key(settings: StoreSettings) -> EngineKey:
+    return (settings.max_wasm_stack, settings.consume_fuel, settings.deterministic)
 
 
 def private_dir(path: Path) -> bool:
@@ -369,6 +467,16 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _pin_times(root: Path) -> None:
+    """Give the sandbox's directories and input files one fixed time (deterministic mode)."""
+    for top in (root / "work", root / "input"):
+        if not top.is_dir():
+            continue
+        for directory, _, names in os.walk(top):
+            for name in (".", *names):
+                os.utime(Path(directory) / name, ns=(0, 0), follow_symlinks=False)
+
+
 class Runner:
     """Runs requests inside this worker: the workspace is ``root/work``, inputs ``root/input``.
 
@@ -408,6 +516,9 @@ class Runner:
         settings = store_settings(limits)
         engine, _ = self.cache.engine(settings)
         store = self._store(engine, settings, self._wasi(request))
+        if limits.deterministic:
+            self.cache.determinism.reset(request.seed or bytes(32))
+            _pin_times(self.root)
         # CPU time of this thread, which runs the guest (nanosecond clock, unlike getrusage).
         cpu_start = time.thread_time()
         # The parent's deadline counts from this stamp (compile time and queueing excluded).

@@ -33,6 +33,7 @@ from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Cancelled, Executor
 from parity_sandbox._fs import collect_outputs, remove_tree
+from parity_sandbox._hashing import digest
 from parity_sandbox._models import (
     MAX_INPUT_BYTES,
     MAX_MODULE_BYTES,
@@ -66,7 +67,7 @@ COMPILE_TIMEOUT = 60.0
 _WASM_MAGIC = b"\0asm\x01\0\0\0"
 
 
-def wasm_limits(limits: Limits) -> WasmLimits:
+def wasm_limits(limits: Limits, *, deterministic: bool = False) -> WasmLimits:
     """The WASM runtime's view of fully resolved :class:`Limits`; rejects what it cannot do."""
     assert limits.memory and limits.timeout and limits.stack_size and limits.disk
     assert limits.output is not None
@@ -82,6 +83,7 @@ def wasm_limits(limits: Limits) -> WasmLimits:
         disk=limits.disk,
         output=limits.output,
         fuel=limits.fuel,
+        deterministic=deterministic,
     )
 
 
@@ -529,8 +531,10 @@ class WasmExecutor(Executor):
                 field="runtime",
             )
         limits = self._default_limits
-        if task.limits.model_fields_set:
-            limits = wasm_limits(self._limits.merged(task.limits))
+        resolved = self._limits
+        if task.limits.model_fields_set or task.deterministic:
+            resolved = task.effective_limits(self._limits.merged(task.limits))
+            limits = wasm_limits(resolved, deterministic=task.deterministic)
             ignored = {name for name in ("cpu", "pids") if getattr(task.limits, name) is not None}
             if ignored and not self._warned_ignored:
                 self._warned_ignored = True
@@ -541,7 +545,15 @@ class WasmExecutor(Executor):
                     stacklevel=4,
                 )
         module, sha = self._modules.load(task)
-        argv0 = task.wasm_file.name if task.wasm_file is not None else "task.wasm"
+        seed = None
+        if task.deterministic:
+            # Seeded from the task itself: the same task sees the same clocks and random bytes.
+            spec = digest(task.spec_document(resolved, module_sha256=sha))
+            seed = hashlib.sha256(b"parity-sandbox/seed/v1\0" + bytes.fromhex(spec)).digest()
+        # The file's name is the host's business: a task whose result may be reused sees a
+        # fixed argv[0], so that only what its spec hash covers can shape its output.
+        named = task.wasm_file is not None and not (task.deterministic or task.cacheable)
+        argv0 = task.wasm_file.name if named and task.wasm_file else "task.wasm"
         request = RunRequest(
             seq=next(self._seq),
             module_sha256=sha,
@@ -552,6 +564,7 @@ class WasmExecutor(Executor):
             input_files=_input_files(task),
             outputs=task.outputs,
             limits=limits,
+            seed=seed,
         )
         return request, module
 
