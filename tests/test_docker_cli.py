@@ -139,3 +139,13 @@ def test_reap_and_doctor(docker_executor: DockerExecutor) -> None:
     done = run_cli("doctor")
     text = done.stdout.decode()
     assert "docker" in text and "runsc: yes" in text and "GPU:" in text
+
+
+def test_save_and_verify_a_docker_run(docker_executor: DockerExecutor, tmp_path: Path) -> None:
+    record = tmp_path / "run.json"
+    done = run_cli("run", "--save", str(record), "--image", TEST_IMAGE, "--", "echo", "same")
+    assert done.returncode == 0
+    saved = json.loads(record.read_text())
+    assert saved["task"]["image"].startswith("sha256:")  # pinned by id, never a tag
+    done = run_cli("verify", str(record))
+    assert done.returncode == 0 and done.stdout.startswith(b"match ")

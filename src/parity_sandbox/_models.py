@@ -476,6 +476,36 @@ class Task(_Model):
         limits = settings.limits_for(runtime).merged(self.limits)
         return digest(self.spec_document(limits, image_id=image_id))
 
+    def portable(self, config: Any = None, *, image_id: str | None = None) -> Task:
+        """This task made self-contained, as a record for another machine to re-run: the
+        module and input files embedded as bytes, the limits resolved under ``config`` (a
+        :class:`~parity_sandbox.Config`; default: built-in defaults), the image by id."""
+        from parity_sandbox._config import Config
+
+        settings = config if config is not None else Config()
+        runtime: Literal["wasm", "docker"] = "docker" if self.image is not None else "wasm"
+        limits = settings.limits_for(runtime).merged(self.limits)
+        # Only the limits this runtime applies (the others would only draw warnings).
+        unused = ("cpu", "pids") if runtime == "wasm" else ("fuel", "stack_size")
+        limits = limits.model_copy(update=dict.fromkeys(unused))
+        files = {
+            name: content.read_bytes() if isinstance(content, Path) else bytes(content)
+            for name, content in self.input_files.items()
+        }
+        update: dict[str, Any] = {
+            "input_files": files,
+            "limits": self.effective_limits(limits),
+        }
+        if self.image is None:
+            module = self.wasm_module
+            if module is None:
+                assert self.wasm_file is not None
+                module = self.wasm_file.read_bytes()
+            update.update(wasm_module=module, wasm_file=None)
+        elif image_id is not None:
+            update["image"] = image_id
+        return self.model_copy(update=update)
+
     def effective_limits(self, limits: Limits) -> Limits:
         """``limits`` as this task runs under them: a deterministic task always has fuel."""
         if self.deterministic and limits.fuel is None:
@@ -579,9 +609,11 @@ class ErrorInfo(BaseModel):
 
 
 class Result(BaseModel):
-    """The outcome of one task."""
+    """The outcome of one task. ``to_json()`` and ``from_json()`` round-trip it exactly."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
 
     status: Status
     exit_code: int | None = None
@@ -598,6 +630,22 @@ class Result(BaseModel):
     error: ErrorInfo | None = None
     task_id: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    #: The task's spec hash, where the executor computed it (deterministic or cacheable tasks).
+    spec_hash: str | None = None
+    #: True when this result came from the result cache instead of a run.
+    cached: bool = False
+
+    def to_json(self) -> str:
+        """This result as JSON, bytes in base64: ``Result.from_json`` gives it back exactly."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Result:
+        """The result ``to_json`` wrote; raises ``InvalidInput`` for anything else."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise InvalidInput.from_validation(exc, "result", model=cls) from None
 
     @property
     def result_hash(self) -> str:
@@ -681,4 +729,6 @@ class Result(BaseModel):
             "task_id": self.task_id,
             "labels": self.labels,
             "result_hash": self.result_hash,
+            "spec_hash": self.spec_hash,
+            "cached": self.cached,
         }

@@ -29,8 +29,11 @@ from rich.table import Table
 
 from parity_sandbox._config import Config, load_config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
+from parity_sandbox._executor import Executor
 from parity_sandbox._fs import write_files
 from parity_sandbox._models import MAX_STDIN_BYTES, Limits, Result, Status, Task
+from parity_sandbox._record import Record
+from parity_sandbox._record import verify as verify_record
 from parity_sandbox.runtimes import PLANNED, RUNTIMES, executor_class
 
 EXIT_INTERRUPTED = 130
@@ -218,6 +221,14 @@ def run(
     output_limit: Annotated[
         str | None, typer.Option(help="Bytes kept of stdout and of stderr, e.g. 1m.")
     ] = None,
+    deterministic: Annotated[
+        bool,
+        typer.Option(help="WASM: same result on every machine (fuel, fixed clocks and random)."),
+    ] = False,
+    save: Annotated[
+        Path | None,
+        typer.Option(help="Write a run record (task and result) for `parity-sandbox verify`."),
+    ] = None,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -239,6 +250,7 @@ def run(
             "input": _read_stdin(stdin),
             "input_files": {k: Path(v) for k, v in _pairs(inputs or [], "--input").items()},
             "limits": limits,
+            "deterministic": deterministic,
         }
         if image is not None or runtime == "docker":
             if image is None:
@@ -278,6 +290,8 @@ def run(
                 if exc.result is None:
                     raise
                 result = exc.result
+            if save is not None:
+                _save_record(executor, task, result, save)
             code = _report(result, as_json, output_dir)
     except SandboxError as exc:
         raise _fail(exc, as_json) from None
@@ -285,6 +299,51 @@ def run(
         _err.print("parity-sandbox: interrupted; the task was stopped", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(code)
+
+
+def _save_record(executor: Executor, task: Task, result: Result, path: Path) -> None:
+    image_id = result.runtime.image_id if result.runtime else None
+    portable = task.portable(executor.config, image_id=image_id)
+    record = Record(portable, executor.spec_hash(portable), result)
+    try:
+        record.save(path)
+    except OSError as exc:
+        raise InvalidInput(f"--save: cannot write {path}: {exc.strerror}", field="save") from None
+
+
+@app.command()
+def verify(
+    record_file: Annotated[Path, typer.Argument(help="A run record written by run --save.")],
+    config: ConfigOption = None,
+) -> None:
+    """Re-run the task a record holds and compare result hashes: exit 0 on a match, 1 if not."""
+    try:
+        settings = load_config(config)
+        record = Record.load(record_file)
+        runtime = record.task.runtime_name or "wasm"
+        with executor_class(runtime)(settings) as executor:
+            outcome = verify_record(record, executor)
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    except KeyboardInterrupt:
+        _err.print("parity-sandbox: interrupted; the task was stopped", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if outcome.matched:
+        _out.print(f"match {outcome.actual}", markup=False)
+        return
+    recorded, now = record.result, outcome.result
+    _out.print(
+        f"MISMATCH recorded {outcome.expected} ({recorded.status.value}, exit "
+        f"{recorded.exit_code}), got {outcome.actual} ({now.status.value}, exit {now.exit_code})",
+        markup=False,
+    )
+    if not (record.task.deterministic or record.task.cacheable):
+        _err.print(
+            "parity-sandbox: warning: the task is neither deterministic nor cacheable; its "
+            "output may differ from run to run",
+            markup=False,
+        )
+    raise typer.Exit(1)
 
 
 @config_app.command("show")

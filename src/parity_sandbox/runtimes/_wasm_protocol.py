@@ -105,6 +105,8 @@ class RunRequest:
     output_caps: OutputCaps = field(default_factory=OutputCaps)
     #: Deterministic mode: where the guest's clocks and random bytes come from (32 bytes).
     seed: bytes | None = None
+    #: The parent's own bookkeeping (the task's spec hash, for its result); never sent.
+    spec_hash: str | None = None
 
 
 @dataclass(frozen=True)

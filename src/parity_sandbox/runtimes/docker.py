@@ -39,6 +39,7 @@ from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Cancelled, Executor
 from parity_sandbox._fs import OutputCaps
+from parity_sandbox._hashing import digest
 from parity_sandbox._models import (
     ErrorInfo,
     Limits,
@@ -178,6 +179,10 @@ class DockerExecutor(Executor):
     def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
         run_plan, image = self._prepare(task)
         result = _Run(self, task, run_plan, image, cancel).run()
+        if task.cacheable:
+            limits = self._limits.merged(task.limits)
+            spec = digest(task.spec_document(limits, image_id=image.id))
+            result = result.model_copy(update={"spec_hash": spec})
         if result.status in (Status.SUCCEEDED, Status.FAILED):
             return result
         error = result.to_error()

@@ -545,10 +545,12 @@ class WasmExecutor(Executor):
                     stacklevel=4,
                 )
         module, sha = self._modules.load(task)
-        seed = None
+        seed = spec = None
+        if task.deterministic or task.cacheable:
+            spec = digest(task.spec_document(resolved, module_sha256=sha))
         if task.deterministic:
             # Seeded from the task itself: the same task sees the same clocks and random bytes.
-            spec = digest(task.spec_document(resolved, module_sha256=sha))
+            assert spec is not None
             seed = hashlib.sha256(b"parity-sandbox/seed/v1\0" + bytes.fromhex(spec)).digest()
         # The file's name is the host's business: a task whose result may be reused sees a
         # fixed argv[0], so that only what its spec hash covers can shape its output.
@@ -565,6 +567,7 @@ class WasmExecutor(Executor):
             outputs=task.outputs,
             limits=limits,
             seed=seed,
+            spec_hash=spec,
         )
         return request, module
 
@@ -671,11 +674,9 @@ class WasmExecutor(Executor):
         self._deadlines.finish(flight)
         if flight.expired or reply.outcome in ("error", "timeout") or flight.worker.exited:
             flight.worker.dead = True
-        return self._to_result(
-            flight.task, reply, flight.request.module_sha256, flight.worker.version
-        )
+        return self._to_result(flight.task, reply, flight.request, flight.worker.version)
 
-    def _to_result(self, task: Task, reply: RunReply, sha: str, version: str) -> Result:
+    def _to_result(self, task: Task, reply: RunReply, request: RunRequest, version: str) -> Result:
         status = _STATUS.get(reply.outcome)
         if status is None:
             status = Status.SUCCEEDED if reply.exit_code == 0 else Status.FAILED
@@ -703,7 +704,12 @@ class WasmExecutor(Executor):
                     + len(reply.stderr)
                     + sum(map(len, reply.files.values())),
                 ),
-                "runtime": {"name": "wasm", "version": f"wasmtime {version}", "module_sha256": sha},
+                "runtime": {
+                    "name": "wasm",
+                    "version": f"wasmtime {version}",
+                    "module_sha256": request.module_sha256,
+                },
+                "spec_hash": request.spec_hash,
                 "limit": reply.limit,
                 "error": {"type": error_type, "message": reply.message} if error_type else None,
                 "task_id": task.id,
