@@ -50,7 +50,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def executor(cache_dir: Path) -> Iterator[WasmExecutor]:
     """One executor per test module (its workers stay warm between tests)."""
-    with WasmExecutor(Config(cache_dir=cache_dir, timeout="10s")) as ex:
+    # No result cache: tests that run a task twice must see two runs.
+    config = Config(cache_dir=cache_dir, timeout="10s", cache={"enabled": False})
+    with WasmExecutor(config) as ex:
         yield ex
 
 
@@ -70,7 +72,7 @@ def _docker_required() -> bool:
 def docker_executor() -> Iterator[DockerExecutor]:
     """One executor for the Docker tests; skips them only where no engine is required."""
     try:
-        executor = DockerExecutor(Config(timeout="20s"))
+        executor = DockerExecutor(Config(timeout="20s", cache={"enabled": False}))
     except RuntimeUnavailable as exc:
         if _docker_required():
             pytest.fail(f"the Docker engine is required here: {exc}")

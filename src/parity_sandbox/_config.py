@@ -129,6 +129,27 @@ class WasmSettings(_LimitSettings):
     workers: int | None = Field(default=None, ge=1, le=256)
 
 
+class CacheSettings(_Model):
+    """The ``cache`` section: the result cache of deterministic and cacheable tasks."""
+
+    enabled: bool = True
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    #: The SQLite file (default: ``<cache_dir>/results.sqlite3``).
+    path: Path | None = None
+    #: The Redis server, for ``backend: redis`` (``redis://127.0.0.1:6379/0``).
+    redis_url: str | None = None
+    #: How long an entry is served after it was written.
+    ttl: Seconds = 7 * 24 * 3600.0
+    #: The bound on the entries' total size; the oldest go first.
+    max_bytes: Size = 1 << 30
+
+    @model_validator(mode="after")
+    def _redis_has_url(self) -> CacheSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend redis needs redis_url (redis://HOST:PORT/DB)")
+        return self
+
+
 class Config(_LimitSettings):
     """Effective configuration of an executor.
 
@@ -139,6 +160,7 @@ class Config(_LimitSettings):
     default_runtime: Runtime = "wasm"
     docker: DockerSettings = Field(default_factory=DockerSettings)
     wasm: WasmSettings = Field(default_factory=WasmSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     #: Where compiled modules are kept between processes (default: the user cache dir).
     cache_dir: Path | None = None
 
@@ -180,10 +202,20 @@ class Config(_LimitSettings):
                     self.docker.model_dump(mode="json", exclude=set(_LimitSettings.model_fields))
                 )
             document[runtime] = section
+        document["cache"] = self.cache.model_dump(mode="json")
+        document["cache"]["path"] = str(self.result_cache_path())
         return {"sandbox": document}
 
+    def result_cache_path(self, environ: Mapping[str, str] | None = None) -> Path:
+        """The SQLite file of the result cache."""
+        return self.cache.path or self.resolved_cache_dir(environ) / "results.sqlite3"
 
-_SECTIONS: dict[str, type[_LimitSettings]] = {"docker": DockerSettings, "wasm": WasmSettings}
+
+_SECTIONS: dict[str, type[_Model]] = {
+    "docker": DockerSettings,
+    "wasm": WasmSettings,
+    "cache": CacheSettings,
+}
 
 
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -206,7 +238,7 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
             raise InvalidInput(
                 f"environment variable {name} names no configuration key; top-level keys: "
                 f"{', '.join(sorted(top_keys))}; section keys: PARITY_SANDBOX_WASM_<KEY>, "
-                "PARITY_SANDBOX_DOCKER_<KEY>",
+                "PARITY_SANDBOX_DOCKER_<KEY>, PARITY_SANDBOX_CACHE_<KEY>",
                 field=name,
             )
     return overrides, origin

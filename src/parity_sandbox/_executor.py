@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import ClassVar, Self
 
+from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import RuntimeUnavailable, SandboxError
 from parity_sandbox._models import ErrorInfo, Result, Status, Task
@@ -31,10 +32,12 @@ class Executor(ABC):
     #: The runtime's name in the registry and in results.
     runtime_name: ClassVar[str]
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, cache: ResultCache | None = None) -> None:
         self.config = config if config is not None else Config()
         self._closed = False
         self._close_lock = threading.Lock()
+        #: Results of deterministic and cacheable tasks, by spec hash (``None``: no caching).
+        self.cache = cache if cache is not None else open_cache(self.config)
 
     # -- the one method a runtime implements -------------------------------------------------
 
@@ -55,10 +58,12 @@ class Executor(ABC):
 
     # -- the contract ------------------------------------------------------------------------
 
-    def execute(self, task: Task) -> Result:
+    def execute(self, task: Task, *, use_cache: bool = True) -> Result:
         """Run one task and return its result.
 
         A task that exits, whatever its exit code, gives a result; ``status`` says how it ended.
+        A deterministic or cacheable task's result may come from the result cache (then
+        ``result.cached`` is true); ``use_cache=False`` always runs it.
 
         Raises:
             InvalidInput: the task was rejected before it ran.
@@ -68,14 +73,36 @@ class Executor(ABC):
             RuntimeUnavailable: the runtime cannot run tasks here, or the executor is closed.
         """
         self._check_open()
-        return self._execute(task, None)
+        if not use_cache:
+            return self._execute(task, None)
+        return self._execute_cached(task, None)
+
+    def _execute_cached(self, task: Task, cancel: threading.Event | None) -> Result:
+        """``_execute``, answered from the result cache where the task allows it."""
+        key = self._cache_key(task)
+        if key is not None:
+            assert self.cache is not None
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit.model_copy(update={"task_id": task.id, "labels": task.labels})
+        result = self._execute(task, cancel)
+        if key is not None:
+            assert self.cache is not None
+            self.cache.put(key, result)
+        return result
+
+    def _cache_key(self, task: Task) -> str | None:
+        """The spec hash a task is cached under, or ``None`` when it is not cached."""
+        if self.cache is None or not (task.deterministic or task.cacheable):
+            return None
+        return self.spec_hash(task)
 
     async def execute_async(self, task: Task) -> Result:
         """Run one task without blocking the event loop; cancelling the await stops the task."""
         self._check_open()
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self._execute, task, cancel)
+        future = loop.run_in_executor(None, self._execute_cached, task, cancel)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -111,7 +138,7 @@ class Executor(ABC):
 
     def _result_of(self, task: Task, cancel: threading.Event) -> Result:
         try:
-            return self._execute(task, cancel)
+            return self._execute_cached(task, cancel)
         except SandboxError as exc:
             return self._error_result(task, exc)
 
@@ -138,7 +165,11 @@ class Executor(ABC):
             if self._closed:
                 return
             self._closed = True
-        self._close()
+        try:
+            self._close()
+        finally:
+            if self.cache is not None:
+                self.cache.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -138,7 +138,7 @@ def verify(record: Record, executor: Executor) -> Verification:
             "record: its task does not match its spec_hash (edited or damaged)", field="record"
         )
     try:
-        result = executor.execute(record.task)
+        result = executor.execute(record.task, use_cache=False)  # verifying means running
     except TaskError as error:
         if error.result is None:
             raise

@@ -27,6 +27,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config, load_config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._executor import Executor
@@ -49,6 +50,8 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(config_app, name="config")
 image_app = typer.Typer(help="Manage Docker images offline.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+cache_app = typer.Typer(help="Inspect or empty the result cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _out = Console(highlight=False, soft_wrap=True)
@@ -344,6 +347,47 @@ def verify(
             markup=False,
         )
     raise typer.Exit(1)
+
+
+def _open_cache(config: Path | None) -> ResultCache:
+    settings = load_config(config)
+    cache = open_cache(settings)
+    if cache is None:
+        raise InvalidInput("the result cache is disabled (cache.enabled: false)", field="cache")
+    return cache
+
+
+@cache_app.command("stats")
+def cache_stats(config: ConfigOption = None) -> None:
+    """Say where the result cache is, what it holds and how often it was hit."""
+    try:
+        cache = _open_cache(config)
+        try:
+            stats = cache.stats()
+        finally:
+            cache.close()
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    _out.print(
+        f"backend: {stats.backend}\nlocation: {stats.location}\nentries: {stats.entries}\n"
+        f"bytes: {stats.bytes} (bound {stats.max_bytes})\nhits: {stats.hits}\n"
+        f"misses: {stats.misses}",
+        markup=False,
+    )
+
+
+@cache_app.command("clear")
+def cache_clear(config: ConfigOption = None) -> None:
+    """Remove every entry of the result cache."""
+    try:
+        cache = _open_cache(config)
+        try:
+            removed = cache.clear()
+        finally:
+            cache.close()
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    _out.print(f"removed {removed} cached result(s)", markup=False)
 
 
 @config_app.command("show")

@@ -35,6 +35,7 @@ import docker.errors
 import requests.exceptions
 from docker.utils import kwargs_from_env
 
+from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Cancelled, Executor
@@ -133,6 +134,7 @@ class DockerExecutor(Executor):
     Args:
         config: limits and the ``docker`` section (runtime, pull policy, allowed images, ...).
         reap: remove leftovers of crashed processes when the executor starts (default).
+        cache: the result cache of cacheable tasks (default: the one ``config.cache`` says).
 
     Raises:
         RuntimeUnavailable: the Docker daemon cannot be reached.
@@ -140,8 +142,14 @@ class DockerExecutor(Executor):
 
     runtime_name: ClassVar[str] = "docker"
 
-    def __init__(self, config: Config | None = None, *, reap: bool = True) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        reap: bool = True,
+        cache: ResultCache | None = None,
+    ) -> None:
+        super().__init__(config, cache=cache)
         self._settings = self.config.docker
         self._limits = self.config.limits_for("docker")
         try:

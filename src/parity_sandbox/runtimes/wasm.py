@@ -29,6 +29,7 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Cancelled, Executor
@@ -321,12 +322,20 @@ class WasmExecutor(Executor):
         config: defaults for limits, workers and the module cache (default ``Config()``).
         workers: worker processes, i.e. tasks run at once (default ``config.wasm.workers``,
             else one per core).
+        cache: the result cache of deterministic and cacheable tasks (default: the one
+            ``config.cache`` describes).
     """
 
     runtime_name = "wasm"
 
-    def __init__(self, config: Config | None = None, *, workers: int | None = None) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        workers: int | None = None,
+        cache: ResultCache | None = None,
+    ) -> None:
+        super().__init__(config, cache=cache)
         size = workers or self.config.wasm.workers or os.cpu_count() or 1
         self._limits = self.config.limits_for("wasm")
         # Rejects, now, a configuration this runtime cannot honour.
@@ -428,6 +437,13 @@ class WasmExecutor(Executor):
                     break
                 index = next(indices)
                 try:
+                    key = self._cache_key(task)
+                    hit = self.cache.get(key) if self.cache and key else None
+                    if hit is not None:
+                        done[index] = hit.model_copy(
+                            update={"task_id": task.id, "labels": task.labels}
+                        )
+                        continue
                     return _Flight(index, task, *self._prepare(task), worker)
                 except SandboxError as exc:
                     done[index] = self._error_result(task, exc)
@@ -514,6 +530,8 @@ class WasmExecutor(Executor):
                         continue
                     head = lane.popleft()
                     done[head.index] = self._settle(head, reply)
+                    if self.cache is not None and head.request.spec_hash is not None:
+                        self.cache.put(head.request.spec_hash, done[head.index])
                     if worker.dead:
                         retire(worker)
         finally:
