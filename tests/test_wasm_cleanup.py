@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import signal
@@ -9,13 +10,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from conftest import WasmFixtures
 from parity_sandbox import Config, Limits, SandboxError, Status, Task, WasmExecutor
-from parity_sandbox.runtimes._wasm_pool import ROOT_PREFIX
+from parity_sandbox.runtimes._wasm_pool import ROOT_PREFIX, reap_stale_roots
 
 
 def worker_pids(marker: str) -> set[int]:
@@ -181,3 +183,23 @@ def test_an_executor_dropped_unclosed_releases_everything(
     while worker_pids(str(root)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert worker_pids(str(root)) == set()
+
+
+def test_a_root_is_never_reapable_before_its_lock_is_held(
+    monkeypatch: pytest.MonkeyPatch, cache_dir: Path, wasm: WasmFixtures
+) -> None:
+    # Another process's reap runs in the moment between creating the lock file and taking the
+    # lock: the new root must not be visible to it yet (a race the 20-process test once hit).
+    import parity_sandbox.runtimes.wasm as wasm_runtime
+
+    real_flock = fcntl.flock
+
+    def reap_then_lock(fd: int, operation: int) -> None:
+        reap_stale_roots()
+        real_flock(fd, operation)
+
+    racing = types.SimpleNamespace(flock=reap_then_lock, LOCK_EX=fcntl.LOCK_EX)
+    monkeypatch.setattr(wasm_runtime, "fcntl", racing)
+    with WasmExecutor(Config(cache_dir=cache_dir, cache={"enabled": False})) as executor:
+        monkeypatch.setattr(wasm_runtime, "fcntl", fcntl)
+        assert executor.execute(Task(wasm_file=wasm.hello)).ok

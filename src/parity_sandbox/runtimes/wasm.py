@@ -341,9 +341,13 @@ class WasmExecutor(Executor):
         # Rejects, now, a configuration this runtime cannot honour.
         self._default_limits = wasm_limits(self._limits)
         reap_stale_roots()
-        self._root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
-        self._lock_fd = os.open(self._root / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC)
+        # The root gets its reapable name only once its lock is held: another process's
+        # reap_stale_roots() must never see it unlocked.
+        making = Path(tempfile.mkdtemp(prefix=f".{ROOT_PREFIX}{os.getpid()}-"))
+        self._lock_fd = os.open(making / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._root = making.with_name(making.name[1:])
+        making.rename(self._root)
         self._pool = Pool(size, self._root, self.config.resolved_cache_dir() / "wasm-modules")
         self._deadlines = _Deadlines()
         self._seq = itertools.count(1)  # 0 means none in the shared buffer
