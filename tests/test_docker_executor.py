@@ -194,3 +194,15 @@ def test_spec_hash_resolves_the_image_to_its_id(docker_executor: DockerExecutor)
     assert docker_executor.spec_hash(task) == Task(image=image_id, command=["true"]).spec_hash(
         docker_executor.config
     )
+
+
+def test_a_cacheable_docker_task_is_served_from_the_cache(tmp_path: Path) -> None:
+    config = Config(cache={"path": tmp_path / "results.sqlite3"})
+    task = Task(image=TEST_IMAGE, command=["echo", "once"], cacheable=True)
+    with DockerExecutor(config, reap=False) as executor:
+        first = executor.execute(task)
+        again = executor.execute(task)
+        forced = executor.execute(task, use_cache=False)
+    assert not first.cached and again.cached and not forced.cached
+    assert first.spec_hash is not None and first.spec_hash == again.spec_hash
+    assert again.result_hash == first.result_hash == forced.result_hash
