@@ -152,6 +152,9 @@ class SqliteCache(ResultCache):
             )
             try:
                 db.execute("PRAGMA journal_mode=WAL")
+                # A cache needs no fsync per write: a crash loses recent entries at worst, and
+                # a damaged file is detected and replaced.
+                db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS results (spec_hash TEXT PRIMARY KEY, "
                     "data BLOB NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL)"
@@ -317,8 +320,13 @@ class RedisCache(ResultCache):
 
     def _load(self, spec_hash: str) -> bytes | None:
         def load(client: Any) -> bytes | None:
-            data = client.get(self._key(spec_hash))
-            client.incr(f"{self._prefix}:{'hits' if data is not None else 'misses'}")
+            # One round trip: the entry, and the counters (which one counts is settled after).
+            with client.pipeline(transaction=False) as pipe:
+                pipe.get(self._key(spec_hash))
+                pipe.incr(f"{self._prefix}:lookups")
+                data, _ = pipe.execute()
+            if data is None:
+                client.incr(f"{self._prefix}:misses")
             return None if data is None else bytes(data)
 
         found: bytes | None = self._call("read", load)
@@ -369,8 +377,8 @@ class RedisCache(ResultCache):
             live = [k for k in client.zrange(f"{self._prefix}:index", 0, -1) if client.exists(k)]
             sizes = client.hgetall(f"{self._prefix}:sizes")
             size = sum(int(sizes.get(k, 0)) for k in live)
-            hits = int(client.get(f"{self._prefix}:hits") or 0)
             misses = int(client.get(f"{self._prefix}:misses") or 0)
+            hits = int(client.get(f"{self._prefix}:lookups") or 0) - misses
             return len(live), size, hits, misses
 
         entries, size, hits, misses = self._call("read", read) or (0, 0, 0, 0)

@@ -542,6 +542,14 @@ class WasmExecutor(Executor):
             for worker in list(lanes):
                 retire(worker)
 
+    def spec_hash(self, task: Task) -> str:
+        """``task``'s spec hash; an unchanged module file is not read or hashed again."""
+        if task.image is not None:
+            return super().spec_hash(task)
+        _, sha = self._modules.load(task)
+        limits = task.effective_limits(self._limits.merged(task.limits))
+        return digest(task.spec_document(limits, module_sha256=sha))
+
     # -- the steps of a flight -----------------------------------------------------------------
 
     def _prepare(self, task: Task) -> tuple[RunRequest, bytes]:
