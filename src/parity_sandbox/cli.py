@@ -16,9 +16,11 @@ task's own  the task exited; its exit code is passed through (0-255)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -349,23 +351,23 @@ def verify(
     raise typer.Exit(1)
 
 
-def _open_cache(config: Path | None) -> ResultCache:
-    settings = load_config(config)
-    cache = open_cache(settings)
+@contextlib.contextmanager
+def _opened_cache(config: Path | None) -> Iterator[ResultCache]:
+    cache = open_cache(load_config(config))
     if cache is None:
         raise InvalidInput("the result cache is disabled (cache.enabled: false)", field="cache")
-    return cache
+    try:
+        yield cache
+    finally:
+        cache.close()
 
 
 @cache_app.command("stats")
 def cache_stats(config: ConfigOption = None) -> None:
     """Say where the result cache is, what it holds and how often it was hit."""
     try:
-        cache = _open_cache(config)
-        try:
+        with _opened_cache(config) as cache:
             stats = cache.stats()
-        finally:
-            cache.close()
     except SandboxError as exc:
         raise _fail(exc, as_json=False) from None
     _out.print(
@@ -380,11 +382,8 @@ def cache_stats(config: ConfigOption = None) -> None:
 def cache_clear(config: ConfigOption = None) -> None:
     """Remove every entry of the result cache."""
     try:
-        cache = _open_cache(config)
-        try:
+        with _opened_cache(config) as cache:
             removed = cache.clear()
-        finally:
-            cache.close()
     except SandboxError as exc:
         raise _fail(exc, as_json=False) from None
     _out.print(f"removed {removed} cached result(s)", markup=False)
