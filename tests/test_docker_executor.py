@@ -14,6 +14,7 @@ from parity_sandbox import (
     Config,
     DockerExecutor,
     InvalidInput,
+    ResourceLimitExceeded,
     RuntimeUnavailable,
     Status,
     Task,
@@ -206,3 +207,15 @@ def test_a_cacheable_docker_task_is_served_from_the_cache(tmp_path: Path) -> Non
     assert not first.cached and again.cached and not forced.cached
     assert first.spec_hash is not None and first.spec_hash == again.spec_hash
     assert again.result_hash == first.result_hash == forced.result_hash
+
+
+def test_too_little_memory_for_gvisor_is_a_memory_limit(docker_executor: DockerExecutor) -> None:
+    if "runsc" not in docker_executor.runtimes:
+        pytest.skip("no runsc")
+    with pytest.raises(ResourceLimitExceeded, match="gVisor") as raised:
+        docker_executor.execute(
+            Task(
+                image=TEST_IMAGE, command=["true"], docker_runtime="runsc", limits={"memory": "8m"}
+            )
+        )
+    assert raised.value.limit == "memory"

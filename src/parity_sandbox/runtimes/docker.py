@@ -513,7 +513,12 @@ class _Run:
                 params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
                 response = self.api.attach_socket(self.container, params=params)
                 raw = getattr(response, "_sock", response)
-                self.api.start(self.container)
+                try:
+                    self.api.start(self.container)
+                except docker.errors.APIError as exc:
+                    if self.plan.runtime == "runsc" and "exit status 137" in str(exc):
+                        return self._no_room_for_gvisor()
+                    raise
             self.started = time.monotonic()
             deadline = self.started + self.plan.timeout
             if self.plan.inputs is not None:
@@ -612,6 +617,16 @@ class _Run:
             return self._result(Status.ERROR, code, usage, error=error)
         status = Status.SUCCEEDED if code == 0 else Status.FAILED
         return self._result(status, code, usage, collected)
+
+    def _no_room_for_gvisor(self) -> Result:
+        """runsc was killed while it started: gVisor's own kernel did not fit in the limit."""
+        memory = self.plan.host_config["mem_limit"]
+        message = (
+            f"gVisor could not start within the memory limit of {memory >> 20} MiB (its own "
+            "kernel needs about 16 MiB of it); raise limits.memory"
+        )
+        error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+        return self._result(Status.RESOURCE_LIMIT, None, host.CgroupUsage(), None, "memory", error)
 
     def _collect(self) -> Collected:
         assert self.container is not None
