@@ -318,3 +318,13 @@ def test_block_io_throttles_reach_the_cgroup(docker_executor: DockerExecutor) ->
         )
     assert result.ok, result.stderr
     assert result.stdout.split()[1::2] == [b"1048576", b"100"]
+
+
+def test_device_nodes_cannot_be_made(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    result = sh(
+        docker_executor,
+        oci_runtime,
+        "mknod /tmp/mem c 1 1 && echo MADE-CHAR; mknod /work/disk b 254 0 && echo MADE-BLOCK; "
+        "mkfifo /tmp/fifo && echo fifo-ok",
+    )
+    assert result.stdout == b"fifo-ok\n", result.stdout

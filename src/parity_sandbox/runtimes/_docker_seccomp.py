@@ -22,6 +22,9 @@ processes, signals, time, local IPC and sockets. It leaves out, each for a reaso
 Signals, and ``pidfd_open``, may not target process 1 (our init): gVisor, unlike Linux, lets a
 process kill the init of its namespace, which would end the run without its exit status.
 
+``mknod`` makes FIFOs and regular files only: gVisor, unlike Linux, lets a process without
+``CAP_MKNOD`` make device nodes.
+
 ``clone3`` fails with ``ENOSYS`` rather than ``EPERM`` so that the C library falls back to
 ``clone``, whose flags a filter can see.
 
@@ -49,7 +52,7 @@ gettimeofday getuid getxattr inotify_add_watch inotify_init inotify_init1 inotif
 io_cancel ioctl io_destroy io_getevents io_pgetevents ioprio_get ioprio_set io_setup io_submit
 landlock_add_rule landlock_create_ruleset landlock_restrict_self lchown lgetxattr link
 linkat listen listxattr llistxattr lremovexattr lseek lsetxattr lstat madvise membarrier
-memfd_create mincore mkdir mkdirat mknod mknodat mlock mlock2 mlockall mmap mprotect
+memfd_create mincore mkdir mkdirat mlock mlock2 mlockall mmap mprotect
 mq_getsetattr mq_notify mq_open mq_timedreceive mq_timedsend mq_unlink mremap msgctl msgget
 msgrcv msgsnd msync munlock munlockall munmap nanosleep newfstatat open openat openat2 pause
 pidfd_send_signal pipe pipe2 pkey_alloc pkey_free pkey_mprotect poll ppoll prctl
@@ -73,6 +76,9 @@ _X86_64_ONLY = ["arch_prctl", "epoll_ctl_old", "epoll_wait_old", "_newselect"]
 
 #: Calls whose first argument is the target process (or thread group): allowed unless it is 1.
 _SIGNALLING = ["kill", "pidfd_open", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "tgkill", "tkill"]
+#: The file types mknod may make: regular files (also spelled 0) and FIFOs.
+_NODE_TYPES = (0o000000, 0o100000, 0o010000)
+_S_IFMT = 0o170000
 _NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 _SOCKET_FAMILIES = (1, 2, 10, 16)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
 # personality(2) values that change nothing dangerous: the default, UNAME26, ADDR_NO_RANDOMIZE
@@ -119,6 +125,22 @@ def profile(machine: str | None = None) -> dict[str, Any]:
         {"names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [_equal(0, value)]}
         for value in _PERSONALITIES
     )
+    for name, mode_arg in (("mknod", 1), ("mknodat", 2)):
+        rules.extend(
+            {
+                "names": [name],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [
+                    {
+                        "index": mode_arg,
+                        "value": _S_IFMT,
+                        "valueTwo": kind,
+                        "op": "SCMP_CMP_MASKED_EQ",
+                    }
+                ],
+            }
+            for kind in _NODE_TYPES
+        )
     document: dict[str, Any] = {
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": _EPERM,
