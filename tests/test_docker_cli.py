@@ -84,6 +84,7 @@ def test_exit_codes_of_limits(docker_executor: DockerExecutor, tmp_path: Path) -
         (["--image", TEST_IMAGE, "--pids", "0", "--", "true"], "pids"),
         (["--image", TEST_IMAGE, "--gpus", "-1", "--", "true"], "gpus"),
         (["--image", TEST_IMAGE, "--input", "../x=/etc/hostname", "--", "true"], "input"),
+        (["--image", TEST_IMAGE, "--input", "z=/dev/zero", "--", "true"], "regular file"),
         (["--image", TEST_IMAGE, "--docker-runtime", "crun", "--", "true"], "docker_runtime"),
         (["--image", TEST_IMAGE, "--env", "HOME", "--", "true"], "--env"),
     ],

@@ -16,10 +16,44 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from parity_sandbox._exceptions import InvalidInput
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 MiB = 1 << 20
+
+
+def file_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another: device, inode, size and change times."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def read_host_file(path: Path, field: str, limit: int) -> tuple[bytes, tuple[int, ...]]:
+    """Read a regular host file named by the caller, refusing FIFOs, devices and huge files.
+
+    Returns the content and the identity of the version read.
+
+    Raises:
+        InvalidInput: ``path`` cannot be opened, is not a regular file, or is over ``limit``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise InvalidInput(f"{field}: cannot open {path}: {exc.strerror}", field=field) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInput(f"{field}: {path} is not a regular file", field=field)
+        if info.st_size > limit:
+            raise InvalidInput(f"{field}: {path} is larger than {limit} bytes", field=field)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise InvalidInput(f"{field}: {path} is larger than {limit} bytes", field=field)
+    return data, file_identity(info)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from parity_sandbox._exceptions import (
     SandboxError,
     TaskFailed,
 )
+from parity_sandbox._fs import read_host_file
 from parity_sandbox._hashing import VERSION as HASH_VERSION
 from parity_sandbox._hashing import digest, sha256_hex
 from parity_sandbox._units import (
@@ -430,8 +431,7 @@ class Task(_Model):
             "env": dict(self.env),
             "stdin_sha256": sha256_hex(self.input),
             "input_files": {
-                name: sha256_hex(content.read_bytes() if isinstance(content, Path) else content)
-                for name, content in self.input_files.items()
+                name: sha256_hex(content) for name, content in self.input_contents().items()
             },
             "outputs": list(self.outputs),
             "limits": {name: getattr(limits, name) for name in names},
@@ -488,10 +488,7 @@ class Task(_Model):
         # Only the limits this runtime applies (the others would only draw warnings).
         unused = ("cpu", "pids") if runtime == "wasm" else ("fuel", "stack_size")
         limits = limits.model_copy(update=dict.fromkeys(unused))
-        files = {
-            name: content.read_bytes() if isinstance(content, Path) else bytes(content)
-            for name, content in self.input_files.items()
-        }
+        files = self.input_contents()
         update: dict[str, Any] = {
             "input_files": files,
             "limits": self.effective_limits(limits),
@@ -500,7 +497,7 @@ class Task(_Model):
             module = self.wasm_module
             if module is None:
                 assert self.wasm_file is not None
-                module = self.wasm_file.read_bytes()
+                module = self._module_file()
             update.update(wasm_module=module, wasm_file=None)
         elif image_id is not None:
             update["image"] = image_id
@@ -518,12 +515,28 @@ class Task(_Model):
             return sha256_hex(self.wasm_module)
         if self.wasm_file is None:
             raise InvalidInput("wasm_file: this task has no WebAssembly module", field="wasm_file")
-        try:
-            return sha256_hex(self.wasm_file.read_bytes())
-        except OSError as exc:
-            raise InvalidInput(
-                f"wasm_file: cannot read {self.wasm_file}: {exc.strerror}", field="wasm_file"
-            ) from None
+        return sha256_hex(self._module_file())
+
+    def _module_file(self) -> bytes:
+        assert self.wasm_file is not None
+        return read_host_file(self.wasm_file, "wasm_file", MAX_MODULE_BYTES)[0]
+
+    def input_contents(self) -> dict[str, bytes]:
+        """The input files' contents; host files are read safely (regular files only, capped).
+
+        Raises:
+            InvalidInput: a host file is missing, not a regular file, or too large.
+        """
+        contents: dict[str, bytes] = {}
+        total = 0
+        for name, content in self.input_files.items():
+            if isinstance(content, Path):
+                content = read_host_file(content, f"input_files[{name}]", MAX_INPUT_BYTES - total)[
+                    0
+                ]
+            contents[name] = bytes(content)
+            total += len(contents[name])
+        return contents
 
     @property
     def runtime_name(self) -> str | None:

@@ -98,8 +98,7 @@ def _task_document(task: Task) -> dict[str, Any]:
         value = getattr(task, name)
         document[name] = None if value is None else _b64(value)
     document["input_files"] = {
-        name: _b64(content if isinstance(content, bytes) else content.read_bytes())
-        for name, content in task.input_files.items()
+        name: _b64(content) for name, content in task.input_contents().items()
     }
     return document
 

@@ -21,7 +21,6 @@ import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from parity_sandbox._fs import OutputCaps
@@ -101,7 +100,7 @@ class Demux:
         return bytes(kept[: min(self.cap, printed)]), printed > self.cap
 
 
-def input_archive(files: Mapping[str, bytes | Path]) -> bytes:
+def input_archive(files: Mapping[str, bytes]) -> bytes:
     """A tar of ``files`` (validated relative names) owned by root, read-only for the task."""
     buffer = io.BytesIO()
     made: set[str] = set()
@@ -113,21 +112,16 @@ def input_archive(files: Mapping[str, bytes | Path]) -> bytes:
                 if directory not in made:
                     made.add(directory)
                     archive.addfile(_entry(directory, tarfile.DIRTYPE, 0o555))
-            content = files[name]
-            data = content.read_bytes() if isinstance(content, Path) else bytes(content)
+            data = files[name]
             entry = _entry(name, tarfile.REGTYPE, 0o444)
             entry.size = len(data)
             archive.addfile(entry, io.BytesIO(data))
     return buffer.getvalue()
 
 
-def archive_bytes(files: Mapping[str, bytes | Path]) -> int:
+def archive_bytes(files: Mapping[str, bytes]) -> int:
     """What ``files`` take on a tmpfs (page-rounded), for sizing the input volume."""
-    total = 0
-    for content in files.values():
-        size = content.stat().st_size if isinstance(content, Path) else len(content)
-        total += -(-size // 4096) * 4096 + 4096
-    return total
+    return sum(-(-len(content) // 4096) * 4096 + 4096 for content in files.values())
 
 
 def _entry(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:

@@ -144,9 +144,10 @@ def plan(
     mounts = [_tmpfs_volume(WORKDIR, f"size={disk},uid={uid},gid={gid},mode=0700", labels)]
     inputs = None
     if task.input_files:
-        size = archive_bytes(task.input_files) + MiB
+        contents = task.input_contents()
+        size = archive_bytes(contents) + MiB
         mounts.append(_tmpfs_volume(INPUT_DIR, f"size={size},mode=0755", labels))
-        inputs = input_archive(task.input_files)
+        inputs = input_archive(contents)
     # Process 1 is ours, not the task's: the task gets ``pids`` processes besides it.
     pids = limits.pids + 1
     nproc = pids if runtime == "runsc" else max(HOST_NPROC, pids)

@@ -18,7 +18,6 @@ import itertools
 import math
 import os
 import select
-import stat
 import tempfile
 import threading
 import time
@@ -33,7 +32,7 @@ from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Cancelled, Executor
-from parity_sandbox._fs import collect_outputs, remove_tree
+from parity_sandbox._fs import collect_outputs, file_identity, read_host_file, remove_tree
 from parity_sandbox._hashing import digest
 from parity_sandbox._models import (
     MAX_INPUT_BYTES,
@@ -88,11 +87,6 @@ def wasm_limits(limits: Limits, *, deterministic: bool = False) -> WasmLimits:
     )
 
 
-def _identity(info: os.stat_result) -> tuple[int, ...]:
-    """What tells one version of a file from another: device, inode, size and change times."""
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
 _STATUS = {
     "timeout": Status.TIMEOUT,
     "limit": Status.RESOURCE_LIMIT,
@@ -106,30 +100,6 @@ _ERROR_TYPE = {
     Status.RESOURCE_LIMIT: "ResourceLimitExceeded",
     Status.ERROR: "ExecutionError",
 }
-
-
-def _read_host_file(path: Path, field: str, limit: int) -> tuple[bytes, tuple[int, ...]]:
-    """Read a regular host file named by the caller, refusing FIFOs, devices and huge files.
-
-    Returns the content and the identity of the version read.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise InvalidInput(f"{field}: cannot open {path}: {exc.strerror}", field=field) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidInput(f"{field}: {path} is not a regular file", field=field)
-        if info.st_size > limit:
-            raise InvalidInput(f"{field}: {path} is larger than {limit} bytes", field=field)
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise InvalidInput(f"{field}: {path} is larger than {limit} bytes", field=field)
-    return data, _identity(info)
 
 
 def _check_module(module: bytes) -> str:
@@ -164,9 +134,9 @@ class _ModuleFiles:
         if cached is not None:
             # One stat decides: the same identity means the same bytes as read before.
             with contextlib.suppress(OSError):
-                if _identity(task.wasm_file.stat()) == cached[0]:
+                if file_identity(task.wasm_file.stat()) == cached[0]:
                     return cached[1], cached[2]
-        data, identity = _read_host_file(task.wasm_file, "wasm_file", MAX_MODULE_BYTES)
+        data, identity = read_host_file(task.wasm_file, "wasm_file", MAX_MODULE_BYTES)
         sha = _check_module(data)
         with self._lock:
             self._entries[name] = (identity, data, sha)
@@ -181,7 +151,7 @@ def _input_files(task: Task) -> dict[str, bytes]:
     total = 0
     for name, content in task.input_files.items():
         if isinstance(content, Path):
-            data, _ = _read_host_file(content, f"input_files[{name}]", MAX_INPUT_BYTES - total)
+            data, _ = read_host_file(content, f"input_files[{name}]", MAX_INPUT_BYTES - total)
         else:
             data = bytes(content)
         total += len(data)
