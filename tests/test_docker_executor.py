@@ -219,3 +219,14 @@ def test_too_little_memory_for_gvisor_is_a_memory_limit(docker_executor: DockerE
             )
         )
     assert raised.value.limit == "memory"
+
+
+def test_runsc_without_oci_seccomp_is_warned_about(docker_executor: DockerExecutor) -> None:
+    assert docker_executor.runsc_applies_seccomp()  # as scripts/docker-setup.sh registers it
+    with DockerExecutor(reap=False) as executor:
+        executor._info = {
+            **executor._info,
+            "Runtimes": {"runc": {}, "runsc": {"path": "/usr/bin/runsc"}},
+        }
+        with pytest.warns(RuntimeWarning, match="oci-seccomp"):
+            executor.execute(Task(image=TEST_IMAGE, command=["true"], docker_runtime="runsc"))

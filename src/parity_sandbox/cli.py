@@ -437,6 +437,9 @@ def _check_docker(settings: Config) -> tuple[bool, str]:
         parts = [f"daemon {executor.daemon_version}"]
         for name in ("runc", "runsc"):
             parts.append(f"{name}: {'yes' if name in runtimes else 'no'}")
+        if "runsc" in runtimes:
+            seccomp = "yes" if executor.runsc_applies_seccomp() else "NO (add --oci-seccomp)"
+            parts.append(f"runsc seccomp: {seccomp}")
         if "runsc" not in runtimes:
             parts.append("(gVisor: apt-get install runsc, register it in daemon.json)")
         parts.append(f"GPU: {'yes' if executor.has_gpu_runtime() else 'no (no nvidia runtime)'}")

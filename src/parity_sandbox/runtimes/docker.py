@@ -176,6 +176,7 @@ class DockerExecutor(Executor):
         self._live: set[str] = set()
         self._blkio = self._blkio_settings()
         self._warned_ignored = False
+        self._warned_seccomp = False
         if reap:
             self.reap()
 
@@ -213,6 +214,13 @@ class DockerExecutor(Executor):
         """The OCI runtimes the daemon has registered (``runc``, ``runsc``, ...)."""
         return set(self._info.get("Runtimes") or {})
 
+    def runsc_applies_seccomp(self) -> bool:
+        """Whether the daemon runs runsc with ``--oci-seccomp``, so that our seccomp profile
+        also holds inside gVisor (without it, gVisor's own kernel is the only filter)."""
+        runsc = (self._info.get("Runtimes") or {}).get("runsc") or {}
+        args = runsc.get("runtimeArgs") or runsc.get("args") or []
+        return any(str(arg).lstrip("-").startswith("oci-seccomp") for arg in args)
+
     def has_gpu_runtime(self) -> bool:
         """Whether the daemon has the NVIDIA container runtime, which GPU requests need."""
         return any("nvidia" in name for name in self.runtimes)
@@ -239,6 +247,14 @@ class DockerExecutor(Executor):
                 '["--network=none", "--oci-seccomp"]}}}, then restart dockerd'
                 if runtime == "runsc"
                 else f"the Docker daemon has no {runtime!r} runtime"
+            )
+        if runtime == "runsc" and not self._warned_seccomp and not self.runsc_applies_seccomp():
+            self._warned_seccomp = True
+            warnings.warn(
+                "runsc runs without --oci-seccomp: the seccomp profile is not applied inside "
+                "gVisor (add it to runsc's runtimeArgs in /etc/docker/daemon.json)",
+                RuntimeWarning,
+                stacklevel=4,
             )
         if task.gpus is not None and not self.has_gpu_runtime():
             raise RuntimeUnavailable(
