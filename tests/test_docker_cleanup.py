@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,3 +186,21 @@ def test_daemon_lost_mid_task(docker_executor: DockerExecutor, tmp_path: Path) -
         pass
     assert managed_containers(docker_executor, task_id) == []
     assert labelled_volumes(docker_executor, task_id) == []
+
+
+def test_a_reap_while_a_container_is_being_made_spares_it(
+    docker_executor: DockerExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another executor of this process reaps just after the daemon made the container and
+    # before create_container returned: the run is known as live from before it started.
+    with DockerExecutor(reap=False) as executor, DockerExecutor(reap=False) as other:
+        real_create = executor._api.create_container
+
+        def create_then_reap(*args: Any, **kwargs: Any) -> Any:
+            made = real_create(*args, **kwargs)
+            other.reap()
+            return made
+
+        monkeypatch.setattr(executor._api, "create_container", create_then_reap)
+        result = executor.execute(Task(image=TEST_IMAGE, command=["echo", "survived"]))
+    assert result.stdout == b"survived\n"

@@ -24,6 +24,9 @@ MANAGED = f"{PREFIX}.managed"
 OWNER = f"{PREFIX}.owner"
 DEADLINE = f"{PREFIX}.deadline"
 TASK_ID = f"{PREFIX}.task_id"
+#: One run's id, labelled before its container exists, so that a reap in this process can
+#: tell a container (or volume) still being made from a leftover.
+RUN_ID = f"{PREFIX}.run"
 #: How long past its deadline a container may still be legitimately cleaned up by its owner.
 GRACE = 120.0
 
@@ -44,12 +47,13 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or 0}"
 
 
-def labels(task_id: str | None, timeout: float) -> dict[str, str]:
+def labels(task_id: str | None, timeout: float, run_id: str = "") -> dict[str, str]:
     """The labels of a new container or volume that must be gone by ``timeout`` from now."""
     result = {
         MANAGED: "true",
         OWNER: owner_id(),
         DEADLINE: str(int(time.time() + timeout + GRACE)),
+        RUN_ID: run_id,
     }
     if task_id is not None:
         result[TASK_ID] = task_id

@@ -76,8 +76,8 @@ API_TIMEOUT = 30
 #: Seconds to wait for the exit status of a container that died on its own.
 EXIT_TIMEOUT = 10
 _CHUNK = 1 << 16
-#: Containers some executor of this process is running; :meth:`DockerExecutor.reap` spares
-#: these and takes the process's other containers as leftovers.
+#: Runs (by run id) some executor of this process has in flight; :meth:`DockerExecutor.reap`
+#: spares their containers and volumes, and takes the process's others as leftovers.
 _LIVE: set[str] = set()
 _LIVE_LOCK = threading.Lock()
 _POOLS = 512
@@ -173,7 +173,8 @@ class DockerExecutor(Executor):
         self._lock = threading.Lock()
         self._derived: dict[str, str] = {}
         self._derive_locks: dict[str, threading.Lock] = {}
-        self._live: set[str] = set()
+        #: This executor's runs in flight: run id -> container id, once created.
+        self._live: dict[str, str | None] = {}
         self._blkio = self._blkio_settings()
         self._warned_ignored = False
         self._warned_seccomp = False
@@ -200,7 +201,7 @@ class DockerExecutor(Executor):
 
     def _close(self) -> None:
         with _LIVE_LOCK:
-            live = list(self._live)
+            live = [container for container in self._live.values() if container]
         for container in live:
             with contextlib.suppress(Exception):
                 self._api.remove_container(container, force=True, v=True)
@@ -279,7 +280,7 @@ class DockerExecutor(Executor):
             self._settings,
             image,
             init_image=derived,
-            labels=host.labels(task.id, limits.timeout or 0),
+            labels=host.labels(task.id, limits.timeout or 0, secrets.token_hex(8)),
             seccomp=security_opt(),
             blkio=self._blkio,
         )
@@ -365,13 +366,21 @@ class DockerExecutor(Executor):
 
     def _derive(self, image: ImageInfo, tag: str) -> str:
         binary = init.build()
-        container = self._api.create_container(
-            image.id,
-            command=[INIT_PATH],
-            entrypoint=[],
-            labels=host.labels(None, 300),
-            network_disabled=True,
-        )["Id"]
+        run_id = secrets.token_hex(8)
+        self._track(run_id, None)
+        try:
+            container = self._api.create_container(
+                image.id,
+                command=[INIT_PATH],
+                entrypoint=[],
+                labels=host.labels(None, 300, run_id),
+                network_disabled=True,
+            )["Id"]
+            return self._commit_with_init(container, binary, tag)
+        finally:
+            self._untrack(run_id)
+
+    def _commit_with_init(self, container: str, binary: bytes, tag: str) -> str:
         try:
             self._api.put_archive(container, "/", init.helper_archive(binary))
             repository, _, name = tag.partition(":")
@@ -456,11 +465,7 @@ class DockerExecutor(Executor):
             containers = self._api.containers(all=True, filters={"label": f"{host.MANAGED}=true"})
         for found in containers:
             labels = found.get("Labels") or {}
-            if labels.get(host.OWNER) == me:
-                with _LIVE_LOCK:
-                    if found["Id"] in _LIVE:
-                        continue
-            elif not host.is_leftover(labels):
+            if not self._leftover(labels, me):
                 continue
             with (
                 contextlib.suppress(docker.errors.NotFound),
@@ -472,22 +477,30 @@ class DockerExecutor(Executor):
         with _docker_errors("list leftover volumes"):
             volumes = self._api.volumes(filters=filters).get("Volumes") or []
         for volume in volumes:
-            labels = volume.get("Labels") or {}
-            if labels.get(host.OWNER) != me and not host.is_leftover(labels):
+            if not self._leftover(volume.get("Labels") or {}, me):
                 continue
             with contextlib.suppress(docker.errors.APIError):
                 self._api.remove_volume(volume["Name"])  # fails if a container took it meanwhile
                 removed += 1
         return removed
 
-    def _track(self, container: str, live: bool) -> None:
+    @staticmethod
+    def _leftover(labels: dict[str, str], me: str) -> bool:
+        if labels.get(host.OWNER) != me:
+            return host.is_leftover(labels)
         with _LIVE_LOCK:
-            if live:
-                _LIVE.add(container)
-                self._live.add(container)
-            else:
-                _LIVE.discard(container)
-                self._live.discard(container)
+            return labels.get(host.RUN_ID) not in _LIVE
+
+    def _track(self, run_id: str, container: str | None) -> None:
+        """Note a run as in flight (before its container exists, then with its id)."""
+        with _LIVE_LOCK:
+            _LIVE.add(run_id)
+            self._live[run_id] = container
+
+    def _untrack(self, run_id: str) -> None:
+        with _LIVE_LOCK:
+            _LIVE.discard(run_id)
+            self._live.pop(run_id, None)
 
 
 class _Run:
@@ -508,6 +521,7 @@ class _Run:
         self.image = image
         self.cancel = cancel
         self.container: str | None = None
+        self.run_id = run_plan.create["labels"][host.RUN_ID]
         self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
         #: Set once init has been told (or decided) to exit with the task's status.
         self.exiting = False
@@ -518,13 +532,14 @@ class _Run:
     def run(self) -> Result:
         response: Any = None
         raw: socket.socket | None = None
+        self.executor._track(self.run_id, None)
         try:
             with _docker_errors("create the container"):
                 host_config = self.api.create_host_config(**self.plan.host_config)
                 self.container = str(
                     self.api.create_container(host_config=host_config, **self.plan.create)["Id"]
                 )
-            self.executor._track(self.container, True)
+            self.executor._track(self.run_id, self.container)
             with _docker_errors("start the container"):
                 params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
                 response = self.api.attach_socket(self.container, params=params)
@@ -550,6 +565,7 @@ class _Run:
                     raw.close()
             if self.container is not None:
                 self._remove()
+            self.executor._untrack(self.run_id)
 
     def _send_stdin(self, raw: socket.socket) -> None:
         """Send the secret (the task starts on it), then the task's stdin, then end-of-file."""
@@ -677,8 +693,6 @@ class _Run:
                 self._warn_leftover(exc)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             self._warn_leftover(exc)
-        finally:
-            self.executor._track(self.container, False)
 
     def _warn_leftover(self, exc: Exception) -> None:
         assert self.container is not None
