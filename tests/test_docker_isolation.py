@@ -328,3 +328,17 @@ def test_device_nodes_cannot_be_made(docker_executor: DockerExecutor, oci_runtim
         "mkfifo /tmp/fifo && echo fifo-ok",
     )
     assert result.stdout == b"fifo-ok\n", result.stdout
+
+
+def test_cpu_share_is_a_ceiling(docker_executor: DockerExecutor, oci_runtime: str) -> None:
+    # Two busy processes may use at most half a core between them.
+    result = outcome(
+        docker_executor,
+        oci_runtime,
+        "while :; do :; done & while :; do :; done",
+        limits={"cpu": 0.5, "timeout": 3},
+    )
+    assert result.status is Status.TIMEOUT
+    usage = result.usage
+    assert usage.cpu_time is not None and usage.wall_time is not None
+    assert usage.cpu_time < 0.7 * usage.wall_time
