@@ -12,7 +12,7 @@ import re
 import threading
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
     AliasChoices,
@@ -46,6 +46,9 @@ from parity_sandbox._units import (
     parse_duration,
     parse_size,
 )
+
+if TYPE_CHECKING:
+    from parity_sandbox._config import Config
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -448,7 +451,7 @@ class Task(_Model):
             document["args"] = list(self.args)
         return document
 
-    def spec_hash(self, config: Any = None, *, image_id: str | None = None) -> str:
+    def spec_hash(self, config: Config | None = None, *, image_id: str | None = None) -> str:
         """SHA-256 over a canonical encoding of everything that determines the output.
 
         Args:
@@ -461,10 +464,7 @@ class Task(_Model):
             InvalidInput: a Docker task's image is a name (a tag can move), or the module file
                 cannot be read.
         """
-        from parity_sandbox._config import Config
-
-        settings = config if config is not None else Config()
-        runtime: Literal["wasm", "docker"] = "docker" if self.image is not None else "wasm"
+        runtime, limits = self._resolved(config)
         if runtime == "docker" and image_id is None:
             assert self.image is not None
             if not _IMAGE_ID_RE.fullmatch(self.image):
@@ -473,18 +473,13 @@ class Task(_Model):
                     "give image_id= or use DockerExecutor.spec_hash, which looks it up",
                     field="image",
                 )
-        limits = settings.limits_for(runtime).merged(self.limits)
         return digest(self.spec_document(limits, image_id=image_id))
 
-    def portable(self, config: Any = None, *, image_id: str | None = None) -> Task:
+    def portable(self, config: Config | None = None, *, image_id: str | None = None) -> Task:
         """This task made self-contained, as a record for another machine to re-run: the
         module and input files embedded as bytes, the limits resolved under ``config`` (a
         :class:`~parity_sandbox.Config`; default: built-in defaults), the image by id."""
-        from parity_sandbox._config import Config
-
-        settings = config if config is not None else Config()
-        runtime: Literal["wasm", "docker"] = "docker" if self.image is not None else "wasm"
-        limits = settings.limits_for(runtime).merged(self.limits)
+        runtime, limits = self._resolved(config)
         # Only the limits this runtime applies (the others would only draw warnings).
         unused = ("cpu", "pids") if runtime == "wasm" else ("fuel", "stack_size")
         limits = limits.model_copy(update=dict.fromkeys(unused))
@@ -502,6 +497,14 @@ class Task(_Model):
         elif image_id is not None:
             update["image"] = image_id
         return self.model_copy(update=update)
+
+    def _resolved(self, config: Config | None) -> tuple[Literal["wasm", "docker"], Limits]:
+        """This task's runtime, and its limits resolved under ``config`` (default: built-ins)."""
+        from parity_sandbox._config import Config
+
+        settings = config if config is not None else Config()
+        runtime: Literal["wasm", "docker"] = "docker" if self.image is not None else "wasm"
+        return runtime, settings.limits_for(runtime).merged(self.limits)
 
     def effective_limits(self, limits: Limits) -> Limits:
         """``limits`` as this task runs under them: a deterministic task always has fuel."""
