@@ -7,10 +7,19 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from parity_sandbox import Config, DockerExecutor, RuntimeUnavailable, WasmExecutor
+from parity_sandbox import (
+    Config,
+    DockerExecutor,
+    Result,
+    RuntimeUnavailable,
+    SandboxError,
+    Task,
+    WasmExecutor,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wasm"
 BUILD_SCRIPT = Path(__file__).parent.parent / "scripts" / "build-wasm.sh"
@@ -93,7 +102,48 @@ def oci_runtime(request: pytest.FixtureRequest, docker_executor: DockerExecutor)
 
 
 def managed_containers(executor: DockerExecutor, task_id: str | None = None) -> list[str]:
-    """Ids of containers (running or not) labelled as ours, or as ``task_id``'s."""
+    """Ids of containers (running or not) labelled as ours, or as ``task_id``'s, once the
+    executor has removed those of finished tasks (it does that in the background)."""
+    assert executor.drain(30), "containers of finished tasks were not removed within 30 s"
     label = f"parity_sandbox.task_id={task_id}" if task_id else "parity_sandbox.managed=true"
     found = executor._api.containers(all=True, filters={"label": label})
     return [str(item["Id"]) for item in found]
+
+
+@pytest.fixture(scope="session")
+def warm_docker_executor() -> Iterator[DockerExecutor]:
+    """An executor with a warm pool; idle profiles drain away soon (many tests, many)."""
+    pool = {"enabled": True, "min": 0, "max": 2, "idle_timeout": "20s"}
+    try:
+        executor = DockerExecutor(
+            Config(timeout="20s", cache={"enabled": False}, docker={"pool": pool})
+        )
+    except RuntimeUnavailable as exc:
+        if _docker_required():
+            pytest.fail(f"the Docker engine is required here: {exc}")
+        pytest.skip(f"no Docker engine: {exc}")
+    with executor:
+        yield executor
+
+
+class WarmOnly:
+    """An executor whose every ``execute`` runs in a warm container, or fails the test."""
+
+    def __init__(self, executor: DockerExecutor) -> None:
+        self._executor = executor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._executor, name)
+
+    def execute(self, task: Task, **options: Any) -> Result:
+        ready = self._executor.warm(task, wait=60)
+        pool = self._executor._pool
+        assert ready >= 1, f"no warm container came up: {pool and pool.last_error!r}"
+        try:
+            result = self._executor.execute(task, **options)
+        except SandboxError as exc:
+            if exc.result is not None:
+                assert exc.result.runtime is not None and exc.result.runtime.warm, "ran cold"
+            raise
+        assert result.runtime is not None and result.runtime.warm, "ran cold"
+        return result

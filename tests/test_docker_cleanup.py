@@ -101,15 +101,20 @@ def test_ctrl_c_in_the_cli_removes_the_container(docker_executor: DockerExecutor
         stderr=subprocess.PIPE,
         env=env,
     )
-    try:
-        assert wait_for(
-            lambda: any(
-                task_id in c["Command"]
-                for c in docker_executor._api.containers(
-                    filters={"label": "parity_sandbox.managed=true"}
-                )
-            )
+
+    def childs() -> list[str]:
+        found = docker_executor._api.containers(
+            all=True, filters={"label": "parity_sandbox.managed=true"}
         )
+        owners = (c["Labels"].get("parity_sandbox.owner", "").split(":") for c in found)
+        return [
+            c["Id"]
+            for c, owner in zip(found, owners, strict=True)
+            if owner[1:2] == [str(child.pid)]
+        ]
+
+    try:
+        assert wait_for(lambda: bool(childs()))
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=20)
     finally:
@@ -117,8 +122,7 @@ def test_ctrl_c_in_the_cli_removes_the_container(docker_executor: DockerExecutor
             child.kill()
     assert child.returncode == 130
     assert b"interrupted" in stderr and b"Traceback" not in stderr
-    left = [c for c in docker_executor._api.containers(all=True) if task_id in c["Command"]]
-    assert left == []
+    assert childs() == []
 
 
 @contextlib.contextmanager

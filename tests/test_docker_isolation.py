@@ -1,4 +1,5 @@
-"""The must-shows of the Docker runtime, each under runc and under runsc (gVisor).
+"""The must-shows of the Docker runtime, each under runc and under runsc (gVisor), and each
+on the cold path and through a warm pool (where every task must run in a warm container).
 
 Everything here runs in real containers on the real engine, with the test image that
 scripts/docker-setup.sh builds (busybox plus ``probe``, tests/fixtures/docker/probe.c).
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TEST_IMAGE, managed_containers
+from conftest import TEST_IMAGE, WarmOnly, managed_containers
 from parity_sandbox import (
     DockerExecutor,
     ExecutionTimeout,
@@ -26,6 +27,16 @@ from parity_sandbox import (
 )
 
 pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(params=["cold", "warm"])
+def docker_executor(
+    request: pytest.FixtureRequest,
+    docker_executor: DockerExecutor,
+    warm_docker_executor: DockerExecutor,
+) -> DockerExecutor | WarmOnly:
+    """The shared executor (cold path), or one whose every task takes a warm container."""
+    return docker_executor if request.param == "cold" else WarmOnly(warm_docker_executor)
 
 
 def run(executor: DockerExecutor, runtime: str, *command: str, **fields: Any) -> Result:
@@ -250,6 +261,7 @@ def test_fifty_parallel_tasks_leave_nothing(
         for i in range(50)
     ]
     results = list(docker_executor.map(tasks, max_parallel=50))
+    assert docker_executor.drain(60)
     assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(50)]
     assert all(r.ok for r in results)
     leftovers = docker_executor._api.containers(

@@ -11,7 +11,7 @@ import pytest
 from parity_sandbox import Config, DockerSettings, InvalidInput, Limits, Task
 from parity_sandbox._config import DEFAULT_LIMITS
 from parity_sandbox.runtimes._docker_seccomp import profile, security_opt
-from parity_sandbox.runtimes._docker_spec import ImageInfo, Plan, plan
+from parity_sandbox.runtimes._docker_spec import ImageInfo, Plan, command_block, plan
 
 IMAGE = ImageInfo(reference="img", id="sha256:" + "a" * 64, entrypoint=(), cmd=("sh",))
 
@@ -58,8 +58,31 @@ def test_hardened_defaults() -> None:
     assert options["o"].startswith(f"size={64 << 20},uid=65534,gid=65534,")
     assert built.create["user"] == "65534:65534"
     assert built.create["working_dir"] == "/work"
-    assert built.create["entrypoint"] == ["/.parity/init", "-o", "out", "--"]
-    assert built.create["command"] == ["true"]
+    # The container runs our init alone; the task's command reaches it over stdin.
+    assert built.create["entrypoint"] == ["/.parity/init"]
+    assert "command" not in built.create and "environment" not in built.create
+    assert built.command == command_block(["true"], {}, None, ("out",))
+
+
+def test_the_command_block_is_length_prefixed_tagged_entries() -> None:
+    block = command_block(["sh", "-c", "echo ü"], {"A": "1=2"}, "/tmp", ("out", "x/y"))
+    body = b"ash\0a-c\0aecho \xc3\xbc\0eA=1=2\0oout\0ox/y\0w/tmp\0"
+    assert block == len(body).to_bytes(4, "big") + body
+    with pytest.raises(InvalidInput, match="NUL"):
+        command_block(["a\0b"], {}, None, ())
+
+
+def test_tasks_that_differ_only_in_what_init_is_told_share_a_shape() -> None:
+    one = make(Task(image="img", command=["true"], env={"A": "1"}, input=b"x"))
+    two = make(Task(image="img", command=["false"], workdir="/tmp", outputs=["o"]))
+    assert one.shape == two.shape and one.command != two.command
+    assert (
+        make(
+            Task(image="img", command=["true"], limits={"memory": "64m"}),
+            limits=DEFAULT_LIMITS.merged(Limits(memory="64m")),
+        ).shape
+        != one.shape
+    )
 
 
 def test_runsc_bounds_processes_with_nproc_not_the_pids_cgroup() -> None:
@@ -84,7 +107,7 @@ def test_command_defaults_to_the_images_entrypoint_and_cmd() -> None:
         labels={},
         seccomp="seccomp={}",
     )
-    assert built.create["command"] == ["/entry", "a", "b"]
+    assert built.command == command_block(["/entry", "a", "b"], {}, None, ("out",))
     empty = ImageInfo(reference="img", id="x")
     with pytest.raises(InvalidInput, match="no default command"):
         plan(

@@ -81,6 +81,53 @@ class _LimitSettings(_Model):
         )
 
 
+class PoolProfile(_Model):
+    """A kind of task to keep warm containers for from the executor's start."""
+
+    image: str
+    #: ``runc`` or ``runsc``; default: ``docker.runtime``.
+    runtime: Literal["runc", "runsc"] | None = None
+    #: ``UID[:GID]``, as a task's ``user``.
+    user: str | None = None
+    #: The limits of the profile's tasks, over the configured defaults (as a task's ``limits``).
+    limits: Limits = Field(default_factory=Limits)
+
+
+class PoolSettings(_Model):
+    """``docker.pool``: containers made and started ahead of demand, one task each.
+
+    A task whose profile (image, OCI runtime, user, resolved limits) has warm containers takes
+    one, runs, and that container is destroyed, never reused. A task whose profile has none
+    runs on the cold path, and (while the pool is enabled) its profile gets warm containers for
+    the tasks that follow. ``pool: true`` is short for ``pool: {enabled: true}``.
+    """
+
+    enabled: bool = False
+    #: Warm containers kept per profile while it is idle (0: an idle profile drains away).
+    min: int = Field(default=1, ge=0, le=64)
+    #: The most warm containers a busy profile keeps.
+    max: int = Field(default=4, ge=1, le=256)
+    #: A warm container unused this long is replaced (or removed, beyond ``min``).
+    idle_timeout: Seconds = 300.0
+    #: Profiles warmed when the executor starts; others are warmed after their first task.
+    profiles: tuple[PoolProfile, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0"}:
+            return {"enabled": value.strip().lower() in {"true", "1"}}
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolSettings:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
+
+
 class DockerSettings(_LimitSettings):
     """The ``docker`` section (operator settings; a task cannot change these)."""
 
@@ -104,6 +151,8 @@ class DockerSettings(_LimitSettings):
     disk_write_bps: Size | None = None
     disk_read_iops: Annotated[int, Field(ge=1, le=10**7)] | None = None
     disk_write_iops: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    #: Warm containers (see :class:`PoolSettings`); off by default.
+    pool: PoolSettings = Field(default_factory=PoolSettings)
 
     @field_validator("allowed_images", mode="before")
     @classmethod

@@ -613,6 +613,8 @@ class RuntimeInfo(BaseModel):
     image: str | None = None
     image_id: str | None = None
     oci_runtime: str | None = None
+    #: Docker: whether the container was started ahead of the task by a warm pool.
+    warm: bool | None = None
 
 
 class ErrorInfo(BaseModel):

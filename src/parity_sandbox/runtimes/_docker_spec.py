@@ -19,7 +19,10 @@ Every hardened default is set here, each with its reason:
 - ulimits ``nofile``, ``fsize`` (the disk cap: no single file beyond it) and ``core 0``.
 - private IPC namespace, ``/dev/shm`` capped at the disk limit.
 - process 1 is our ``parity-init``: it reaps zombies, and kills every process left when the
-  task's main process exits.
+  task's main process exits. The task's command, environment and working directory reach it
+  over stdin (:func:`command_block`), not through the container's configuration: so a
+  container is made from a :class:`Shape` alone, which a warm pool can do before the task
+  exists.
 - ``/work`` and ``/tmp`` are size-capped tmpfs mounts (nosuid, nodev): a real quota, unlike a
   bind mount. ``/work`` is an anonymous tmpfs volume so that outputs can be copied out after the
   task ends; tmpfs pages count against the container's memory limit too.
@@ -63,17 +66,49 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What a container is made with, before any task is known: a warm pool's key.
+
+    Two tasks with equal shapes can run in each other's containers; the command, environment,
+    working directory, stdin and input files are the task's and travel separately.
+    """
+
+    init_image: str
+    runtime: str
+    uid: int
+    gid: int
+    memory: int
+    cpu: float
+    pids: int
+    disk: int
+    timeout: float
+    #: The size of the ``/input`` tmpfs; 0: no ``/input``.
+    input_size: int = 0
+    gpus: int | str | None = None
+    privileged: bool = False
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything one container run needs, decided before anything starts."""
 
+    shape: Shape
     create: dict[str, Any]
     host_config: dict[str, Any]
-    runtime: str
-    timeout: float
+    #: The task's command for parity-init (see :func:`command_block`).
+    command: bytes
     output_cap: int
     stdin: bytes
     outputs: tuple[str, ...]
     inputs: bytes | None = field(default=None, repr=False)
+
+    @property
+    def runtime(self) -> str:
+        return self.shape.runtime
+
+    @property
+    def timeout(self) -> float:
+        return self.shape.timeout
 
 
 _TMPFS_FLAGS = "nosuid,nodev"
@@ -114,24 +149,38 @@ def argv_of(task: Task, image: ImageInfo) -> list[str]:
     return argv
 
 
-def plan(
+def command_block(
+    argv: list[str], env: dict[str, str], workdir: str | None, outputs: tuple[str, ...]
+) -> bytes:
+    """The task's command as parity-init reads it after the secret: a 4-byte big-endian length,
+    then entries of a tag byte and a NUL-terminated string (``a`` argv, ``e`` environment,
+    ``o`` output path, ``w`` working directory)."""
+    entries = [("a", arg) for arg in argv]
+    entries += [("e", f"{name}={value}") for name, value in env.items()]
+    entries += [("o", path) for path in outputs]
+    if workdir is not None:
+        entries.append(("w", workdir))
+    for _, text in entries:
+        if "\0" in text:
+            raise InvalidInput("command: NUL bytes cannot pass to a process", field="command")
+    body = b"".join(tag.encode() + text.encode() + b"\0" for tag, text in entries)
+    return len(body).to_bytes(4, "big") + body
+
+
+def shape_of(
     task: Task,
     limits: Limits,
     settings: DockerSettings,
-    image: ImageInfo,
     *,
     init_image: str,
-    labels: dict[str, str],
-    seccomp: str,
-    blkio: dict[str, Any] | None = None,
-) -> Plan:
-    """Translate ``task`` under ``limits`` into ``create_container`` and host-config arguments.
+    input_size: int = 0,
+) -> Shape:
+    """The container ``task`` needs under ``limits``.
 
     Raises:
         InvalidInput: the task asks for something the operator's settings refuse.
     """
     assert limits.memory and limits.cpu and limits.pids and limits.disk and limits.timeout
-    runtime = task.docker_runtime or settings.runtime
     uid, gid = user_ids(task, settings)
     if task.privileged and not settings.allow_privileged:
         raise InvalidInput(
@@ -139,26 +188,45 @@ def plan(
             "docker.allow_privileged: true",
             field="privileged",
         )
-    argv = argv_of(task, image)
-    disk = limits.disk
+    return Shape(
+        init_image=init_image,
+        runtime=task.docker_runtime or settings.runtime,
+        uid=uid,
+        gid=gid,
+        memory=limits.memory,
+        cpu=limits.cpu,
+        pids=limits.pids,
+        disk=limits.disk,
+        timeout=limits.timeout,
+        input_size=input_size,
+        gpus=task.gpus,
+        privileged=bool(task.privileged),
+    )
+
+
+def container(
+    shape: Shape,
+    *,
+    labels: dict[str, str],
+    seccomp: str,
+    blkio: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``create_container`` and host-config arguments of a container of ``shape``."""
+    disk, uid, gid = shape.disk, shape.uid, shape.gid
     mounts = [_tmpfs_volume(WORKDIR, f"size={disk},uid={uid},gid={gid},mode=0700", labels)]
-    inputs = None
-    if task.input_files:
-        contents = task.input_contents()
-        size = archive_bytes(contents) + MiB
-        mounts.append(_tmpfs_volume(INPUT_DIR, f"size={size},mode=0755", labels))
-        inputs = input_archive(contents)
+    if shape.input_size:
+        mounts.append(_tmpfs_volume(INPUT_DIR, f"size={shape.input_size},mode=0755", labels))
     # Process 1 is ours, not the task's: the task gets ``pids`` processes besides it.
-    pids = limits.pids + 1
-    nproc = pids if runtime == "runsc" else max(HOST_NPROC, pids)
+    pids = shape.pids + 1
+    nproc = pids if shape.runtime == "runsc" else max(HOST_NPROC, pids)
     host_config: dict[str, Any] = {
         "network_mode": "none",
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true", seccomp],
         "read_only": True,
-        "mem_limit": limits.memory,
-        "memswap_limit": limits.memory,
-        "nano_cpus": round(limits.cpu * 1e9),
+        "mem_limit": shape.memory,
+        "memswap_limit": shape.memory,
+        "nano_cpus": round(shape.cpu * 1e9),
         "ulimits": [
             Ulimit(name="nofile", soft=NOFILE, hard=NOFILE),
             Ulimit(name="nproc", soft=nproc, hard=nproc),
@@ -170,39 +238,63 @@ def plan(
         "tmpfs": {"/tmp": f"size={disk},mode=1777,{_TMPFS_FLAGS}"},
         "mounts": mounts,
         "log_config": LogConfig(type="none"),
-        "runtime": runtime,
+        "runtime": shape.runtime,
         "oom_score_adj": 1000,
-        "privileged": bool(task.privileged),
+        "privileged": shape.privileged,
     }
-    if runtime != "runsc":
+    if shape.runtime != "runsc":
         host_config["pids_limit"] = pids
-    if task.gpus is not None:
-        count = -1 if task.gpus == "all" else task.gpus
+    if shape.gpus is not None:
+        count = -1 if shape.gpus == "all" else int(shape.gpus)
         host_config["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]
     if blkio:
         host_config.update(blkio)
-    entrypoint = [INIT_PATH, *(arg for path in task.outputs for arg in ("-o", path)), "--"]
     create: dict[str, Any] = {
-        "image": init_image,
-        "command": argv,
-        "entrypoint": entrypoint,
+        "image": shape.init_image,
+        "entrypoint": [INIT_PATH],
         "user": f"{uid}:{gid}",
-        "working_dir": task.workdir or WORKDIR,
-        "environment": [f"{name}={value}" for name, value in task.env.items()],
+        "working_dir": WORKDIR,
         "labels": labels,
         "hostname": "sandbox",
         # No libnetwork sandbox: the container still gets its own network namespace with
         # only loopback, and starts about 80 ms sooner than with network_mode none alone.
         "network_disabled": True,
-        # Always open: parity-init reads the run's secret from stdin before the task starts.
+        # Always open: parity-init reads the run's secret and command from stdin.
         "stdin_open": True,
         "tty": False,
     }
+    return create, host_config
+
+
+def plan(
+    task: Task,
+    limits: Limits,
+    settings: DockerSettings,
+    image: ImageInfo,
+    *,
+    init_image: str,
+    labels: dict[str, str],
+    seccomp: str,
+    blkio: dict[str, Any] | None = None,
+) -> Plan:
+    """Translate ``task`` under ``limits`` into a container and the command parity-init runs.
+
+    Raises:
+        InvalidInput: the task asks for something the operator's settings refuse.
+    """
+    argv = argv_of(task, image)
+    inputs, input_size = None, 0
+    if task.input_files:
+        contents = task.input_contents()
+        input_size = archive_bytes(contents) + MiB
+        inputs = input_archive(contents)
+    shape = shape_of(task, limits, settings, init_image=init_image, input_size=input_size)
+    create, host_config = container(shape, labels=labels, seccomp=seccomp, blkio=blkio)
     return Plan(
+        shape=shape,
         create=create,
         host_config=host_config,
-        runtime=runtime,
-        timeout=limits.timeout,
+        command=command_block(argv, dict(task.env), task.workdir, task.outputs),
         output_cap=limits.output if limits.output is not None else 0,
         stdin=task.input,
         outputs=task.outputs,

@@ -2,12 +2,15 @@
 
 A task's flow::
 
-    Task ──plan()──> create (our init as process 1, tmpfs /work volume, limits, labels)
-         ──attach──> start ──[copy inputs to /input]──> send secret + stdin (the task starts)
+    Task ──plan()──> a Shape (image + init, limits, user, runtime) and init's command
+         ──> a warm container of that shape from the pool (_docker_pool), or a cold one:
+             create (our init as process 1, tmpfs volumes, limits, labels) ──attach──> start
+         ──[copy inputs to /input]──> send secret + command + stdin (the task starts)
          ──> read stdout/stderr (capped) until init's trailer: the secret and the exit status,
              written once the task and all it started are dead ──> read cgroup usage
          ──> copy /work/<outputs> out (tar, parsed safely) while init keeps the tmpfs alive
-         ──> remove container and volumes (always, in ``finally``)
+         ──> remove container and volumes (always: in ``finally``, or, once init is exiting
+             by itself and nothing of the task is left, in the background)
 
 At the deadline the container is killed with SIGKILL (no stop grace) and what was printed so
 far is returned. Containers carry ownership labels, so :meth:`DockerExecutor.reap` (run when an
@@ -27,6 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -61,6 +65,7 @@ from parity_sandbox.runtimes._docker_io import (
     Demux,
     read_outputs,
 )
+from parity_sandbox.runtimes._docker_pool import Warm, WarmPool
 from parity_sandbox.runtimes._docker_seccomp import security_opt
 from parity_sandbox.runtimes._docker_spec import (
     INIT_PATH,
@@ -68,8 +73,10 @@ from parity_sandbox.runtimes._docker_spec import (
     WORKDIR,
     ImageInfo,
     Plan,
+    Shape,
     plan,
 )
+from parity_sandbox.runtimes._docker_spec import container as container_spec
 
 #: Seconds any one Engine API call may take before the daemon counts as unresponsive.
 API_TIMEOUT = 30
@@ -178,13 +185,31 @@ class DockerExecutor(Executor):
         self._blkio = self._blkio_settings()
         self._warned_ignored = False
         self._warned_seccomp = False
+        #: Removes containers whose init is exiting by itself, off the task's path.
+        self._remover = ThreadPoolExecutor(2, thread_name_prefix="parity-sandbox-remove")
+        self._removing: set[Any] = set()
+        self._pool: WarmPool | None = None
         if reap:
             self.reap()
+        if self._settings.pool.enabled:
+            self._pool = WarmPool(self._settings.pool, self._make_warm, self._discard_warm)
+            for profile in self._settings.pool.profiles:
+                self.warm(
+                    Task(
+                        image=profile.image,
+                        command=["true"],
+                        docker_runtime=profile.runtime,
+                        user=profile.user,
+                        limits=profile.limits,
+                    )
+                )
 
     # -- executor contract ---------------------------------------------------------------
 
     def max_parallel(self) -> int:
-        return max(2, os.cpu_count() or 1)
+        # A task mostly waits on the daemon (create, start, remove): two per core keep the
+        # daemon's cores busy; more only queue inside it.
+        return 2 * (os.cpu_count() or 1)
 
     def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
         run_plan, image = self._prepare(task)
@@ -200,6 +225,9 @@ class DockerExecutor(Executor):
         raise error
 
     def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        self._remover.shutdown(wait=True)
         with _LIVE_LOCK:
             live = [container for container in self._live.values() if container]
         for container in live:
@@ -291,6 +319,119 @@ class DockerExecutor(Executor):
         if task.image is None:
             return super().spec_hash(task)
         return task.spec_hash(self.config, image_id=self._image(task.image).id)
+
+    # -- warm containers --------------------------------------------------------------------
+
+    def warm(self, task: Task, *, wait: float | None = None) -> int:
+        """Keep warm containers for tasks of ``task``'s profile (image, OCI runtime, user,
+        resolved limits); the pool is made if the configuration did not enable it.
+
+        Args:
+            task: a task of the profile; its command, env, stdin and files do not matter.
+            wait: seconds to wait until at least one warm container is ready.
+
+        Returns:
+            How many warm containers of the profile are ready now.
+        """
+        self._check_open()
+        run_plan, _ = self._prepare(task)
+        with self._lock:
+            if self._pool is None:
+                self._pool = WarmPool(self._settings.pool, self._make_warm, self._discard_warm)
+            pool = self._pool
+        pool.declare(run_plan.shape)
+        if wait is not None:
+            pool.wait_ready(run_plan.shape, 1, wait)
+        return pool.ready(run_plan.shape)
+
+    def warm_containers(self) -> list[str]:
+        """The ids of the warm containers waiting for tasks now."""
+        return self._pool.containers() if self._pool is not None else []
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until the containers of tasks that have ended are removed (that happens in the
+        background once nothing of a task is left running); False if ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._removing)
+            if not pending:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for future in pending:
+                with contextlib.suppress(Exception):
+                    future.result(timeout=max(left, 0.01))
+
+    def _take_warm(self, shape: Shape) -> Warm | None:
+        return self._pool.take(shape) if self._pool is not None and not self.closed else None
+
+    def _make_warm(self, shape: Shape) -> Warm:
+        """Create, attach to and start a container of ``shape``; its init waits for a task."""
+        run_id = secrets.token_hex(8)
+        # Its deadline (for reap) covers the longest wait in the pool and then a task's run.
+        lifetime = self._settings.pool.idle_timeout + shape.timeout
+        create, host_config = container_spec(
+            shape,
+            labels=host.labels(None, lifetime, run_id),
+            seccomp=security_opt(),
+            blkio=self._blkio,
+        )
+        self._track(run_id, None)
+        made: str | None = None
+        try:
+            with _docker_errors("create a warm container"):
+                made = str(
+                    self._api.create_container(
+                        host_config=self._api.create_host_config(**host_config), **create
+                    )["Id"]
+                )
+                self._track(run_id, made)
+                params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+                response = self._api.attach_socket(made, params=params)
+                self._api.start(made)
+            return Warm(made, run_id, response, getattr(response, "_sock", response))
+        except BaseException:
+            if made is not None:
+                with contextlib.suppress(Exception):
+                    self._api.remove_container(made, force=True, v=True)
+            self._untrack(run_id)
+            raise
+
+    def _discard_warm(self, warm: Warm) -> None:
+        with contextlib.suppress(OSError):
+            warm.raw.close()
+        with contextlib.suppress(Exception):
+            self._api.remove_container(warm.container, force=True, v=True)
+        self._untrack(warm.run_id)
+
+    def _remove_later(self, container: str, run_id: str) -> None:
+        """Remove a container whose init is exiting by itself, off the task's path."""
+
+        def remove() -> None:
+            try:
+                with contextlib.suppress(docker.errors.APIError):
+                    self._api.wait(container, timeout=EXIT_TIMEOUT)
+                _remove_container(self._api, container)
+            finally:
+                self._untrack(run_id)
+
+        with self._lock:
+            try:
+                future = self._remover.submit(remove)
+            except RuntimeError:  # the executor is closing: remove it here
+                future = None
+            else:
+                self._removing.add(future)
+        if future is None:
+            remove()
+        else:  # outside the lock: a future already done calls back at once
+            future.add_done_callback(self._removed)
+
+    def _removed(self, future: Any) -> None:
+        with self._lock:
+            self._removing.discard(future)
 
     def _check_limits(self, limits: Limits) -> None:
         """Refuse limits this daemon cannot apply, before anything is created."""
@@ -467,11 +608,14 @@ class DockerExecutor(Executor):
             labels = found.get("Labels") or {}
             if not self._leftover(labels, me):
                 continue
-            with (
-                contextlib.suppress(docker.errors.NotFound),
-                _docker_errors("remove a leftover container"),
-            ):
-                self._api.remove_container(found["Id"], force=True, v=True)
+            with _docker_errors("remove a leftover container"):
+                try:
+                    self._api.remove_container(found["Id"], force=True, v=True)
+                except docker.errors.APIError as exc:
+                    # another reap, or its own executor, got there first
+                    if exc.status_code == 404 or "in progress" in str(exc):
+                        continue
+                    raise
                 removed += 1
         filters = {"label": f"{host.MANAGED}=true", "dangling": True}
         with _docker_errors("list leftover volumes"):
@@ -525,6 +669,8 @@ class _Run:
         self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
         #: Set once init has been told (or decided) to exit with the task's status.
         self.exiting = False
+        #: Whether the container came warm from the pool.
+        self.warm = False
         self.started = 0.0
         #: Seconds from the container's start to the task's end (or the deadline).
         self.duration = 0.0
@@ -532,24 +678,31 @@ class _Run:
     def run(self) -> Result:
         response: Any = None
         raw: socket.socket | None = None
-        self.executor._track(self.run_id, None)
+        warm = self.executor._take_warm(self.plan.shape)
+        if warm is None:
+            self.executor._track(self.run_id, None)
+        else:
+            self.container, self.run_id = warm.container, warm.run_id
+            response, raw, self.warm = warm.response, warm.raw, True
         try:
-            with _docker_errors("create the container"):
-                host_config = self.api.create_host_config(**self.plan.host_config)
-                self.container = str(
-                    self.api.create_container(host_config=host_config, **self.plan.create)["Id"]
-                )
-            self.executor._track(self.run_id, self.container)
-            with _docker_errors("start the container"):
-                params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-                response = self.api.attach_socket(self.container, params=params)
-                raw = getattr(response, "_sock", response)
-                try:
-                    self.api.start(self.container)
-                except docker.errors.APIError as exc:
-                    if self.plan.runtime == "runsc" and "exit status 137" in str(exc):
-                        return self._no_room_for_gvisor()
-                    raise
+            if warm is None:
+                with _docker_errors("create the container"):
+                    host_config = self.api.create_host_config(**self.plan.host_config)
+                    self.container = str(
+                        self.api.create_container(host_config=host_config, **self.plan.create)["Id"]
+                    )
+                self.executor._track(self.run_id, self.container)
+                with _docker_errors("start the container"):
+                    params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+                    response = self.api.attach_socket(self.container, params=params)
+                    raw = getattr(response, "_sock", response)
+                    try:
+                        self.api.start(self.container)
+                    except docker.errors.APIError as exc:
+                        if self.plan.runtime == "runsc" and "exit status 137" in str(exc):
+                            return self._no_room_for_gvisor()
+                        raise
+            assert raw is not None and self.container is not None
             self.started = time.monotonic()
             deadline = self.started + self.plan.timeout
             if self.plan.inputs is not None:
@@ -563,13 +716,18 @@ class _Run:
             if raw is not None:
                 with contextlib.suppress(OSError):
                     raw.close()
-            if self.container is not None:
-                self._remove()
-            self.executor._untrack(self.run_id)
+            if self.container is not None and self.exiting and not self.executor.closed:
+                # The trailer came: nothing of the task runs any more, and init is exiting.
+                self.executor._remove_later(self.container, self.run_id)
+            else:
+                if self.container is not None:
+                    self._remove()
+                self.executor._untrack(self.run_id)
 
     def _send_stdin(self, raw: socket.socket) -> None:
-        """Send the secret (the task starts on it), then the task's stdin, then end-of-file."""
-        data = self.demux.secret + self.plan.stdin
+        """Send the secret and the command (the task starts on them), then the task's stdin,
+        then end-of-file."""
+        data = self.demux.secret + self.plan.command + self.plan.stdin
         if len(data) <= _INLINE_STDIN:
             _feed(raw.dup(), data, API_TIMEOUT)
             return
@@ -679,29 +837,12 @@ class _Run:
 
     def _remove(self) -> None:
         assert self.container is not None
-        try:
-            if self.exiting:
-                # init is exiting by itself: waiting for that and removing a stopped container
-                # is much faster than a forced removal, which kills and then waits.
-                with contextlib.suppress(docker.errors.APIError):
-                    self.api.wait(self.container, timeout=EXIT_TIMEOUT)
-            self.api.remove_container(self.container, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409 or "in progress" not in str(exc):  # close() got there first
-                self._warn_leftover(exc)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            self._warn_leftover(exc)
-
-    def _warn_leftover(self, exc: Exception) -> None:
-        assert self.container is not None
-        warnings.warn(
-            f"could not remove container {self.container[:12]}: {exc}; the next executor's "
-            "reap (or parity-sandbox reap) removes it",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        if self.exiting:
+            # init is exiting by itself: waiting for that and removing a stopped container is
+            # much faster than a forced removal, which kills and then waits.
+            with contextlib.suppress(Exception):
+                self.api.wait(self.container, timeout=EXIT_TIMEOUT)
+        _remove_container(self.api, self.container)
 
     def _result(
         self,
@@ -737,12 +878,35 @@ class _Run:
                 image=self.image.reference,
                 image_id=self.image.id,
                 oci_runtime=self.plan.runtime,
+                warm=self.warm,
             ),
             limit=limit,
             error=error,
             task_id=self.task.id,
             labels=self.task.labels,
         )
+
+
+def _remove_container(api: docker.APIClient, container: str) -> None:
+    """Remove ``container`` and its volumes; warn (for a later reap) if that fails."""
+    try:
+        api.remove_container(container, force=True, v=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409 or "in progress" not in str(exc):  # close() got there first
+            _warn_leftover(container, exc)
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        _warn_leftover(container, exc)
+
+
+def _warn_leftover(container: str, exc: Exception) -> None:
+    warnings.warn(
+        f"could not remove container {container[:12]}: {exc}; the next executor's reap (or "
+        "parity-sandbox reap) removes it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _feed(raw: socket.socket, data: bytes, timeout: float) -> None:

@@ -1,22 +1,25 @@
 /*
  * parity-init: process 1 of every parity-sandbox container.
  *
- *   /.parity/init [-o OUTPUT]... -- COMMAND [ARGS...]
+ *   /.parity/init
  *
- * 1. Reads a 32-byte secret from stdin before anything else. The host writes it once the
- *    container runs and its input files are in place, so it doubles as the "go" signal. The
- *    rest of stdin is the task's.
- * 2. Runs COMMAND as its child and reaps every zombie of the container while it runs.
- * 3. When COMMAND exits, kills every other process of the container (orphans included: kill(-1)
- *    from process 1 reaches the whole PID namespace), then writes the secret and COMMAND's
- *    status (one byte: the exit code, or 128 + the signal) to stdout. The attach stream does not
- *    end when a process closes its output, so this trailer is how the host learns that the task
- *    and all it started are gone; no task process can forge it, as none knows the secret. A
- *    last byte says whether any OUTPUT (a path under /work) exists.
+ * 1. Waits on stdin for the host, which writes once the container runs and the task's input
+ *    files are in place: a 32-byte secret, then the task's command as a 4-byte big-endian
+ *    length and that many bytes of entries, each a tag byte and a NUL-terminated string:
+ *    'a' one argv element, 'e' one NAME=VALUE, 'o' one OUTPUT path under /work, 'w' the
+ *    working directory. The rest of stdin is the task's. Since the task comes this late, a
+ *    container can be started ahead of demand (a warm pool) and still serve exactly one task.
+ * 2. Runs the command as its child and reaps every zombie of the container while it runs.
+ * 3. When the command exits, kills every other process of the container (orphans included:
+ *    kill(-1) from process 1 reaches the whole PID namespace), then writes the secret and the
+ *    command's status (one byte: the exit code, or 128 + the signal) to stdout. The attach
+ *    stream does not end when a process closes its output, so this trailer is how the host
+ *    learns that the task and all it started are gone; no task process can forge it, as none
+ *    knows the secret. A last byte says whether any OUTPUT exists.
  * 4. Closes its streams. If there are outputs, waits for SIGUSR1, keeping the container (and so
  *    its tmpfs workspace) alive while the host copies them out; then, or at once when there
- *    are none, exits with COMMAND's status: a container that exits by itself is removed much
- *    faster than one that has to be killed.
+ *    are none, exits with the command's status: a container that exits by itself is removed
+ *    much faster than one that has to be killed.
  *
  * Process 1 of a PID namespace gets no signal it has no handler for, so the task cannot kill it;
  * it is also made non-dumpable so that a task running as the same user cannot read its memory.
@@ -25,6 +28,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -32,7 +36,7 @@
 #include <unistd.h>
 
 #define SECRET_BYTES 32
-#define MAX_OUTPUTS 64
+#define MAX_COMMAND (8 << 20)
 
 static void ignore(int sig) { (void)sig; }
 
@@ -63,30 +67,65 @@ static int any_exists(char **outputs, int count) {
     return 0;
 }
 
-int main(int argc, char **argv) {
-    int arg = 1, output_count = 0;
-    char *outputs[MAX_OUTPUTS];
-    while (arg + 1 < argc && strcmp(argv[arg], "-o") == 0 && output_count < MAX_OUTPUTS) {
-        outputs[output_count++] = argv[arg + 1];
-        arg += 2;
+static int read_all(unsigned char *into, size_t size) {
+    size_t have = 0;
+    while (have < size) {
+        ssize_t got = read(0, into + have, size - have);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) return -1;
+        have += (size_t)got;
     }
-    if (arg < argc && strcmp(argv[arg], "--") == 0) arg++;
-    if (arg >= argc) {
-        fputs("parity-init: no command to run\n", stderr);
-        return 127;
+    return 0;
+}
+
+struct command {
+    char **argv, **env, **outputs;
+    int output_count;
+    const char *workdir;
+};
+
+/* Splits the host's entries into their lists; each list ends with NULL. */
+static int parse_command(char *block, size_t size, struct command *command) {
+    size_t entries = 0;
+    for (size_t i = 0; i < size; i++) entries += block[i] == '\0';
+    if (size == 0 || block[size - 1] != '\0') return -1;
+    command->argv = calloc(entries + 1, sizeof(char *));
+    command->env = calloc(entries + 1, sizeof(char *));
+    command->outputs = calloc(entries + 1, sizeof(char *));
+    if (!command->argv || !command->env || !command->outputs) return -1;
+    int argc = 0, envc = 0;
+    command->output_count = 0;
+    command->workdir = NULL;
+    for (size_t at = 0; at < size;) {
+        char tag = block[at];
+        char *text = block + at + 1;
+        at += strlen(block + at) + 1;
+        if (tag == 'a') command->argv[argc++] = text;
+        else if (tag == 'e') command->env[envc++] = text;
+        else if (tag == 'o') command->outputs[command->output_count++] = text;
+        else if (tag == 'w') command->workdir = text;
+        else return -1;
     }
+    return argc > 0 ? 0 : -1;
+}
+
+int main(void) {
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
     unsigned char trailer[SECRET_BYTES + 2];
-    size_t have = 0;
-    while (have < SECRET_BYTES) {
-        ssize_t got = read(0, trailer + have, SECRET_BYTES - have);
-        if (got < 0 && errno == EINTR) continue;
-        if (got <= 0) {
-            fputs("parity-init: stdin ended before the host's secret\n", stderr);
-            return 127;
-        }
-        have += (size_t)got;
+    unsigned char length[4];
+    if (read_all(trailer, SECRET_BYTES) < 0 || read_all(length, 4) < 0) {
+        fputs("parity-init: stdin ended before the host's secret and command\n", stderr);
+        return 127;
+    }
+    size_t size = (size_t)length[0] << 24 | (size_t)length[1] << 16 | (size_t)length[2] << 8 |
+                  (size_t)length[3];
+    char *block = size <= MAX_COMMAND ? malloc(size + 1) : NULL;
+    struct command command;
+    if (!block || read_all((unsigned char *)block, size) < 0 ||
+        parse_command(block, size, &command) < 0) {
+        fputs("parity-init: the host's command is malformed\n", stderr);
+        return 127;
     }
 
     sigset_t handled, previous;
@@ -110,9 +149,14 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++)
             sigaction(signals[i], &action, NULL);
         sigprocmask(SIG_SETMASK, &previous, NULL);
-        execvp(argv[arg], argv + arg);
+        for (char **entry = command.env; *entry; entry++) putenv(*entry);
+        if (command.workdir && chdir(command.workdir) < 0) {
+            dprintf(2, "parity-init: cannot enter %s: %s\n", command.workdir, strerror(errno));
+            _exit(126);
+        }
+        execvp(command.argv[0], command.argv);
         int error = errno;
-        dprintf(2, "parity-init: cannot run %s: %s\n", argv[arg], strerror(error));
+        dprintf(2, "parity-init: cannot run %s: %s\n", command.argv[0], strerror(error));
         _exit(error == ENOENT ? 127 : 126);
     }
     if (child < 0) {
@@ -132,7 +176,7 @@ int main(int argc, char **argv) {
     }
     kill(-1, SIGKILL);
     while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {}
-    int keep = any_exists(outputs, output_count);
+    int keep = any_exists(command.outputs, command.output_count);
     trailer[SECRET_BYTES] = (unsigned char)code;
     trailer[SECRET_BYTES + 1] = (unsigned char)keep;
     write_all(1, trailer, sizeof trailer);

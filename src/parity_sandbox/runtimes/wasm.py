@@ -31,7 +31,7 @@ from pathlib import Path
 from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
-from parity_sandbox._executor import Cancelled, Executor
+from parity_sandbox._executor import Cancelled, Executor, available_memory
 from parity_sandbox._fs import collect_outputs, file_identity, read_host_file, remove_tree
 from parity_sandbox._hashing import digest
 from parity_sandbox._models import (
@@ -373,17 +373,26 @@ class WasmExecutor(Executor):
     # -- many tasks ----------------------------------------------------------------------------
 
     def map(
-        self, tasks: Iterable[Task], *, max_parallel: int | None = None
+        self,
+        tasks: Iterable[Task],
+        *,
+        max_parallel: int | None = None,
+        memory_budget: int | None = None,
     ) -> Generator[Result, None, None]:
         """Run many tasks on up to ``max_parallel`` workers at once; results in order.
 
         One thread drives all the workers (no thread per task) and keeps the next task queued
         at each worker, so workers do not wait for the parent between tasks. Like
         ``Executor.map``, a task that fails yields its result instead of raising; closing the
-        iterator early stops the tasks still running.
+        iterator early stops the tasks still running. ``memory_budget`` (default: the host's
+        available memory) caps the workers in use at the budget over the configured memory
+        limit, each worker running one task at a time.
         """
         self._check_open()
         width = min(max(1, max_parallel or self._pool.size), self._pool.size)
+        budget = memory_budget if memory_budget is not None else available_memory()
+        per_task = self._limits.memory or 1
+        width = max(1, min(width, budget // per_task))
         return self._map(iter(tasks), width)
 
     def _map(self, source: Iterator[Task], width: int) -> Generator[Result, None, None]:
