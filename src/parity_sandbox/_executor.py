@@ -8,13 +8,16 @@ the idempotent ``close``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar, Literal, Self
 
 from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config
@@ -110,7 +113,11 @@ class Executor(ABC):
             raise
 
     def map(
-        self, tasks: Iterable[Task], *, max_parallel: int | None = None
+        self,
+        tasks: Iterable[Task],
+        *,
+        max_parallel: int | None = None,
+        memory_budget: int | None = None,
     ) -> Generator[Result, None, None]:
         """Run many tasks, up to ``max_parallel`` at once, yielding their results in order.
 
@@ -118,23 +125,36 @@ class Executor(ABC):
         its result (``status`` ``timeout``, ``resource_limit`` or ``error``) is yielded in its
         place, so one bad task does not end a batch. Closing the iterator early stops the
         tasks still running.
+
+        Args:
+            tasks: the tasks; read lazily, a few ahead of the results.
+            max_parallel: tasks at once (default: what the runtime sustains, see
+                ``max_parallel()``).
+            memory_budget: bytes the memory limits of the tasks running at once may add up to
+                (default: the memory the host has available now); a task above the budget on
+                its own runs alone.
         """
         self._check_open()
-        width = max(1, max_parallel or self.max_parallel())
-        cancel = threading.Event()
-        pending: deque[Future[Result]] = deque()
-        source = iter(tasks)
-        pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="parity-sandbox-map")
-        try:
-            for task in source:
-                pending.append(pool.submit(self._result_of, task, cancel))
-                if len(pending) >= 2 * width:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            cancel.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+        yield from run_all(
+            ((self, task) for task in tasks),
+            width=max(1, max_parallel or self.max_parallel()),
+            memory_budget=memory_budget if memory_budget is not None else available_memory(),
+        )
+
+    def execute_many(
+        self,
+        tasks: Iterable[Task],
+        *,
+        max_parallel: int | None = None,
+        memory_budget: int | None = None,
+    ) -> list[Result]:
+        """``map``, collected into a list."""
+        return list(self.map(tasks, max_parallel=max_parallel, memory_budget=memory_budget))
+
+    def memory_of(self, task: Task) -> int:
+        """The memory limit ``task`` runs under here (what batch admission counts)."""
+        runtime: Literal["wasm", "docker"] = "docker" if self.runtime_name == "docker" else "wasm"
+        return self.config.limits_for(runtime).merged(task.limits).memory or 0
 
     def _result_of(self, task: Task, cancel: threading.Event) -> Result:
         try:
@@ -143,15 +163,15 @@ class Executor(ABC):
             return self._error_result(task, exc)
 
     @staticmethod
-    def _error_result(task: Task, exc: SandboxError) -> Result:
-        """The result ``map`` yields for a task that raised ``exc``."""
+    def _error_result(task: Task | None, exc: SandboxError) -> Result:
+        """The result ``map`` yields for a task that raised ``exc`` (or could not be made)."""
         if exc.result is not None:
             return exc.result
         return Result(
             status=Status.ERROR,
             error=ErrorInfo(type=type(exc).__name__, message=exc.message),
-            task_id=task.id,
-            labels=task.labels,
+            task_id=task.id if task is not None else None,
+            labels=task.labels if task is not None else {},
         )
 
     @property
@@ -185,3 +205,90 @@ class Executor(ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def available_memory() -> int:
+    """The memory the host has available now (``MemAvailable``), or its total."""
+    with contextlib.suppress(OSError, ValueError), Path("/proc/meminfo").open() as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+class _MemoryGate:
+    """Admits tasks while the memory limits of those admitted fit in a budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.running = 0
+        self._changed = threading.Condition()
+
+    def _fits(self, need: int) -> bool:
+        # One task above the budget still runs, alone: refusing it would stall the batch.
+        return self.running == 0 or self.used + need <= self.budget
+
+    def try_acquire(self, need: int) -> bool:
+        with self._changed:
+            if not self._fits(need):
+                return False
+            self.used += need
+            self.running += 1
+            return True
+
+    def acquire(self, need: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._fits(need))
+            self.used += need
+            self.running += 1
+
+    def release(self, need: int) -> None:
+        with self._changed:
+            self.used -= need
+            self.running -= 1
+            self._changed.notify_all()
+
+
+def run_all(
+    work: Iterable[tuple[Executor | None, Task | SandboxError]],
+    *,
+    width: int,
+    memory_budget: int,
+) -> Generator[Result, None, None]:
+    """Run each task on its executor, ``width`` at once within ``memory_budget``; yield the
+    results in order. A ``SandboxError`` in place of a task (a task that could not even be
+    made) is yielded as its error result. Closing the generator stops what still runs."""
+    cancel = threading.Event()
+    gate = _MemoryGate(memory_budget)
+    pending: deque[Future[Result]] = deque()
+    pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="parity-sandbox-map")
+
+    def run_one(executor: Executor, task: Task, need: int) -> Result:
+        try:
+            return executor._result_of(task, cancel)
+        finally:
+            gate.release(need)
+
+    try:
+        for executor, task in work:
+            if isinstance(task, SandboxError) or executor is None:
+                assert isinstance(task, SandboxError)
+                done: Future[Result] = Future()
+                done.set_result(Executor._error_result(None, task))  # a task never made
+                pending.append(done)
+            else:
+                need = executor.memory_of(task)
+                while not gate.try_acquire(need):  # yield results while memory frees up
+                    if not pending:
+                        gate.acquire(need)
+                        break
+                    yield pending.popleft().result()
+                pending.append(pool.submit(run_one, executor, task, need))
+            while len(pending) >= 2 * width:  # keep the next tasks queued behind
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)

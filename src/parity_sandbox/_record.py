@@ -61,7 +61,7 @@ class Record:
                 field="record",
             )
         try:
-            task = _task_from(document["task"])
+            task = task_from_document(document["task"])
             result = Result.from_json(json.dumps(document["result"]))
             spec_hash = str(document["spec_hash"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -103,9 +103,11 @@ def _task_document(task: Task) -> dict[str, Any]:
     return document
 
 
-def _task_from(document: dict[str, Any]) -> Task:
+def task_from_document(document: dict[str, Any]) -> Task:
+    """A task from its record form (bytes and input files as base64; never a host path for an
+    input file). Raises ``InvalidInput`` (from ``Task``) or ``ValueError`` (bad base64)."""
     fields = dict(document)
-    for name in _BYTES_FIELDS:
+    for name in (*_BYTES_FIELDS, "stdin"):  # ``stdin``: the alias of ``input``
         if fields.get(name) is not None:
             fields[name] = base64.b64decode(fields[name], validate=True)
     fields["input_files"] = {

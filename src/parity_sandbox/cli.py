@@ -27,8 +27,17 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
+from parity_sandbox._batch import read_tasks
+from parity_sandbox._batch import run_batch as run_batch_results
 from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config, load_config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
@@ -302,6 +311,82 @@ def run(
         raise _fail(exc, as_json) from None
     except KeyboardInterrupt:
         _err.print("parity-sandbox: interrupted; the task was stopped", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
+
+
+@app.command("run-batch")
+def run_batch(
+    tasks_file: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON lines, one task each, in the record form (bytes and files as base64).",
+            dir_okay=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Results file (default: stdout).", dir_okay=False),
+    ] = None,
+    parallel: Annotated[
+        int | None, typer.Option(min=1, max=1024, help="Tasks at once (default: 2 per core).")
+    ] = None,
+    warm_pool: Annotated[
+        bool, typer.Option("--warm-pool", help="Start Docker containers ahead of the tasks.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Run a file of tasks; write one JSON Result per line, in the order of the tasks.
+
+    Exit status: 0 when every task succeeded, 1 when any did not (each has its result line),
+    65 for a file that cannot be read, 130 on Ctrl-C (what still ran was stopped).
+    """
+    try:
+        settings = load_config(config)
+        if warm_pool:
+            pool = settings.docker.pool.model_copy(update={"enabled": True})
+            docker = settings.docker.model_copy(update={"pool": pool})
+            settings = settings.model_copy(update={"docker": docker})
+        try:
+            with tasks_file.open("rb") as handle:
+                total = sum(1 for line in handle if line.strip())
+            source = tasks_file.open("rb")
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {tasks_file}: {exc.strerror}", field="tasks") from None
+        sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
+        code = 0
+        progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} not ok"),
+            TimeElapsedColumn(),
+            console=_err,
+            transient=False,
+        )
+        try:
+            with progress:
+                bar = progress.add_task("tasks", total=total, failed=0)
+                failed = 0
+                for result in run_batch_results(
+                    read_tasks(source), settings, max_parallel=parallel
+                ):
+                    sink.write(result.to_json() + "\n")
+                    sink.flush()
+                    if result.status is not Status.SUCCEEDED:
+                        failed += 1
+                        code = 1
+                    progress.update(bar, advance=1, failed=failed)
+        finally:
+            source.close()
+            if output is not None:
+                sink.close()
+    except SandboxError as exc:
+        raise _fail(exc, False) from None
+    except KeyboardInterrupt:
+        _err.print(
+            "parity-sandbox: interrupted; the tasks still running were stopped", markup=False
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(code)
 

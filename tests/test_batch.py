@@ -1,0 +1,137 @@
+"""Batches: admission by memory, results in order, and ``parity-sandbox run-batch``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_IMAGE, WasmFixtures
+from parity_sandbox import Config, Result, Status, Task
+from parity_sandbox._batch import read_tasks
+from parity_sandbox._executor import Executor, available_memory
+from test_cli import run_cli
+
+MiB = 1 << 20
+
+
+class Counting(Executor):
+    """Counts the tasks in flight. Batch admission is host-side scheduling: what it admits
+    does not depend on the runtime, so this stands in for one (no sandboxing claim here)."""
+
+    runtime_name = "docker"
+
+    def __init__(self) -> None:
+        super().__init__(Config(cache={"enabled": False}))
+        self._lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(0.02)
+        with self._lock:
+            self.running -= 1
+        return Result(status=Status.SUCCEEDED, exit_code=0, task_id=task.id)
+
+
+def tasks(count: int, memory: str) -> list[Task]:
+    return [
+        Task(image=TEST_IMAGE, command=["true"], id=str(i), limits={"memory": memory})
+        for i in range(count)
+    ]
+
+
+def test_admission_keeps_the_sum_of_memory_limits_within_the_budget() -> None:
+    with Counting() as executor:
+        results = list(executor.map(tasks(24, "256m"), max_parallel=8, memory_budget=600 * MiB))
+        assert executor.peak == 2  # 3 x 256 MiB would not fit in 600 MiB
+        assert [r.task_id for r in results] == [str(i) for i in range(24)]
+        executor.peak = 0
+        list(executor.map(tasks(24, "64m"), max_parallel=8, memory_budget=600 * MiB))
+        assert executor.peak == 8  # now the cores (max_parallel) are the bound
+
+
+def test_a_task_larger_than_the_budget_runs_alone() -> None:
+    with Counting() as executor:
+        mixed = [*tasks(3, "64m"), *tasks(1, "2g"), *tasks(3, "64m")]
+        results = executor.execute_many(mixed, max_parallel=4, memory_budget=1024 * MiB)
+        assert len(results) == 7 and all(r.ok for r in results)
+    assert available_memory() > 0
+
+
+def line(**task: object) -> bytes:
+    return json.dumps(task).encode()
+
+
+def test_task_lines_are_data_never_host_paths() -> None:
+    stdin = base64.b64encode(b"in\n").decode()
+    parsed = list(
+        read_tasks(
+            [
+                line(image=TEST_IMAGE, command=["cat"], stdin=stdin),
+                b"   \n",
+                b"not json\n",
+                b"[1]\n",
+                line(image=TEST_IMAGE, input_files={"x": "/etc/passwd"}),
+                line(image=TEST_IMAGE, input_files={"../x": ""}),
+            ]
+        )
+    )
+    assert len(parsed) == 5  # the blank line is skipped
+    first = parsed[0]
+    assert isinstance(first, Task) and first.input == b"in\n"
+    messages = [str(item) for item in parsed[1:]]
+    assert "line 3" in messages[0] and "JSON" in messages[0]
+    assert "line 4" in messages[1]
+    assert "line 5" in messages[2]  # a path is not base64 content: refused, never read
+    assert "line 6" in messages[3] and ".." in messages[3]
+
+
+def test_run_batch_cli(wasm: WasmFixtures, cache_dir: Path, tmp_path: Path) -> None:
+    lines = [
+        line(wasm_file=str(wasm.hello)),
+        b"{broken",
+        line(wasm_file=str(wasm.exit_code), args=["3"]),
+        line(wasm_file=str(wasm.hello), id="last"),
+    ]
+    source = tmp_path / "tasks.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "results.jsonl"
+    done = run_cli("run-batch", str(source), "-o", str(out), cache=cache_dir)
+    assert done.returncode == 1, done.stderr  # not every task succeeded
+    assert b"4/4" in done.stderr and b"Traceback" not in done.stderr
+    results = [Result.from_json(text) for text in out.read_text().splitlines()]
+    assert [r.status for r in results] == [
+        Status.SUCCEEDED,
+        Status.ERROR,
+        Status.FAILED,
+        Status.SUCCEEDED,
+    ]
+    assert results[0].stdout == b"hello\n" and results[3].task_id == "last"
+    assert results[2].exit_code == 3
+    assert results[1].error is not None and "line 2" in results[1].error.message
+    ok = tmp_path / "ok.jsonl"
+    ok.write_bytes(lines[0] + b"\n")
+    assert run_cli("run-batch", str(ok), cache=cache_dir).returncode == 0
+    missing = run_cli("run-batch", str(tmp_path / "nope.jsonl"), cache=cache_dir)
+    assert missing.returncode == 65 and b"cannot read" in missing.stderr
+
+
+@pytest.mark.docker
+def test_run_batch_cli_with_a_warm_pool(tmp_path: Path, cache_dir: Path) -> None:
+    source = tmp_path / "tasks.jsonl"
+    source.write_bytes(
+        b"".join(line(image=TEST_IMAGE, command=["echo", str(i)]) + b"\n" for i in range(12))
+    )
+    done = run_cli("run-batch", str(source), "--warm-pool", "--parallel", "2", cache=cache_dir)
+    assert done.returncode == 0, done.stderr
+    results = [Result.from_json(text) for text in done.stdout.decode().splitlines()]
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(12)]
+    assert any(r.runtime is not None and r.runtime.warm for r in results)
