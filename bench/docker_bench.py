@@ -16,6 +16,7 @@ epicbox from PyPI on first use.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,18 +32,20 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 IMAGE = "parity-sandbox-test/busybox:latest"
 PEER_VENV = BENCH / ".venv"
-PEERS = ["epicbox==1.1.0"]
+PEERS = ["epicbox==1.1.0", "llm-sandbox==0.3.46"]
 
 
 def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1]
 
 
+@functools.cache
 def peer_python() -> Path:
     python = PEER_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], check=True)
+    # pip is quick when everything is there; an older bench venv gains the newer peers
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], check=True)
     return python
 
 
@@ -91,6 +94,19 @@ def epicbox(runs: int) -> list[float]:
         check=True,
     )
     return [float(line) for line in done.stdout.split()]
+
+
+def llm_sandbox(runtime: str) -> Callable[[int], list[float]]:
+    def run(runs: int) -> list[float]:
+        done = subprocess.run(
+            [str(peer_python()), str(BENCH / "_llm_sandbox_peer.py"), IMAGE, runtime, str(runs)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return [float(line) for line in done.stdout.split()]
+
+    return run
 
 
 def ours(runtime: str) -> Callable[[int], list[float]]:

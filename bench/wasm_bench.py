@@ -1,7 +1,7 @@
 """WASM runtime benchmark: ratios against baselines measured in the same run.
 
     .venv/bin/python bench/wasm_bench.py            # prints the tables
-    .venv/bin/python bench/wasm_bench.py --write    # also records them in bench/RESULTS.md
+    .venv/bin/python bench/wasm_bench.py --write    # also records them in bench/RESULTS-wasm.md
 
 1. Per-task latency of a hello-world module (compiled module cached): parity-sandbox's
    ``execute`` against raw wasmtime-py loops (``bench/_raw.py``) and the ``wasmtime`` CLI run
@@ -226,7 +226,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="record in bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="record in bench/RESULTS-wasm.md")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     options = parser.parse_args()
     rounds, block, seconds, steps = (
@@ -243,7 +243,7 @@ def main() -> None:
     report = "\n".join(text)
     print(report)
     if options.write:
-        results = Path(__file__).resolve().parent / "RESULTS.md"
+        results = Path(__file__).resolve().parent / "RESULTS-wasm.md"
         header = (
             "# Benchmark results\n\nRecorded by `.venv/bin/python bench/wasm_bench.py --write`; "
             "ratios come from one run.\n\n"
