@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_IMAGE, WasmFixtures
-from parity_sandbox import Config, Result, Status, Task
+from parity_sandbox import Config, DockerExecutor, Result, Status, Task
 from parity_sandbox._batch import read_tasks
 from parity_sandbox._executor import Executor, available_memory
-from test_cli import run_cli
+from test_cli import CLI, run_cli
 
 MiB = 1 << 20
 
@@ -135,3 +139,47 @@ def test_run_batch_cli_with_a_warm_pool(tmp_path: Path, cache_dir: Path) -> None
     results = [Result.from_json(text) for text in done.stdout.decode().splitlines()]
     assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(12)]
     assert any(r.runtime is not None and r.runtime.warm for r in results)
+
+
+@pytest.mark.docker
+def test_ctrl_c_in_run_batch_stops_the_tasks_and_leaves_nothing(
+    tmp_path: Path, docker_executor: DockerExecutor
+) -> None:
+    source = tmp_path / "tasks.jsonl"
+    source.write_bytes(
+        b"".join(
+            line(image=TEST_IMAGE, command=["sleep", "600"], limits={"timeout": "700s"}) + b"\n"
+            for _ in range(3)
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARITY_SANDBOX_")}
+    child = subprocess.Popen(
+        [*CLI, "run-batch", str(source), "--warm-pool"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+    def childs() -> list[str]:
+        found = docker_executor._api.containers(
+            all=True, filters={"label": "parity_sandbox.managed=true"}
+        )
+        return [
+            c["Id"]
+            for c in found
+            if c["Labels"].get("parity_sandbox.owner", "").split(":")[1:2] == [str(child.pid)]
+        ]
+
+    try:
+        deadline = time.monotonic() + 30
+        while len(childs()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(childs()) >= 3  # the tasks run (and the pool may be warming more)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+    assert child.returncode == 130, stderr
+    assert b"interrupted" in stderr and b"Traceback" not in stderr
+    assert childs() == []

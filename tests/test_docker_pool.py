@@ -108,7 +108,8 @@ def test_a_task_without_a_pool_runs_cold_and_its_profile_is_warmed(
 def test_input_files_larger_than_the_pools_volume_run_cold(
     pool_executor: DockerExecutor,
 ) -> None:
-    small = Task(image=TEST_IMAGE, command=["true"], limits={"disk": "2m"})
+    # Warm containers of a profile with input files have an /input sized to the disk limit.
+    small = Task(image=TEST_IMAGE, command=["true"], limits={"disk": "2m"}, input_files={"a": b"a"})
     pool_executor.warm(small, wait=60)
     big = Task(
         image=TEST_IMAGE,
@@ -119,6 +120,8 @@ def test_input_files_larger_than_the_pools_volume_run_cold(
     result = pool_executor.execute(big)
     assert result.runtime is not None and result.runtime.warm is False
     assert result.stdout.split()[0] == str(3 << 20).encode()
+    fits = pool_executor.execute(small)
+    assert fits.runtime is not None and fits.runtime.warm
 
 
 def test_a_timeout_in_a_warm_container_kills_it(pool_executor: DockerExecutor) -> None:

@@ -364,13 +364,12 @@ def run_batch(
             console=_err,
             transient=False,
         )
+        batch = run_batch_results(read_tasks(source), settings, max_parallel=parallel)
         try:
             with progress:
                 bar = progress.add_task("tasks", total=total, failed=0)
                 failed = 0
-                for result in run_batch_results(
-                    read_tasks(source), settings, max_parallel=parallel
-                ):
+                for result in batch:
                     sink.write(result.to_json() + "\n")
                     sink.flush()
                     if result.status is not Status.SUCCEEDED:
@@ -378,6 +377,7 @@ def run_batch(
                         code = 1
                     progress.update(bar, advance=1, failed=failed)
         finally:
+            batch.close()  # at once on Ctrl-C: stops what runs, closes the executors
             source.close()
             if output is not None:
                 sink.close()
