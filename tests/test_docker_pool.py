@@ -180,6 +180,25 @@ def test_profiles_in_the_config_are_warmed_at_start() -> None:
         assert result.runtime is not None and result.runtime.warm
 
 
+def test_warm_containers_of_all_profiles_stay_within_max_total() -> None:
+    # Profiles come from tasks: a stranger varying a limit per task must not multiply them.
+    def task(memory: int) -> Task:
+        return Task(image=TEST_IMAGE, command=["true"], limits={"memory": f"{memory}m"})
+
+    with pooled(min=1, max=2, max_total=2) as executor:
+        for memory in range(70, 76):
+            executor.execute(task(memory))  # cold; each warms its profile for later
+        seen = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            seen = max(seen, len(executor.warm_containers()))
+            time.sleep(0.05)
+        assert 1 <= seen <= 2
+        assert executor.warm(task(75), wait=60) >= 1  # the newest profile has room
+        oldest = executor.execute(task(70)).runtime
+        assert oldest is not None and oldest.warm is False  # the oldest profile gave way
+
+
 CRASH = """
 import sys, time
 from parity_sandbox import Config, DockerExecutor, Task

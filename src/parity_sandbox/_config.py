@@ -107,6 +107,9 @@ class PoolSettings(_Model):
     min: int = Field(default=1, ge=0, le=64)
     #: The most warm containers a busy profile keeps.
     max: int = Field(default=4, ge=1, le=256)
+    #: The most warm containers of all profiles together (profiles come from tasks, which
+    #: strangers may vary at will); the least recently used profile gives way.
+    max_total: int = Field(default=16, ge=1, le=1024)
     #: A warm container unused this long is replaced (or removed, beyond ``min``).
     idle_timeout: Seconds = 300.0
     #: Profiles warmed when the executor starts; others are warmed after their first task.

@@ -7,7 +7,10 @@ it as on the cold path, and the container is destroyed afterwards. Nothing is ev
 
 One thread per pool keeps each profile at its target: ``min`` idle containers, raised by one
 (up to ``max``) each time a task finds its profile empty, lowered again as containers wait past
-``idle_timeout`` unused and are replaced or removed. The containers are ordinary managed
+``idle_timeout`` unused and are replaced or removed. Profiles come from tasks, and tasks may
+come from strangers: so the containers of all profiles together never pass ``max_total``
+(a new profile takes the idle containers of the least recently used one), and a profile
+that has been idle and empty for ``idle_timeout`` is forgotten. The containers are ordinary managed
 containers (labels, run ids in the process's live set), so a crash leaves nothing that
 ``reap`` does not find.
 """
@@ -58,6 +61,8 @@ class _Profile:
     idle: deque[Warm] = field(default_factory=deque)
     making: int = 0
     failures: int = 0
+    #: When a task last took (or asked for) one of its containers.
+    used: float = field(default_factory=time.monotonic)
 
 
 def pool_key(shape: Shape) -> Shape:
@@ -103,6 +108,7 @@ class WarmPool:
             if known is not None:  # asked again: at least one, and retry after failures
                 known.target = max(known.target, 1)
                 known.failures = 0
+                known.used = time.monotonic()
                 self._wake.set()
                 return
             # Without input files no /input (a volume costs the daemon ~15% of a container's
@@ -126,6 +132,7 @@ class WarmPool:
             if profile is None or shape.input_size > profile.shape.input_size:
                 found = None
             else:
+                profile.used = time.monotonic()
                 found = self._pop_alive(profile)
                 if found is None:  # demand outran the pool: keep one more, and retry failures
                     profile.target = min(self.settings.max, profile.target + 1)
@@ -192,29 +199,47 @@ class WarmPool:
                 self._fill(profile)
 
     def _expire(self) -> None:
-        """Drop containers that waited past ``idle_timeout``; an idle profile shrinks to min."""
+        """Drop containers that waited past ``idle_timeout``; an idle profile shrinks to min,
+        and one idle and empty that long is forgotten."""
         cutoff = time.monotonic() - self.settings.idle_timeout
         expired: list[Warm] = []
         with self._lock:
-            for profile in self._profiles.values():
+            for key, profile in list(self._profiles.items()):
                 while profile.idle and profile.idle[0].made < cutoff:
                     expired.append(profile.idle.popleft())
                     profile.target = max(self.settings.min, profile.target - 1)
+                if not profile.idle and not profile.making and profile.used < cutoff:
+                    del self._profiles[key]
         for warm in expired:
             self._discard(warm)
 
     def _short(self) -> _Profile | None:
-        """A profile with fewer containers (waiting or being made) than its target."""
+        """A profile with fewer containers (waiting or being made) than its target, most
+        recently used first, with room made for it within ``max_total``."""
+        evicted: Warm | None = None
+        chosen: _Profile | None = None
         with self._lock:
-            for profile in self._profiles.values():
+            profiles = sorted(self._profiles.values(), key=lambda p: p.used, reverse=True)
+            total = sum(len(p.idle) + p.making for p in profiles)
+            for profile in profiles:
                 # A profile whose containers keep failing to start is left alone until a task
                 # of it comes by again (take() wakes the thread; failures back off).
-                if profile.failures >= 3:
+                if profile.failures >= 3 or len(profile.idle) + profile.making >= profile.target:
                     continue
-                if len(profile.idle) + profile.making < profile.target:
-                    profile.making += 1
-                    return profile
-        return None
+                if total >= self.settings.max_total:
+                    victim = next(
+                        (p for p in reversed(profiles) if p.idle and p.used < profile.used), None
+                    )
+                    if victim is None:
+                        continue
+                    evicted = victim.idle.popleft()
+                    victim.target = max(0, victim.target - 1)
+                profile.making += 1
+                chosen = profile
+                break
+        if evicted is not None:
+            self._discard(evicted)
+        return chosen
 
     def _fill(self, profile: _Profile) -> None:
         warm: Warm | None = None
