@@ -164,18 +164,20 @@ def rate(
 def throughput(count: int) -> list[str]:
     widths = (1, 2, 8)
     rows: dict[str, list[float]] = {}
-    with executor(False) as ex:
-        ex.execute(ECHO)
-        rows["Docker cold (runc)"] = [
-            rate(lambda ts, w: ex.execute_many(ts, max_parallel=w), [ECHO] * count, w)
-            for w in widths
-        ]
-    with executor(True, min=2) as ex:
-        ex.warm(ECHO, wait=60)
-        rows["Docker warm pool (runc)"] = [
-            rate(lambda ts, w: ex.execute_many(ts, max_parallel=w), [ECHO] * count, w)
-            for w in widths
-        ]
+    for runtime in ("runc", "runsc"):
+        task = ECHO.model_copy(update={"docker_runtime": runtime})
+        with executor(False) as ex:
+            ex.execute(task)
+            rows[f"Docker cold ({runtime})"] = [
+                rate(lambda ts, w: ex.execute_many(ts, max_parallel=w), [task] * count, w)
+                for w in widths
+            ]
+        with executor(True, min=2) as ex:
+            ex.warm(task, wait=60)
+            rows[f"Docker warm pool ({runtime})"] = [
+                rate(lambda ts, w: ex.execute_many(ts, max_parallel=w), [task] * count, w)
+                for w in widths
+            ]
     hello = Task(wasm_file=wasm_bench.HELLO)
     with tempfile.TemporaryDirectory() as cache, WasmExecutor(Config(cache_dir=Path(cache))) as ex:
         ex.execute_many([hello] * 50)

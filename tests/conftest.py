@@ -110,6 +110,16 @@ def managed_containers(executor: DockerExecutor, task_id: str | None = None) -> 
     return [str(item["Id"]) for item in found]
 
 
+def containers_of(executor: DockerExecutor, pid: int) -> list[str]:
+    """Ids of our containers (running or not) that process ``pid`` owns."""
+    found = executor._api.containers(all=True, filters={"label": "parity_sandbox.managed=true"})
+    return [
+        str(c["Id"])
+        for c in found
+        if (c.get("Labels") or {}).get("parity_sandbox.owner", "").split(":")[1:2] == [str(pid)]
+    ]
+
+
 @pytest.fixture(scope="session")
 def warm_docker_executor() -> Iterator[DockerExecutor]:
     """An executor with a warm pool; idle profiles drain away soon (many tests, many)."""

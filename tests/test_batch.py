@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_IMAGE, WasmFixtures
+from conftest import TEST_IMAGE, WasmFixtures, containers_of
 from parity_sandbox import Config, DockerExecutor, Result, Status, Task
 from parity_sandbox._batch import read_tasks
 from parity_sandbox._executor import Executor, available_memory
@@ -159,22 +159,13 @@ def test_ctrl_c_in_run_batch_stops_the_tasks_and_leaves_nothing(
         stderr=subprocess.PIPE,
         env=env,
     )
-
-    def childs() -> list[str]:
-        found = docker_executor._api.containers(
-            all=True, filters={"label": "parity_sandbox.managed=true"}
-        )
-        return [
-            c["Id"]
-            for c in found
-            if c["Labels"].get("parity_sandbox.owner", "").split(":")[1:2] == [str(child.pid)]
-        ]
-
     try:
         deadline = time.monotonic() + 30
-        while len(childs()) < 3 and time.monotonic() < deadline:
+        running: list[str] = []
+        while len(running) < 3 and time.monotonic() < deadline:
+            running = containers_of(docker_executor, child.pid)
             time.sleep(0.1)
-        assert len(childs()) >= 3  # the tasks run (and the pool may be warming more)
+        assert len(running) >= 3  # the tasks run (and the pool may be warming more)
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=30)
     finally:
@@ -182,4 +173,4 @@ def test_ctrl_c_in_run_batch_stops_the_tasks_and_leaves_nothing(
             child.kill()
     assert child.returncode == 130, stderr
     assert b"interrupted" in stderr and b"Traceback" not in stderr
-    assert childs() == []
+    assert containers_of(docker_executor, child.pid) == []

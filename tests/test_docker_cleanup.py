@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TEST_IMAGE, managed_containers
+from conftest import TEST_IMAGE, containers_of, managed_containers
 from parity_sandbox import Config, DockerExecutor, RuntimeUnavailable, Task
 
 pytestmark = pytest.mark.docker
@@ -102,19 +102,8 @@ def test_ctrl_c_in_the_cli_removes_the_container(docker_executor: DockerExecutor
         env=env,
     )
 
-    def childs() -> list[str]:
-        found = docker_executor._api.containers(
-            all=True, filters={"label": "parity_sandbox.managed=true"}
-        )
-        owners = (c["Labels"].get("parity_sandbox.owner", "").split(":") for c in found)
-        return [
-            c["Id"]
-            for c, owner in zip(found, owners, strict=True)
-            if owner[1:2] == [str(child.pid)]
-        ]
-
     try:
-        assert wait_for(lambda: bool(childs()))
+        assert wait_for(lambda: bool(containers_of(docker_executor, child.pid)))
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=20)
     finally:
@@ -122,7 +111,7 @@ def test_ctrl_c_in_the_cli_removes_the_container(docker_executor: DockerExecutor
             child.kill()
     assert child.returncode == 130
     assert b"interrupted" in stderr and b"Traceback" not in stderr
-    assert childs() == []
+    assert containers_of(docker_executor, child.pid) == []
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -187,7 +187,7 @@ class DockerExecutor(Executor):
         self._warned_seccomp = False
         #: Removes containers whose init is exiting by itself, off the task's path.
         self._remover = ThreadPoolExecutor(2, thread_name_prefix="parity-sandbox-remove")
-        self._removing: set[Any] = set()
+        self._removing: set[Future[None]] = set()
         self._pool: WarmPool | None = None
         if reap:
             self.reap()
@@ -367,8 +367,36 @@ class DockerExecutor(Executor):
     def _take_warm(self, shape: Shape) -> Warm | None:
         return self._pool.take(shape) if self._pool is not None and not self.closed else None
 
+    def _start(self, create: dict[str, Any], host_config: dict[str, Any], run_id: str) -> Warm:
+        """Create, attach to and start a container whose init then waits for a task.
+
+        The run is known as live from before its container exists (so no reap takes it while
+        it is made); if anything fails, the container is removed and the error raised.
+        """
+        self._track(run_id, None)
+        made: str | None = None
+        try:
+            with _docker_errors("create the container"):
+                made = str(
+                    self._api.create_container(
+                        host_config=self._api.create_host_config(**host_config), **create
+                    )["Id"]
+                )
+            self._track(run_id, made)
+            with _docker_errors("start the container"):
+                # Attached before the start, so that nothing the container says is missed.
+                params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+                response = self._api.attach_socket(made, params=params)
+                self._api.start(made)
+            return Warm(made, run_id, response, getattr(response, "_sock", response))
+        except BaseException:
+            if made is not None:
+                _remove_container(self._api, made)
+            self._untrack(run_id)
+            raise
+
     def _make_warm(self, shape: Shape) -> Warm:
-        """Create, attach to and start a container of ``shape``; its init waits for a task."""
+        """A container of ``shape`` for the pool; its init waits for a task."""
         run_id = secrets.token_hex(8)
         # Its deadline (for reap) covers the longest wait in the pool and then a task's run.
         lifetime = self._settings.pool.idle_timeout + shape.timeout
@@ -378,33 +406,15 @@ class DockerExecutor(Executor):
             seccomp=security_opt(),
             blkio=self._blkio,
         )
-        self._track(run_id, None)
-        made: str | None = None
-        try:
-            with _docker_errors("create a warm container"):
-                made = str(
-                    self._api.create_container(
-                        host_config=self._api.create_host_config(**host_config), **create
-                    )["Id"]
-                )
-                self._track(run_id, made)
-                params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-                response = self._api.attach_socket(made, params=params)
-                self._api.start(made)
-            return Warm(made, run_id, response, getattr(response, "_sock", response))
-        except BaseException:
-            if made is not None:
-                with contextlib.suppress(Exception):
-                    self._api.remove_container(made, force=True, v=True)
-            self._untrack(run_id)
-            raise
+        return self._start(create, host_config, run_id)
 
     def _discard_warm(self, warm: Warm) -> None:
         with contextlib.suppress(OSError):
             warm.raw.close()
-        with contextlib.suppress(Exception):
-            self._api.remove_container(warm.container, force=True, v=True)
-        self._untrack(warm.run_id)
+        try:
+            _remove_container(self._api, warm.container)
+        finally:
+            self._untrack(warm.run_id)
 
     def _remove_later(self, container: str, run_id: str) -> None:
         """Remove a container whose init is exiting by itself, off the task's path."""
@@ -417,19 +427,17 @@ class DockerExecutor(Executor):
             finally:
                 self._untrack(run_id)
 
-        with self._lock:
-            try:
-                future = self._remover.submit(remove)
-            except RuntimeError:  # the executor is closing: remove it here
-                future = None
-            else:
-                self._removing.add(future)
+        future: Future[None] | None = None
+        # A remover shut down (closing) refuses work: then it is removed here.
+        with self._lock, contextlib.suppress(RuntimeError):
+            future = self._remover.submit(remove)
+            self._removing.add(future)
         if future is None:
             remove()
         else:  # outside the lock: a future already done calls back at once
             future.add_done_callback(self._removed)
 
-    def _removed(self, future: Any) -> None:
+    def _removed(self, future: Future[None]) -> None:
         with self._lock:
             self._removing.discard(future)
 
@@ -672,37 +680,25 @@ class _Run:
         #: Whether the container came warm from the pool.
         self.warm = False
         self.started = 0.0
-        #: Seconds from the container's start to the task's end (or the deadline).
+        #: Seconds from the task's go (secret and command sent) to its end (or the deadline).
         self.duration = 0.0
 
     def run(self) -> Result:
-        response: Any = None
         raw: socket.socket | None = None
         warm = self.executor._take_warm(self.plan.shape)
-        if warm is None:
-            self.executor._track(self.run_id, None)
-        else:
-            self.container, self.run_id = warm.container, warm.run_id
-            response, raw, self.warm = warm.response, warm.raw, True
         try:
             if warm is None:
-                with _docker_errors("create the container"):
-                    host_config = self.api.create_host_config(**self.plan.host_config)
-                    self.container = str(
-                        self.api.create_container(host_config=host_config, **self.plan.create)["Id"]
+                try:
+                    warm = self.executor._start(
+                        self.plan.create, self.plan.host_config, self.run_id
                     )
-                self.executor._track(self.run_id, self.container)
-                with _docker_errors("start the container"):
-                    params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-                    response = self.api.attach_socket(self.container, params=params)
-                    raw = getattr(response, "_sock", response)
-                    try:
-                        self.api.start(self.container)
-                    except docker.errors.APIError as exc:
-                        if self.plan.runtime == "runsc" and "exit status 137" in str(exc):
-                            return self._no_room_for_gvisor()
-                        raise
-            assert raw is not None and self.container is not None
+                except RuntimeUnavailable as exc:
+                    if self.plan.runtime == "runsc" and "exit status 137" in str(exc.__cause__):
+                        return self._no_room_for_gvisor()
+                    raise
+            else:
+                self.warm = True
+            self.container, self.run_id, raw = warm.container, warm.run_id, warm.raw
             self.started = time.monotonic()
             deadline = self.started + self.plan.timeout
             if self.plan.inputs is not None:
@@ -719,9 +715,8 @@ class _Run:
             if self.container is not None and self.exiting and not self.executor.closed:
                 # The trailer came: nothing of the task runs any more, and init is exiting.
                 self.executor._remove_later(self.container, self.run_id)
-            else:
-                if self.container is not None:
-                    self._remove()
+            elif self.container is not None:
+                self._remove()
                 self.executor._untrack(self.run_id)
 
     def _send_stdin(self, raw: socket.socket) -> None:
