@@ -168,6 +168,26 @@ def test_idle_containers_expire_and_close_drains_the_pool() -> None:
         assert not set(waiting) & set(managed_containers(other))
 
 
+def test_named_profiles_are_renewed_and_profiles_from_tasks_forgotten() -> None:
+    named = Task(image=TEST_IMAGE, command=["true"])
+    passing = Task(image=TEST_IMAGE, command=["true"], limits={"memory": "90m"})
+    with pooled(min=1, idle_timeout=1) as executor:
+        executor.warm(named, wait=60)
+        (first,) = executor.warm_containers()
+        executor.execute(passing)  # cold: its profile is warmed, for a while
+        deadline = time.monotonic() + 20
+        renewed: list[str] = []
+        while time.monotonic() < deadline:
+            renewed = executor.warm_containers()
+            if len(renewed) == 1 and first not in renewed:
+                break
+            time.sleep(0.1)
+        # the named profile's container was replaced by a fresh one; the other profile is gone
+        assert len(renewed) == 1 and first not in renewed
+        again = executor.execute(named).runtime
+        assert again is not None and again.warm
+
+
 def test_profiles_in_the_config_are_warmed_at_start() -> None:
     profile = {"image": TEST_IMAGE, "limits": {"memory": "80m"}}
     with pooled(profiles=[profile]) as executor:

@@ -9,10 +9,11 @@ One thread per pool keeps each profile at its target: ``min`` idle containers, r
 (up to ``max``) each time a task finds its profile empty, lowered again as containers wait past
 ``idle_timeout`` unused and are replaced or removed. Profiles come from tasks, and tasks may
 come from strangers: so the containers of all profiles together never pass ``max_total``
-(a new profile takes the idle containers of the least recently used one), and a profile
-that has been idle and empty for ``idle_timeout`` is forgotten. The containers are ordinary managed
-containers (labels, run ids in the process's live set), so a crash leaves nothing that
-``reap`` does not find.
+(a new profile takes the idle containers of the least recently used one), and a profile that
+came from tasks is forgotten once idle and empty for ``idle_timeout``. Profiles named in the
+configuration or by ``warm()`` stay, at ``min``, with their containers renewed as they expire.
+The containers are ordinary managed containers (labels, run ids in the process's live set), so
+a crash leaves nothing that ``reap`` does not find.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class _Profile:
     failures: int = 0
     #: When a task last took (or asked for) one of its containers.
     used: float = field(default_factory=time.monotonic)
+    #: Asked for by name (configuration, ``warm()``): kept at ``min`` however long it idles.
+    #: Others came from tasks, and are forgotten once idle and empty for ``idle_timeout``.
+    pinned: bool = True
 
 
 def pool_key(shape: Shape) -> Shape:
@@ -98,8 +102,9 @@ class WarmPool:
 
     # -- the executor's side ---------------------------------------------------------------
 
-    def declare(self, shape: Shape) -> None:
-        """Keep warm containers for ``shape``'s profile from now on."""
+    def declare(self, shape: Shape, *, pinned: bool = True) -> None:
+        """Keep warm containers for ``shape``'s profile from now on (``pinned``: for good;
+        otherwise until it has been idle for ``idle_timeout``)."""
         key = pool_key(shape)
         with self._lock:
             if self._closed:
@@ -109,13 +114,14 @@ class WarmPool:
                 known.target = max(known.target, 1)
                 known.failures = 0
                 known.used = time.monotonic()
+                known.pinned = known.pinned or pinned
                 self._wake.set()
                 return
             # Without input files no /input (a volume costs the daemon ~15% of a container's
             # life); with them, room for any whose files fit the disk limit.
             size = max(shape.disk, shape.input_size, MiB) if shape.input_size else 0
             sized = replace(shape, input_size=size)
-            self._profiles[key] = _Profile(sized, max(self.settings.min, 1))
+            self._profiles[key] = _Profile(sized, max(self.settings.min, 1), pinned=pinned)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._loop, daemon=True, name="parity-sandbox-warm-pool"
@@ -138,7 +144,7 @@ class WarmPool:
                     profile.target = min(self.settings.max, profile.target + 1)
                     profile.failures = 0
         if profile is None:
-            self.declare(shape)
+            self.declare(shape, pinned=False)
         self._wake.set()
         return found
 
@@ -208,7 +214,8 @@ class WarmPool:
                 while profile.idle and profile.idle[0].made < cutoff:
                     expired.append(profile.idle.popleft())
                     profile.target = max(self.settings.min, profile.target - 1)
-                if not profile.idle and not profile.making and profile.used < cutoff:
+                idle = not profile.idle and not profile.making and profile.used < cutoff
+                if idle and not profile.pinned:
                     del self._profiles[key]
         for warm in expired:
             self._discard(warm)
