@@ -49,22 +49,6 @@ def executor(pool: bool, **settings: object) -> DockerExecutor:
     return DockerExecutor(Config(cache={"enabled": False}, docker=docker))
 
 
-def cold(ex: DockerExecutor, runtime: str) -> Sampler:
-    task = ECHO.model_copy(update={"docker_runtime": runtime})
-    ex.execute(task)  # the derived image is made once per image: not part of a run
-
-    def run(runs: int) -> list[float]:
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            result = ex.execute(task)
-            times.append(time.perf_counter() - started)
-            assert result.stdout == b"hi\n" and not (result.runtime and result.runtime.warm)
-        return times
-
-    return run
-
-
 def warm(ex: DockerExecutor, runtime: str) -> Sampler:
     task = ECHO.model_copy(update={"docker_runtime": runtime})
 
@@ -89,11 +73,11 @@ def docker_latency(rounds: int, block: int) -> list[str]:
         "docker SDK containers.run (runc)": docker_bench.sdk,
         "epicbox (runc)": docker_bench.epicbox,
         "llm-sandbox (runc)": docker_bench.llm_sandbox("runc"),
-        "parity-sandbox cold (runc)": cold(cold_ex, "runc"),
+        "parity-sandbox cold (runc)": docker_bench.ours("runc", cold_ex),
         "parity-sandbox warm pool (runc)": warm(warm_ex, "runc"),
         "docker run (runsc)": lambda n: docker_bench.raw_cli("runsc", n),
         "llm-sandbox (runsc)": docker_bench.llm_sandbox("runsc"),
-        "parity-sandbox cold (runsc)": cold(cold_ex, "runsc"),
+        "parity-sandbox cold (runsc)": docker_bench.ours("runsc", cold_ex),
         "parity-sandbox warm pool (runsc)": warm(warm_ex, "runsc"),
     }
     samples: dict[str, list[float]] = {name: [] for name in methods}
