@@ -259,3 +259,29 @@ def test_pool_settings() -> None:
         Config(docker={"pool": {"min": 5, "max": 2}})
     with pytest.raises(InvalidInput):
         Config(docker={"pool": {"profiles": [{"image": TEST_IMAGE, "runtime": "kata"}]}})
+
+
+UNCLOSED = """
+import sys
+from parity_sandbox import Config, DockerExecutor, Task
+executor = DockerExecutor(Config(docker={"pool": True}))
+executor.warm(Task(image=sys.argv[1], command=["true"]), wait=60)
+print(" ".join(executor.warm_containers()), flush=True)
+"""  # and exits without close()
+
+
+def test_an_executor_never_closed_takes_its_warm_containers_at_exit(
+    docker_executor: DockerExecutor,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARITY_SANDBOX_")}
+    done = subprocess.run(
+        [sys.executable, "-c", UNCLOSED, TEST_IMAGE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    waiting = done.stdout.split()
+    assert len(waiting) == 1
+    assert not set(waiting) & set(managed_containers(docker_executor))

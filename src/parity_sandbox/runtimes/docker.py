@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -192,7 +193,7 @@ class DockerExecutor(Executor):
         if reap:
             self.reap()
         if self._settings.pool.enabled:
-            self._pool = WarmPool(self._settings.pool, self._make_warm, self._discard_warm)
+            self._pool = self._new_pool()
             for profile in self._settings.pool.profiles:
                 self.warm(
                     Task(
@@ -337,12 +338,19 @@ class DockerExecutor(Executor):
         run_plan, _ = self._prepare(task)
         with self._lock:
             if self._pool is None:
-                self._pool = WarmPool(self._settings.pool, self._make_warm, self._discard_warm)
+                self._pool = self._new_pool()
             pool = self._pool
         pool.declare(run_plan.shape)
         if wait is not None:
             pool.wait_ready(run_plan.shape, 1, wait)
         return pool.ready(run_plan.shape)
+
+    def _new_pool(self) -> WarmPool:
+        pool = WarmPool(self._settings.pool, self._make_warm, self._discard_warm)
+        # An executor never closed still takes its idle containers with it at interpreter
+        # exit (a crash leaves them to reap()).
+        weakref.finalize(self, pool.close)
+        return pool
 
     def warm_containers(self) -> list[str]:
         """The ids of the warm containers waiting for tasks now."""
