@@ -77,17 +77,22 @@ def _docker_required() -> bool:
     return os.environ.get("PARITY_TEST_DOCKER") == "required"
 
 
-@pytest.fixture(scope="session")
-def docker_executor() -> Iterator[DockerExecutor]:
-    """One executor for the Docker tests; skips them only where no engine is required."""
+def _docker_executor(**docker: Any) -> Iterator[DockerExecutor]:
+    """An executor for the Docker tests; skips them only where no engine is required."""
     try:
-        executor = DockerExecutor(Config(timeout="20s", cache={"enabled": False}))
+        executor = DockerExecutor(Config(timeout="20s", cache={"enabled": False}, docker=docker))
     except RuntimeUnavailable as exc:
         if _docker_required():
             pytest.fail(f"the Docker engine is required here: {exc}")
         pytest.skip(f"no Docker engine: {exc}")
     with executor:
         yield executor
+
+
+@pytest.fixture(scope="session")
+def docker_executor() -> Iterator[DockerExecutor]:
+    """One executor for the Docker tests (cold path)."""
+    yield from _docker_executor()
 
 
 @pytest.fixture(params=OCI_RUNTIMES)
@@ -124,16 +129,7 @@ def containers_of(executor: DockerExecutor, pid: int) -> list[str]:
 def warm_docker_executor() -> Iterator[DockerExecutor]:
     """An executor with a warm pool; idle profiles drain away soon (many tests, many)."""
     pool = {"enabled": True, "min": 0, "max": 2, "idle_timeout": "20s"}
-    try:
-        executor = DockerExecutor(
-            Config(timeout="20s", cache={"enabled": False}, docker={"pool": pool})
-        )
-    except RuntimeUnavailable as exc:
-        if _docker_required():
-            pytest.fail(f"the Docker engine is required here: {exc}")
-        pytest.skip(f"no Docker engine: {exc}")
-    with executor:
-        yield executor
+    yield from _docker_executor(pool=pool)
 
 
 class WarmOnly:
