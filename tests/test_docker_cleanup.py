@@ -197,3 +197,19 @@ def test_a_reap_while_a_container_is_being_made_spares_it(
         monkeypatch.setattr(executor._api, "create_container", create_then_reap)
         result = executor.execute(Task(image=TEST_IMAGE, command=["echo", "survived"]))
     assert result.stdout == b"survived\n"
+
+
+def test_an_interrupt_while_the_daemon_creates_leaves_no_container() -> None:
+    # Ctrl-C can land after the daemon made the container but before its id came back.
+    task_id = f"cut-{uuid.uuid4().hex[:8]}"
+    with DockerExecutor(Config(cache={"enabled": False}), reap=False) as executor:
+        create = executor._api.create_container
+
+        def create_then_interrupt(*args: Any, **kwargs: Any) -> Any:
+            create(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        executor._api.create_container = create_then_interrupt  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            executor.execute(Task(image=TEST_IMAGE, command=["true"], id=task_id))
+        assert managed_containers(executor, task_id) == []

@@ -398,6 +398,12 @@ class DockerExecutor(Executor):
                 self._api.start(made)
             return Warm(made, run_id, response, getattr(response, "_sock", response))
         except BaseException:
+            if made is None:  # cut short (Ctrl-C) while the daemon may have made it anyway
+                with contextlib.suppress(Exception):
+                    found = self._api.containers(
+                        all=True, filters={"label": f"{host.RUN_ID}={run_id}"}
+                    )
+                    made = str(found[0]["Id"]) if found else None
             if made is not None:
                 _remove_container(self._api, made)
             self._untrack(run_id)
