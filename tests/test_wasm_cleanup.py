@@ -17,7 +17,7 @@ import pytest
 
 from conftest import WasmFixtures
 from parity_sandbox import Config, Limits, SandboxError, Status, Task, WasmExecutor
-from parity_sandbox.runtimes._wasm_pool import ROOT_PREFIX, reap_stale_roots
+from parity_sandbox.runtimes._wasm_pool import ROOT_PREFIX, reap_stale_roots, worker_environment
 
 
 def worker_pids(marker: str) -> set[int]:
@@ -118,6 +118,7 @@ def test_a_crashed_parent_leaves_no_worker_and_its_root_is_reaped(
     time.sleep(0.5)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
+    parent.stdout.close()
     deadline = time.monotonic() + 5
     while worker_pids(str(root)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -167,6 +168,33 @@ def test_workers_are_hardened(executor: WasmExecutor, wasm: WasmFixtures) -> Non
         core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
         assert core.split()[4:6] == ["0", "0"]
         assert Path(f"/proc/{pid}/cwd").resolve().is_relative_to(executor._root)
+
+
+def test_a_worker_environment_keeps_nothing_of_the_parent_but_its_python_path() -> None:
+    parent = {"PARITY_CANARY_SECRET": "s3cret", "HOME": "/root", "PATH": "/bin", "PYTHONPATH": "/x"}
+    env = worker_environment(parent, "/pkg")
+    assert env["PYTHONPATH"] == os.pathsep.join(["/pkg", "/x"])
+    assert set(env) == {"PYTHONPATH", "PYTHONSAFEPATH", "LC_ALL", "PYTHONUTF8"}
+    assert "s3cret" not in str(env)
+    assert worker_environment({}, "/pkg")["PYTHONPATH"] == "/pkg"
+
+
+def test_workers_do_not_inherit_the_parents_environment(
+    monkeypatch: pytest.MonkeyPatch, wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    canary = "parity-canary-3f9c1e"
+    monkeypatch.setenv("PARITY_CANARY_SECRET", canary)
+    with WasmExecutor(Config(cache_dir=cache_dir), workers=1) as executor:
+        assert executor.execute(Task(wasm_file=wasm.hello)).ok
+        pids = worker_pids(str(executor._root))
+        assert pids, "no worker process found"
+        for pid in pids:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+            names = {item.split(b"=", 1)[0].decode() for item in raw.split(b"\0") if item}
+            assert canary.encode() not in raw
+            allowed = set(worker_environment({}, ""))
+            assert names <= allowed
+            assert names.isdisjoint(set(os.environ) - allowed)
 
 
 def test_an_executor_dropped_unclosed_releases_everything(

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import weakref
+from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -72,6 +73,24 @@ def reap_stale_roots(temp_dir: Path | None = None) -> int:
     return removed
 
 
+def worker_environment(environ: Mapping[str, str], package_root: str) -> dict[str, str]:
+    """The whole environment of a worker process: what Python needs to start it, nothing else.
+
+    A guest that escaped wasmtime into its worker must find none of the operator's secrets (API
+    keys, tokens) there, so nothing of ``environ`` is copied but ``PYTHONPATH``, whose entries
+    (paths, behind the package root) may be where the parent found wasmtime. The worker gets its
+    directories as arguments and execs nothing, so it needs no ``HOME``, ``TMPDIR`` or ``PATH``.
+    """
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, environ.get("PYTHONPATH")])),
+        # ``-m`` would put the working directory (the worker's root) first on sys.path.
+        "PYTHONSAFEPATH": "1",
+        # The same text encoding whichever locales the host has installed.
+        "LC_ALL": "C.UTF-8",
+        "PYTHONUTF8": "1",
+    }
+
+
 class Worker:
     """One worker process and its private directory."""
 
@@ -84,9 +103,7 @@ class Worker:
         # Readable after the worker is killed (partial output), so closed only with this object.
         self._close_output = weakref.finalize(self, os.close, self.output_fd)
         os.ftruncate(self.output_fd, OUTPUT_BUFFER_SIZE)
-        env = dict(os.environ)
         package_root = str(Path(parity_sandbox.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         try:
             with (root / "worker.log").open("wb") as log:
                 self.proc = subprocess.Popen(
@@ -103,7 +120,7 @@ class Worker:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    env=env,
+                    env=worker_environment(os.environ, package_root),
                     cwd=root,
                     start_new_session=True,
                 )
