@@ -29,7 +29,19 @@ process kill the init of its namespace, which would end the run without its exit
 ``clone``, whose flags a filter can see.
 
 Under gVisor (``runsc``) a task's system calls go to gVisor's own kernel, which stands in for
-this profile; runsc applies an OCI seccomp profile only when it runs with ``--oci-seccomp``.
+this profile; runsc applies an OCI seccomp profile only when it runs with ``--oci-seccomp``, and
+then it needs a variant of its own (``profile(runtime="runsc")``), since runsc reads the profile
+its own way:
+
+- it ignores a rule's ``errnoRet`` (release 20221219 answers ``EPERM``), so ``clone3`` would fail
+  with ``EPERM`` and glibc (>= 2.34), which falls back to ``clone`` only on ``ENOSYS``, could
+  start no thread. The variant allows ``clone3``: that gVisor does not implement it (``ENOSYS``,
+  then the fallback), and a gVisor that does makes its namespaces inside its own kernel, never
+  the host's. runc must never get this variant: there it would let a task make namespaces.
+- it looks names up in its own syscall table, which calls ``pselect6`` ``pselect``: without that
+  name ``select()`` fails. (``openat2``, ``futex_waitv`` and ``landlock_*`` are unknown to it,
+  so they fail with ``EPERM`` there rather than ``ENOSYS``.) Names a runtime does not know are
+  skipped, by runc too.
 """
 
 from __future__ import annotations
@@ -94,11 +106,19 @@ def _equal(index: int, value: int) -> dict[str, Any]:
     return {"index": index, "value": value, "op": "SCMP_CMP_EQ"}
 
 
+#: What the runsc variant adds: see the module docstring.
+_RUNSC_ONLY = ["clone3", "pselect"]
+
+
 @functools.cache
-def profile(machine: str | None = None) -> dict[str, Any]:
-    """The profile as Docker's JSON format has it, for ``machine`` (default: this host's)."""
+def profile(machine: str | None = None, runtime: str = "runc") -> dict[str, Any]:
+    """The profile as Docker's JSON format has it, for ``machine`` (default: this host's) and
+    the OCI ``runtime`` (``runsc`` gets its variant; any other, the profile for Linux)."""
     machine = machine or platform.machine()
-    names = sorted(_ALLOWED + (_X86_64_ONLY if machine == "x86_64" else []))
+    gvisor = runtime == "runsc"
+    names = sorted(
+        _ALLOWED + (_X86_64_ONLY if machine == "x86_64" else []) + (_RUNSC_ONLY if gvisor else [])
+    )
     rules: list[dict[str, Any]] = [{"names": names, "action": "SCMP_ACT_ALLOW"}]
     rules.append(
         {
@@ -109,7 +129,8 @@ def profile(machine: str | None = None) -> dict[str, Any]:
             ],
         }
     )
-    rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": _ENOSYS})
+    if not gvisor:
+        rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": _ENOSYS})
     rules.append(
         {
             "names": _SIGNALLING,
@@ -152,6 +173,6 @@ def profile(machine: str | None = None) -> dict[str, Any]:
 
 
 @functools.cache
-def security_opt(machine: str | None = None) -> str:
-    """The ``--security-opt`` value that installs the profile."""
-    return "seccomp=" + json.dumps(profile(machine), separators=(",", ":"))
+def security_opt(machine: str | None = None, runtime: str = "runc") -> str:
+    """The ``--security-opt`` value that installs the profile for ``runtime``."""
+    return "seccomp=" + json.dumps(profile(machine, runtime), separators=(",", ":"))
