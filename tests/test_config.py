@@ -97,3 +97,16 @@ def test_cache_dir_follows_xdg(tmp_path: Path) -> None:
 def test_show_document_has_resolved_limits() -> None:
     document = Config(memory_limit="128m").to_document()
     assert document["sandbox"]["wasm"]["memory_limit"] == "128m"
+
+
+def test_the_per_task_limits_have_configuration_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "sandbox:\n  docker: {open_files_limit: 128, file_size_limit: 2m, output_files_limit: 5,"
+        " input_limit: 8m}\n"
+    )
+    limits = load_config(path).limits_for("docker")
+    assert (limits.open_files, limits.file_size, limits.output_files) == (128, 2 << 20, 5)
+    assert limits.input == 8 << 20
+    shown = load_config(path).to_document()["sandbox"]["docker"]
+    assert shown["open_files_limit"] == 128 and shown["output_files_limit"] == 5

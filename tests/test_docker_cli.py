@@ -150,3 +150,17 @@ def test_save_and_verify_a_docker_run(docker_executor: DockerExecutor, tmp_path:
     assert saved["task"]["image"].startswith("sha256:")  # pinned by id, never a tag
     done = run_cli("verify", str(record))
     assert done.returncode == 0 and done.stdout.startswith(b"match ")
+
+
+def test_a_program_that_never_started_exits_122(docker_executor: DockerExecutor) -> None:
+    done = run_cli("run", "--image", TEST_IMAGE, "--", "no-such-program")
+    assert done.returncode == 122
+    assert b"LaunchFailed" in done.stderr and b"no-such-program" in done.stderr
+    done = run_cli("run", "--image", TEST_IMAGE, "--json", "--", "no-such-program")
+    document = json.loads(done.stdout)
+    assert done.returncode == 122
+    assert document["status"] == "launch_failed" and document["exit_code"] is None
+    assert document["error"]["type"] == "LaunchFailed"
+    # a program that exits 127 itself passes its code through
+    done = run_cli("run", "--image", TEST_IMAGE, "--", "sh", "-c", "exit 127")
+    assert done.returncode == 127

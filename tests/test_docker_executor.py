@@ -14,6 +14,7 @@ from parity_sandbox import (
     Config,
     DockerExecutor,
     InvalidInput,
+    LaunchFailed,
     ResourceLimitExceeded,
     RuntimeUnavailable,
     Status,
@@ -79,8 +80,11 @@ def test_user_and_workdir(docker_executor: DockerExecutor) -> None:
 
 
 def test_a_command_that_does_not_exist(docker_executor: DockerExecutor) -> None:
-    result = docker_executor.execute(Task(image=TEST_IMAGE, command=["no-such-program"]))
-    assert result.exit_code == 127
+    with pytest.raises(LaunchFailed) as raised:
+        docker_executor.execute(Task(image=TEST_IMAGE, command=["no-such-program"]))
+    result = raised.value.result
+    assert result is not None and result.status is Status.LAUNCH_FAILED
+    assert result.exit_code is None
     assert b"no-such-program" in result.stderr
 
 

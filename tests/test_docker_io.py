@@ -19,6 +19,11 @@ from parity_sandbox.runtimes._docker_io import (
 SECRET = bytes(range(32))
 
 
+def trailer(code: int, outputs: int = 0) -> bytes:
+    """init's trailer of a command that started and exited with ``code``."""
+    return SECRET + bytes([code, outputs, 0, 0])
+
+
 def frame(stream: int, data: bytes) -> bytes:
     return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
 
@@ -47,36 +52,45 @@ def test_output_is_capped_and_flagged() -> None:
         demux.feed(frame(STDOUT, b"x" * 1000))
     data, cut = demux.output(STDOUT)
     assert data == b"x" * 10 and cut
-    assert len(demux.streams[STDOUT]) <= 10 + 34  # nothing kept past the cap and the trailer
+    assert len(demux.streams[STDOUT]) <= 10 + 36  # nothing kept past the cap and the trailer
 
 
 def test_trailer_on_both_streams_ends_the_run_and_is_stripped() -> None:
     demux = Demux(cap=100, secret=SECRET)
-    stream = frame(STDOUT, b"out") + frame(STDERR, b"err") + frame(STDOUT, SECRET + b"\x07\x00")
+    stream = frame(STDOUT, b"out") + frame(STDERR, b"err") + frame(STDOUT, trailer(7))
     feed_in_random_pieces(demux, stream)
     assert demux.exit_code is None  # stderr's trailer has not come yet
-    demux.feed(frame(STDERR, SECRET + b"\x07\x00"))
+    demux.feed(frame(STDERR, trailer(7)))
     assert demux.exit_code == 7
     assert demux.output(STDOUT) == (b"out", False)
     assert demux.output(STDERR) == (b"err", False)
 
 
+def test_a_command_that_never_started_is_told_apart_from_its_exit_code() -> None:
+    demux = Demux(cap=100, secret=SECRET)
+    failed = SECRET + bytes([127, 0, ord("x"), 2])  # exec failed with ENOENT
+    demux.feed(frame(STDOUT, failed) + frame(STDERR, b"cannot run\n" + failed))
+    assert demux.exit_code == 127
+    assert demux.launch_failure == ("exec", 2)
+    started = Demux(cap=100, secret=SECRET)
+    started.feed(frame(STDOUT, trailer(127)) + frame(STDERR, trailer(127)))
+    assert started.exit_code == 127 and started.launch_failure is None
+
+
 def test_a_forged_trailer_does_not_end_the_run() -> None:
     demux = Demux(cap=100, secret=SECRET)
-    fake = bytes(32) + b"\x00\x00"
+    fake = bytes(32) + b"\x00\x00\x00\x00"
     demux.feed(frame(STDOUT, fake) + frame(STDERR, fake))
     assert demux.exit_code is None
 
 
 def test_trailer_after_a_capped_flood_keeps_the_truncation() -> None:
     demux = Demux(cap=5, secret=SECRET)
-    demux.feed(
-        frame(STDOUT, b"y" * 50 + SECRET + b"\x00\x01") + frame(STDERR, SECRET + b"\x00\x01")
-    )
+    demux.feed(frame(STDOUT, b"y" * 50 + trailer(0, 1)) + frame(STDERR, trailer(0, 1)))
     assert demux.exit_code == 0
     assert demux.output(STDOUT) == (b"yyyyy", True)
     exact = Demux(cap=5, secret=SECRET)
-    exact.feed(frame(STDOUT, b"y" * 5 + SECRET + b"\x00\x01") + frame(STDERR, SECRET + b"\x00\x01"))
+    exact.feed(frame(STDOUT, b"y" * 5 + trailer(0, 1)) + frame(STDERR, trailer(0, 1)))
     assert exact.output(STDOUT) == (b"yyyyy", False)
 
 

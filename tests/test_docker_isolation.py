@@ -7,9 +7,12 @@ scripts/docker-setup.sh builds (busybox plus ``probe``, tests/fixtures/docker/pr
 
 from __future__ import annotations
 
+import gc
 import subprocess
+import time
 import tracemalloc
 import uuid
+import warnings
 from typing import Any
 
 import pytest
@@ -19,6 +22,7 @@ from parity_sandbox import (
     DockerExecutor,
     ExecutionTimeout,
     InvalidInput,
+    LaunchFailed,
     ResourceLimitExceeded,
     Result,
     Status,
@@ -134,6 +138,48 @@ def test_stdout_flood_is_bounded(docker_executor: DockerExecutor, oci_runtime: s
     assert len(result.stdout) == 1 << 20 and result.stdout_truncated
     assert result.stderr == b"tail\n" and not result.stderr_truncated
     assert peak < 2 * (1 << 20) + (20 << 20)
+
+
+FLOODS = {"stdout": "yes", "stderr": "yes >&2", "both": "yes & yes >&2"}
+
+
+@pytest.mark.parametrize("timeout", [1, 5])
+@pytest.mark.parametrize("stream", sorted(FLOODS))
+def test_a_flood_at_the_timeout_ends_on_time(
+    docker_executor: DockerExecutor, oci_runtime: str, stream: str, timeout: int
+) -> None:
+    """A task still flooding its output when its timeout strikes: the result comes within a
+    second of the timeout, with the container already gone and no warning (the daemon, blocked
+    writing into an attach connection left open, once held the removal for 30 s)."""
+    task_id = f"flood-{uuid.uuid4().hex[:8]}"
+    task = Task(
+        image=TEST_IMAGE,
+        command=("sh", "-c", FLOODS[stream]),
+        docker_runtime=oci_runtime,
+        limits={"timeout": timeout},
+        id=task_id,
+    )
+    if isinstance(docker_executor, WarmOnly):
+        assert docker_executor.warm(task, wait=60) >= 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.monotonic()
+        with pytest.raises(ExecutionTimeout) as raised:
+            docker_executor.execute(task)
+        elapsed = time.monotonic() - started
+        left = docker_executor._api.containers(
+            all=True, filters={"label": f"parity_sandbox.task_id={task_id}"}
+        )
+        gc.collect()  # an unclosed socket warns when it is collected
+    assert elapsed < timeout + 1, f"the result came {elapsed - timeout:.2f} s after the timeout"
+    assert left == []
+    assert [str(w.message) for w in caught] == []
+    result = raised.value.result
+    assert result is not None
+    for name in ("stdout", "stderr"):
+        flooded = stream in (name, "both")
+        assert (len(getattr(result, name)) == 1 << 20) is flooded, name
+        assert getattr(result, f"{name}_truncated") is flooded, name
 
 
 @pytest.mark.parametrize("place", ["/work", "/tmp", "/dev/shm"])
@@ -354,3 +400,132 @@ def test_cpu_share_is_a_ceiling(docker_executor: DockerExecutor, oci_runtime: st
     usage = result.usage
     assert usage.cpu_time is not None and usage.wall_time is not None
     assert usage.cpu_time < 0.7 * usage.wall_time
+
+
+@pytest.mark.parametrize("probe", ["threads", "select", "loopback"])
+def test_ordinary_programs_do_not_notice_the_hardening(
+    docker_executor: DockerExecutor, oci_runtime: str, probe: str
+) -> None:
+    """Threads, select/poll/epoll, ``localhost`` and the container's own host name, and a
+    server on loopback: what most programs (Python, a JVM, test servers) need."""
+    result = run(docker_executor, oci_runtime, "probe", probe)
+    assert result.ok, result.stdout + result.stderr
+    if probe == "threads":
+        assert result.stdout == b"threads: 8 of 8 started\n"
+    elif probe == "select":
+        assert result.stdout == b"select: ok\npoll: ok\nepoll: ok\n"
+    else:
+        assert result.stdout == b"loopback: ok\n"
+    # still nothing but loopback
+    assert run(docker_executor, oci_runtime, "ls", "/sys/class/net").stdout.split() == [b"lo"]
+
+
+def test_a_thread_bomb_stops_at_the_process_limit(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    result = run(docker_executor, oci_runtime, "probe", "threadbomb", limits={"pids": 64})
+    assert result.ok, result.stderr
+    made = int(result.stdout.split()[1])
+    assert 0 < made < 64, result.stdout
+    assert b"EAGAIN" in result.stdout
+    assert sh(docker_executor, oci_runtime, "echo fine").stdout == b"fine\n"
+
+
+def test_programs_can_run_from_tmp_and_work(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    """/tmp and /work are exec (nosuid, nodev) under both runtimes alike: programs unpack and
+    run helpers there."""
+    result = sh(
+        docker_executor,
+        oci_runtime,
+        # busybox runs the applet its file is named after
+        "cp /bin/busybox /tmp/echo && /tmp/echo tmp; cp /bin/busybox /work/echo && /work/echo work",
+    )
+    assert result.stdout == b"tmp\nwork\n", result.stderr
+
+
+def test_a_program_that_never_started_is_told_apart_from_its_exit_code(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    with pytest.raises(LaunchFailed, match=r"no-such-program.*No such file") as raised:
+        run(docker_executor, oci_runtime, "no-such-program")
+    result = raised.value.result
+    assert result is not None and result.status is Status.LAUNCH_FAILED
+    assert result.exit_code is None
+    assert result.error is not None and result.error.type == "LaunchFailed"
+    with pytest.raises(LaunchFailed, match="working directory /nowhere"):
+        run(docker_executor, oci_runtime, "true", workdir="/nowhere")
+    with pytest.raises(LaunchFailed, match="Permission denied"):
+        run(docker_executor, oci_runtime, "/etc/passwd")
+    # A program that exits 127 or 126 itself ran: its exit is a normal result.
+    for code in (126, 127):
+        exited = sh(docker_executor, oci_runtime, f"exit {code}")
+        assert exited.status is Status.FAILED and exited.exit_code == code
+
+
+def test_open_files_and_file_size_are_per_task(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    limits = {"open_files": 64, "file_size": "1m"}
+    shown = sh(docker_executor, oci_runtime, "ulimit -n; ulimit -f", limits=limits)
+    assert shown.stdout.split() == [b"64", b"2048"]  # -f counts 512-byte blocks
+    opened = run(docker_executor, oci_runtime, "probe", "openfiles", limits=limits)
+    assert opened.stdout == b"openfiles: 61, then EMFILE\n"  # 64 less stdin, stdout, stderr
+    with pytest.raises(ResourceLimitExceeded) as raised:
+        run(
+            docker_executor,
+            oci_runtime,
+            *("dd", "if=/dev/zero", "of=/work/f", "bs=1M", "count=2"),
+            limits=limits,
+        )
+    assert raised.value.limit == "file_size"
+    small = run(
+        docker_executor,
+        oci_runtime,
+        *("dd", "if=/dev/zero", "of=/work/f", "bs=1k", "count=512"),
+        limits=limits,
+    )
+    assert small.ok, small.stderr
+
+
+def test_output_files_are_capped_per_task(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    script = "mkdir out; for i in 1 2 3 4 5; do echo $i > out/f$i; done"
+    result = sh(docker_executor, oci_runtime, script, limits={"output_files": 3})
+    assert len(result.files) == 3 and result.files_truncated
+    everything = sh(docker_executor, oci_runtime, script)
+    assert len(everything.files) == 5 and not everything.files_truncated
+
+
+def test_input_bytes_are_bounded_and_billed(
+    docker_executor: DockerExecutor, oci_runtime: str
+) -> None:
+    """Input files live in a tmpfs the daemon fills, outside the task's memory cgroup: they
+    are bounded by limits.input (default: half the memory limit) and billed in usage."""
+    data = b"x" * (40 << 20)
+    task_id = f"inputs-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(InvalidInput, match=r"limits\.input") as raised:
+        sh(
+            docker_executor,
+            oci_runtime,
+            "true",
+            input_files={"big": data},
+            limits={"memory": "64m"},
+            id=task_id,
+        )
+    assert raised.value.field == "input_files"
+    assert managed_containers(docker_executor, task_id) == []  # nothing was made
+    result = sh(
+        docker_executor,
+        oci_runtime,
+        "wc -c < /input/big",
+        input_files={"big": data},
+        limits={"memory": "64m", "input": "48m"},
+    )
+    assert result.stdout.strip() == str(len(data)).encode()
+    assert result.usage.input_bytes == len(data)
+    assert result.usage.memory_byte_seconds is not None
+    assert result.usage.peak_memory is not None and result.usage.wall_time is not None
+    assert result.usage.memory_byte_seconds >= len(data) * result.usage.wall_time

@@ -245,6 +245,8 @@ def test_warm_containers_of_a_crashed_process_are_reaped(
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
     assert set(waiting) <= set(managed_containers(docker_executor))  # a crash leaves them
     docker_executor.reap()
     assert not set(waiting) & set(managed_containers(docker_executor))

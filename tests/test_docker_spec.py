@@ -64,6 +64,36 @@ def test_hardened_defaults() -> None:
     assert built.command == command_block(["true"], {}, None, ("out",))
 
 
+def test_open_files_and_file_size_become_ulimits() -> None:
+    limits = DEFAULT_LIMITS.merged(Limits(open_files=64, file_size="1m", output_files=2))
+    built = make(Task(image="img", command=["true"]), limits=limits)
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in built.host_config["ulimits"]}
+    assert ulimits["nofile"] == (64, 64)
+    assert ulimits["fsize"] == (1 << 20, 1 << 20)
+    assert built.output_files == 2
+    default = make(Task(image="img", command=["true"]))
+    assert {u["Name"]: u["Soft"] for u in default.host_config["ulimits"]}["nofile"] == 4096
+
+
+def test_localhost_resolves_and_tmp_is_exec() -> None:
+    built = make(Task(image="img", command=["true"]))
+    assert built.host_config["extra_hosts"] == {"sandbox": "127.0.0.1"}
+    assert built.create["hostname"] == "sandbox"
+    assert "network_disabled" not in built.create  # Docker then writes no /etc/hosts
+    assert "noexec" not in built.host_config["tmpfs"]["/tmp"]
+
+
+def test_input_beyond_the_input_limit_is_refused() -> None:
+    limits = DEFAULT_LIMITS.merged(Limits(memory="64m"))
+    with pytest.raises(InvalidInput) as raised:
+        make(
+            Task(image="img", command=["true"], input_files={"a": b"x" * (33 << 20)}), limits=limits
+        )
+    assert raised.value.field == "input_files"
+    fits = make(Task(image="img", command=["true"], input=b"x" * (32 << 20)), limits=limits)
+    assert fits.input_bytes == 32 << 20
+
+
 def test_the_command_block_is_length_prefixed_tagged_entries() -> None:
     block = command_block(["sh", "-c", "echo ü"], {"A": "1=2"}, "/tmp", ("out", "x/y"))
     body = b"ash\0a-c\0aecho \xc3\xbc\0eA=1=2\0oout\0ox/y\0w/tmp\0"
@@ -241,6 +271,30 @@ def test_seccomp_profile_denies_what_docker_allows() -> None:
     assert 40 not in families  # AF_VSOCK
     assert {1, 2, 10} <= families
     assert json.loads(security_opt("x86_64").removeprefix("seccomp=")) == document
+
+
+def unconditional(document: dict[str, Any]) -> set[str]:
+    return {
+        name
+        for rule in document["syscalls"]
+        if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args")
+        for name in rule["names"]
+    }
+
+
+def test_runsc_gets_a_variant_that_gvisor_reads_as_meant() -> None:
+    linux, gvisor = profile("x86_64"), profile("x86_64", "runsc")
+    # runc: clone3 answers ENOSYS (glibc falls back to clone, whose flags are filtered)
+    assert "clone3" not in unconditional(linux)
+    assert {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38} in linux["syscalls"]
+    # runsc ignores errnoRet and names pselect6 "pselect": clone3 is allowed (gVisor's kernel
+    # answers ENOSYS), and both names of pselect are listed
+    assert {"clone3", "pselect", "pselect6"} <= unconditional(gvisor)
+    assert not any(
+        rule["names"] == ["clone3"] for rule in gvisor["syscalls"] if rule.get("errnoRet")
+    )
+    assert unconditional(gvisor) - unconditional(linux) == {"clone3", "pselect"}
+    assert json.loads(security_opt("x86_64", "runsc").removeprefix("seccomp=")) == gvisor
 
 
 def test_block_io_support_is_read_from_the_cgroup_tree(tmp_path: Path) -> None:

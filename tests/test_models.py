@@ -40,6 +40,11 @@ def test_limits_parse_units_once() -> None:
         ("fuel", 0),
         ("stack_size", "1g"),
         ("output", "2g"),
+        ("open_files", 3),
+        ("open_files", "2000000"),
+        ("file_size", -1),
+        ("output_files", 100_001),
+        ("input", "2g"),
     ],
 )
 def test_bad_limits_raise_invalid_input_naming_the_field(field: str, value: object) -> None:
@@ -47,6 +52,26 @@ def test_bad_limits_raise_invalid_input_naming_the_field(field: str, value: obje
         Limits(**{field: value})
     assert info.value.field == field
     assert field in str(info.value)
+
+
+def test_per_task_limits_judges_expect() -> None:
+    limits = Limits(open_files=64, file_size="1m", output_files=0, input="10m")
+    assert (limits.open_files, limits.file_size, limits.output_files) == (64, 1 << 20, 0)
+    assert limits.input == 10 << 20
+    unset = Limits(memory="64m")
+    assert unset.open_files_or_default == 4096 and unset.output_files_or_default == 1000
+    assert unset.input_or_default == 32 << 20  # half the memory limit
+
+
+def test_new_limits_enter_the_spec_hash_only_when_set() -> None:
+    plain = Task(wasm_module=MODULE)
+    assert "file_size" not in plain.spec_document(Limits(memory="64m"))["limits"]
+    capped = Task(wasm_module=MODULE, limits={"file_size": "1m", "output_files": 3})
+    assert capped.spec_hash() != plain.spec_hash()
+    assert (
+        Task(image="sha256:" + "a" * 64, limits={"open_files": 64}).spec_hash()
+        != Task(image="sha256:" + "a" * 64).spec_hash()
+    )
 
 
 def test_limits_merge_only_what_is_set() -> None:

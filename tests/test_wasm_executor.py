@@ -273,3 +273,37 @@ def test_a_flood_costs_the_worker_about_the_cap(wasm: WasmFixtures, cache_dir: P
         result = executor.execute(Task(wasm_file=wasm.flood, args=(str(100 * MiB),)))
         assert result.stdout_truncated
         assert peak(pid) - before < 32 * MiB  # 100 MB went through; about 1 MiB was kept
+
+
+def test_file_size_is_a_per_task_limit(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    with pytest.raises(ResourceLimitExceeded) as info:
+        executor.execute(
+            Task(wasm_file=wasm.big_file, args=(str(2 * MiB),), limits=Limits(file_size="1m"))
+        )
+    assert info.value.limit == "file_size"
+    assert info.value.result is not None and b"write failed at 1 MiB" in info.value.result.stderr
+    fits = executor.execute(
+        Task(wasm_file=wasm.big_file, args=(str(MiB // 2),), limits=Limits(file_size="1m"))
+    )
+    assert fits.ok
+
+
+def test_output_files_are_capped_per_task(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    parts = tuple(f"part{i}.bin" for i in range(5))  # what many_files writes under /work
+    task = Task(wasm_file=wasm.many_files, args=("5", "10"), outputs=parts)
+    capped = executor.execute(task.model_copy(update={"limits": Limits(output_files=3)}))
+    assert len(capped.files) == 3 and capped.files_truncated
+    everything = executor.execute(task)
+    assert len(everything.files) == 5 and not everything.files_truncated
+
+
+def test_input_bytes_are_bounded_and_billed(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    data = b"x" * (3 * MiB)
+    with pytest.raises(InvalidInput, match=r"limits\.input"):
+        executor.execute(
+            Task(wasm_file=wasm.hello, input_files={"a": data}, limits=Limits(memory="4m"))
+        )
+    result = executor.execute(
+        Task(wasm_file=wasm.hello, input_files={"a": data}, limits=Limits(memory="4m", input="3m"))
+    )
+    assert result.usage.input_bytes == len(data)

@@ -26,8 +26,12 @@ from pydantic import Field, field_validator, model_validator
 from parity_sandbox._exceptions import InvalidInput
 from parity_sandbox._models import (
     Cores,
+    FileSize,
     Fuel,
+    InputSize,
     Limits,
+    OpenFiles,
+    OutputFiles,
     OutputSize,
     Pids,
     Seconds,
@@ -66,6 +70,10 @@ class _LimitSettings(_Model):
     timeout: Seconds | None = None
     fuel: Fuel | None = None
     stack_size: StackSize | None = None
+    open_files_limit: OpenFiles | None = None
+    file_size_limit: FileSize | None = None
+    output_files_limit: OutputFiles | None = None
+    input_limit: InputSize | None = None
 
     def limits(self) -> Limits:
         """These settings as a :class:`Limits` (unset keys stay ``None``)."""
@@ -78,6 +86,10 @@ class _LimitSettings(_Model):
             timeout=self.timeout,
             fuel=self.fuel,
             stack_size=self.stack_size,
+            open_files=self.open_files_limit,
+            file_size=self.file_size_limit,
+            output_files=self.output_files_limit,
+            input=self.input_limit,
         )
 
 
@@ -246,7 +258,14 @@ class Config(_LimitSettings):
                 "timeout": f"{limits.timeout:g}s",
                 "fuel": limits.fuel,
                 "stack_size": format_size(limits.stack_size or 0),
+                "file_size_limit": format_size(
+                    limits.file_size if limits.file_size is not None else limits.disk or 0
+                ),
+                "output_files_limit": limits.output_files_or_default,
+                "input_limit": format_size(limits.input_or_default),
             }
+            if runtime == "docker":
+                section["open_files_limit"] = limits.open_files_or_default
             if runtime == "wasm":
                 section["workers"] = self.wasm.workers or os.cpu_count() or 1
             else:

@@ -11,8 +11,10 @@ The tree::
     ├── RuntimeUnavailable          the runtime cannot run tasks here (missing, daemon down, ...)
     └── TaskError                   the task ran and did not end normally
         ├── ExecutionTimeout        the wall-clock limit passed; the task was killed
-        ├── ResourceLimitExceeded   .limit: "memory", "fuel", "stack", "disk", "pids", "output"
+        ├── ResourceLimitExceeded   .limit: "memory", "fuel", "stack", "disk", "file_size",
+        │                           "pids"
         ├── ExecutionError          the task crashed (a trap) or its worker died
+        ├── LaunchFailed            the task's program never started (not found, not runnable)
         └── TaskFailed              raised only by Result.raise_for_status() on a non-zero exit
 
 A non-zero exit is a normal :class:`~parity_sandbox.Result` with ``status == "failed"``;
@@ -32,6 +34,7 @@ __all__ = [
     "ExecutionError",
     "ExecutionTimeout",
     "InvalidInput",
+    "LaunchFailed",
     "ResourceLimitExceeded",
     "RuntimeUnavailable",
     "SandboxError",
@@ -118,6 +121,14 @@ class ExecutionError(TaskError):
     """The task crashed (a WebAssembly trap) or the process running it died."""
 
     exit_code: ClassVar[int] = 126
+
+
+class LaunchFailed(TaskError):
+    """The task's program could not be started: its command was not found or cannot be
+    executed, or its working directory does not exist. Nothing of the task ran, so its exit
+    code is not one the program chose (a command that exits 127 itself is ``failed``)."""
+
+    exit_code: ClassVar[int] = 122
 
 
 class TaskFailed(TaskError):

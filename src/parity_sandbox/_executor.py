@@ -152,9 +152,11 @@ class Executor(ABC):
         return list(self.map(tasks, max_parallel=max_parallel, memory_budget=memory_budget))
 
     def memory_of(self, task: Task) -> int:
-        """The memory limit ``task`` runs under here (what batch admission counts)."""
+        """The host memory ``task`` takes here, what batch admission counts: its memory limit,
+        plus the input bytes the host holds for it outside that limit."""
         runtime: Literal["wasm", "docker"] = "docker" if self.runtime_name == "docker" else "wasm"
-        return self.config.limits_for(runtime).merged(task.limits).memory or 0
+        limit = self.config.limits_for(runtime).merged(task.limits).memory or 0
+        return limit + _input_bytes(task)
 
     def _result_of(self, task: Task, cancel: threading.Event) -> Result:
         try:
@@ -248,6 +250,18 @@ class _MemoryGate:
             self.used -= need
             self.running -= 1
             self._changed.notify_all()
+
+
+def _input_bytes(task: Task) -> int:
+    """The bytes ``task`` brings (stdin, input files; host files by their size now)."""
+    total = len(task.input)
+    for content in task.input_files.values():
+        if isinstance(content, Path):
+            with contextlib.suppress(OSError):  # preparing the task will say what is wrong
+                total += content.stat().st_size
+        else:
+            total += len(content)
+    return total
 
 
 def run_all(

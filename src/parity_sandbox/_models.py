@@ -29,6 +29,7 @@ from parity_sandbox._exceptions import (
     ExecutionError,
     ExecutionTimeout,
     InvalidInput,
+    LaunchFailed,
     ResourceLimitExceeded,
     SandboxError,
     TaskFailed,
@@ -114,6 +115,22 @@ Seconds = Annotated[float, _ranged(parse_duration, 0.001, 7 * 24 * 3600, DURATIO
 Cores = Annotated[float, _ranged(parse_cpu, 0.01, 1024, CPU_FORM)]
 Pids = Annotated[int, _ranged(parse_count, 1, 32768, COUNT_FORM)]
 Fuel = Annotated[int, _ranged(parse_count, 1, 2**63 - 1, COUNT_FORM)]
+FileSize = Annotated[int, _ranged(parse_size, 0, 1 << 40, SIZE_FORM, " bytes")]
+InputSize = Annotated[int, _ranged(parse_size, 0, MAX_INPUT_BYTES, SIZE_FORM, " bytes")]
+OpenFiles = Annotated[int, _ranged(parse_count, 16, 1 << 20, COUNT_FORM)]
+OutputFiles = Annotated[int, _ranged(parse_count, 0, 100_000, COUNT_FORM)]
+
+#: What a limit left unset everywhere (task, configuration) means, for the limits whose
+#: default is not a number in the configuration's defaults.
+DEFAULT_OPEN_FILES = 4096
+DEFAULT_OUTPUT_FILES = 1000
+#: Unset ``input``: a task may bring input bytes up to this share of its memory limit.
+DEFAULT_INPUT_SHARE = 0.5
+#: Limits each runtime applies beyond those every task resolves to a number; hashed when set.
+OPTIONAL_LIMITS = {
+    "docker": ("open_files", "file_size", "output_files", "input"),
+    "wasm": ("file_size", "output_files", "input"),
+}
 
 
 _validating = threading.local()
@@ -165,10 +182,54 @@ class Limits(_Model):
     timeout: Seconds | None = None
     fuel: Fuel | None = None
     stack_size: StackSize | None = None
+    #: Open file descriptors of each process (default 4096; Docker only).
+    open_files: OpenFiles | None = None
+    #: The largest file the task may write (default: the disk cap).
+    file_size: FileSize | None = None
+    #: Output files collected at most (default 1000); past it, ``files_truncated``.
+    output_files: OutputFiles | None = None
+    #: Bytes the task brings (stdin and input files), which the host holds for it outside
+    #: its memory limit; default: half the memory limit.
+    input: InputSize | None = None
 
     def merged(self, override: Limits) -> Limits:
         """Return these limits with every field that ``override`` sets replaced."""
         return self.model_copy(update=override.model_dump(exclude_none=True))
+
+    @property
+    def open_files_or_default(self) -> int:
+        return self.open_files if self.open_files is not None else DEFAULT_OPEN_FILES
+
+    @property
+    def output_files_or_default(self) -> int:
+        return self.output_files if self.output_files is not None else DEFAULT_OUTPUT_FILES
+
+    @property
+    def input_or_default(self) -> int:
+        """The input bytes allowed: ``input``, else a share of the memory limit."""
+        if self.input is not None:
+            return self.input
+        return int((self.memory or 0) * DEFAULT_INPUT_SHARE)
+
+
+def check_input_bytes(size: int, limits: Limits) -> None:
+    """Refuse a task that brings more bytes (stdin and input files) than ``limits.input``.
+
+    The host holds those bytes for the task, outside its memory limit (Docker's ``/input``
+    is filled by the daemon, not by the task's cgroup; a WASM worker keeps them in its own
+    memory and directory), so they are bounded, and counted by batch admission, separately.
+
+    Raises:
+        InvalidInput: ``size`` is over the limit.
+    """
+    allowed = limits.input_or_default
+    if size > allowed:
+        source = "limits.input" if limits.input is not None else "half the memory limit"
+        raise InvalidInput(
+            f"input_files: the task brings {size} bytes of input (stdin and files), more than "
+            f"the {allowed} bytes allowed ({source}); raise limits.input or limits.memory",
+            field="input_files",
+        )
 
 
 def check_image_reference(value: str) -> str:
@@ -419,12 +480,17 @@ class Task(_Model):
         ``parity_sandbox._hashing``), under the resolved ``limits``."""
         docker = self.image is not None
         limits = self.effective_limits(limits)
+        names: tuple[str, ...]
         if docker:
             program = {"image_id": image_id or self.image}
             names = ("memory", "cpu", "pids", "disk", "output", "timeout")
         else:
             program = {"module_sha256": module_sha256 or self.module_sha256()}
             names = ("memory", "disk", "output", "timeout", "fuel", "stack_size")
+        # Limits that came later are hashed only where set, so that the hashes of tasks that
+        # leave them at their fixed defaults did not change.
+        optional = OPTIONAL_LIMITS["docker" if docker else "wasm"]
+        names = (*names, *(name for name in optional if getattr(limits, name) is not None))
         document: dict[str, Any] = {
             "v": HASH_VERSION,
             "kind": "task",
@@ -481,7 +547,7 @@ class Task(_Model):
         :class:`~parity_sandbox.Config`; default: built-in defaults), the image by id."""
         runtime, limits = self._resolved(config)
         # Only the limits this runtime applies (the others would only draw warnings).
-        unused = ("cpu", "pids") if runtime == "wasm" else ("fuel", "stack_size")
+        unused = ("cpu", "pids", "open_files") if runtime == "wasm" else ("fuel", "stack_size")
         limits = limits.model_copy(update=dict.fromkeys(unused))
         files = self.input_contents()
         update: dict[str, Any] = {
@@ -555,6 +621,8 @@ class Status(StrEnum):
     TIMEOUT = "timeout"
     RESOURCE_LIMIT = "resource_limit"
     ERROR = "error"
+    #: The task's program never started (command not found or not executable, no workdir).
+    LAUNCH_FAILED = "launch_failed"
 
 
 class ResourceUsage(BaseModel):
@@ -565,8 +633,10 @@ class ResourceUsage(BaseModel):
       clock). Docker: of the container's cgroup (under runsc, gVisor's own work included).
     - ``peak_memory``: bytes. WebAssembly: the guest's linear memory at its largest (exact).
       Docker: the cgroup's high-water mark, page cache and the tmpfs workspace included.
-    - ``memory_byte_seconds``: ``peak_memory * wall_time``, an upper bound of the integral
-      (memory is not sampled during the run).
+    - ``input_bytes``: bytes the task brought (stdin and input files), which the host holds
+      for it outside its memory limit (Docker's ``/input``, a WASM worker's copy).
+    - ``memory_byte_seconds``: ``(peak_memory + input_bytes) * wall_time``, an upper bound of
+      the integral of the memory held for the task (memory is not sampled during the run).
     - ``output_bytes``: bytes delivered in the result: stdout, stderr and files as kept.
     - ``fuel_used``: WebAssembly instructions (fuel units) consumed, when fuel is metered.
     """
@@ -579,6 +649,7 @@ class ResourceUsage(BaseModel):
     wall_time: float | None = None
     memory_byte_seconds: float | None = None
     output_bytes: int | None = None
+    input_bytes: int | None = None
 
     @classmethod
     def measured(
@@ -588,16 +659,19 @@ class ResourceUsage(BaseModel):
         cpu_time: float | None,
         peak_memory: int | None,
         output_bytes: int,
+        input_bytes: int = 0,
         fuel_used: int | None = None,
     ) -> ResourceUsage:
         """Usage from what a runtime measured; the derived figures are computed here."""
+        held = None if peak_memory is None else (peak_memory + input_bytes) * wall_time
         return cls(
             cpu_time=cpu_time,
             peak_memory=peak_memory,
             fuel_used=fuel_used,
             wall_time=wall_time,
-            memory_byte_seconds=peak_memory * wall_time if peak_memory is not None else None,
+            memory_byte_seconds=held,
             output_bytes=output_bytes,
+            input_bytes=input_bytes,
         )
 
 
@@ -716,6 +790,8 @@ class Result(BaseModel):
                 return ResourceLimitExceeded(
                     self.limit or "unknown", message or "resource limit exceeded", result=self
                 )
+            case Status.LAUNCH_FAILED:
+                return LaunchFailed(message or "the task's program could not start", result=self)
             case _ if self.error and self.error.type == "InvalidInput":
                 return InvalidInput(message, result=self)
             case _:

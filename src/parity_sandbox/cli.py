@@ -6,6 +6,7 @@ Exit codes of ``parity-sandbox run`` (also with ``--json``):
 task's own  the task exited; its exit code is passed through (0-255)
 2           the command line itself is wrong (unknown option, missing target)
 65          invalid input: the task, a limit or the configuration was rejected
+122         the task's program never started (not found, not executable, no workdir)
 123         the task hit a resource limit (memory, fuel, stack, disk, ...)
 124         the task ran past its timeout and was killed
 125         the runtime is unavailable here, or another sandbox error
@@ -235,6 +236,19 @@ def run(
     output_limit: Annotated[
         str | None, typer.Option(help="Bytes kept of stdout and of stderr, e.g. 1m.")
     ] = None,
+    open_files: Annotated[
+        str | None, typer.Option(help="Open files per process (Docker; default 4096).")
+    ] = None,
+    file_size: Annotated[
+        str | None, typer.Option(help="Largest file the task may write (default: --disk).")
+    ] = None,
+    output_files: Annotated[
+        str | None, typer.Option(help="Output files collected at most (default 1000).")
+    ] = None,
+    input_limit: Annotated[
+        str | None,
+        typer.Option(help="Bytes of stdin and input files (default: half of --memory)."),
+    ] = None,
     deterministic: Annotated[
         bool,
         typer.Option(help="WASM: same result on every machine (fuel, fixed clocks and random)."),
@@ -258,6 +272,10 @@ def run(
             timeout=timeout,
             fuel=fuel,
             stack_size=stack_size,
+            open_files=open_files,
+            file_size=file_size,
+            output_files=output_files,
+            input=input_limit,
         )
         common: dict[str, Any] = {
             "env": _pairs(env or [], "--env"),

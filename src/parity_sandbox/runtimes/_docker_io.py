@@ -5,7 +5,8 @@ Nothing here talks to Docker; each piece takes or gives bytes so that it can be 
 - :class:`Demux` splits Docker's multiplexed attach stream into stdout and stderr and keeps at
   most ``cap + 1`` bytes of each, whatever the task prints (the rest is counted and dropped). It
   also watches for the trailer that ``parity-init`` writes on both streams once the task and
-  everything it started are gone: the run's secret and the exit status.
+  everything it started are gone: the run's secret, the exit status, whether outputs exist, and
+  whether the command could not be started at all.
 - :func:`input_archive` packs a task's input files as a tar that lands read-only (root-owned,
   mode 0444/0555) under ``/input``.
 - :func:`read_outputs` reads the tar Docker gives for an output path and keeps regular files
@@ -28,7 +29,11 @@ from parity_sandbox._fs import OutputCaps
 STDOUT, STDERR = 1, 2
 SECRET_BYTES = 32
 _HEADER = 8
-_TRAILER = SECRET_BYTES + 2  # the secret, the exit status, whether outputs exist
+# The secret, the exit status, whether outputs exist, and what could not be started (a stage
+# and an errno; 0, 0 when the command started).
+_TRAILER = SECRET_BYTES + 4
+#: The stages at which parity-init can fail to start a command, by the byte it reports.
+LAUNCH_STAGES = {ord("w"): "workdir", ord("x"): "exec", ord("f"): "fork"}
 
 
 def _pair() -> dict[int, Any]:
@@ -51,6 +56,8 @@ class Demux:
     seen: dict[int, int] = field(default_factory=lambda: {STDOUT: 0, STDERR: 0})
     exit_code: int | None = None
     outputs_exist: bool = False
+    #: Set when the command never started: the stage that failed and its errno.
+    launch_failure: tuple[str, int] | None = None
     _tails: dict[int, bytearray] = field(default_factory=_pair)
     _header: bytearray = field(default_factory=bytearray)
     _stream: int = 0
@@ -90,8 +97,11 @@ class Demux:
             return
         tails = self._tails.values()
         if all(len(t) == _TRAILER and t[:SECRET_BYTES] == self.secret for t in tails):
-            self.exit_code = self._tails[STDOUT][SECRET_BYTES]
-            self.outputs_exist = bool(self._tails[STDOUT][SECRET_BYTES + 1])
+            trailer = self._tails[STDOUT][SECRET_BYTES:]
+            self.exit_code = trailer[0]
+            self.outputs_exist = bool(trailer[1])
+            if trailer[2]:
+                self.launch_failure = (LAUNCH_STAGES.get(trailer[2], "exec"), trailer[3])
 
     def output(self, stream: int) -> tuple[bytes, bool]:
         """The kept bytes of ``stream`` (at most ``cap``) and whether more were printed."""

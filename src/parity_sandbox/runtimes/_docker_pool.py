@@ -18,6 +18,7 @@ a crash leaves nothing that ``reap`` does not find.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -45,6 +46,22 @@ class Warm:
     response: Any = field(repr=False)
     raw: socket.socket = field(repr=False)
     made: float = field(default_factory=time.monotonic)
+
+    def hang_up(self) -> None:
+        """End the attach connection and release its file descriptor; idempotent.
+
+        Closing ``raw`` alone is not enough: the SDK's socket IO object holds the same
+        descriptor, so the connection would stay open until garbage collection. A daemon then
+        blocks writing a flooding task's output into it, and so does the removal of the
+        container, for up to the API timeout, while the task runs on. A shutdown ends the
+        connection for every holder of the descriptor (the stdin writer's duplicate too).
+        """
+        with contextlib.suppress(OSError):
+            self.raw.shutdown(socket.SHUT_RDWR)
+        for owner in (self.response, getattr(self.response, "_response", None), self.raw):
+            if owner is not None:
+                with contextlib.suppress(Exception):
+                    owner.close()
 
     def alive(self) -> bool:
         """False when the container has printed or ended while it waited (it must not)."""

@@ -2,7 +2,8 @@
 
 Every hardened default is set here, each with its reason:
 
-- ``network_mode: none``: a task gets only a loopback interface.
+- ``network_mode: none``: a task gets only a loopback interface; ``localhost`` and the
+  container's host name resolve to it.
 - ``cap_drop: ALL`` and ``no-new-privileges``: no capability, and no way to gain one through a
   setuid binary.
 - our seccomp profile (see :mod:`._docker_seccomp`): Docker's default still allows vsock,
@@ -16,17 +17,21 @@ Every hardened default is set here, each with its reason:
   host-wide backstop there and the pids cgroup is the per-task limit.
 - ``memory`` with ``memory_swap`` equal: no swap to spill into.
 - ``nano_cpus``: a CPU share that cannot be exceeded.
-- ulimits ``nofile``, ``fsize`` (the disk cap: no single file beyond it) and ``core 0``.
+- ulimits ``nofile`` (``limits.open_files``), ``fsize`` (``limits.file_size``, by default the
+  disk cap: no single file beyond it) and ``core 0``.
 - private IPC namespace, ``/dev/shm`` capped at the disk limit.
 - process 1 is our ``parity-init``: it reaps zombies, and kills every process left when the
   task's main process exits. The task's command, environment and working directory reach it
   over stdin (:func:`command_block`), not through the container's configuration: so a
   container is made from a :class:`Shape` alone, which a warm pool can do before the task
   exists.
-- ``/work`` and ``/tmp`` are size-capped tmpfs mounts (nosuid, nodev): a real quota, unlike a
-  bind mount. ``/work`` is an anonymous tmpfs volume so that outputs can be copied out after the
-  task ends; tmpfs pages count against the container's memory limit too.
+- ``/work`` and ``/tmp`` are size-capped tmpfs mounts (nosuid, nodev, but exec: programs run
+  helpers they unpack there): a real quota, unlike a bind mount. ``/work`` is an anonymous
+  tmpfs volume so that outputs can be copied out after the task ends; tmpfs pages count
+  against the container's memory limit too.
 - ``/input`` is a tmpfs volume filled by the host, read-only for the task (root-owned files).
+  The daemon fills it, so its pages are not charged to the task's cgroup: the task's input
+  bytes are bounded by ``limits.input`` instead (see ``check_input_bytes``).
 - log driver ``none``: output travels only through the capped attach stream, never to disk.
 - never a host mount, a device, the Docker socket, or a privileged container (unless the
   operator sets ``allow_privileged``).
@@ -42,13 +47,15 @@ from docker.types import DeviceRequest, DriverConfig, LogConfig, Mount, Ulimit
 
 from parity_sandbox._config import DockerSettings
 from parity_sandbox._exceptions import InvalidInput
-from parity_sandbox._models import Limits, Task
+from parity_sandbox._models import Limits, Task, check_input_bytes
 from parity_sandbox.runtimes._docker_io import archive_bytes, input_archive
 
 INIT_PATH = "/.parity/init"
 WORKDIR = "/work"
 INPUT_DIR = "/input"
 NOBODY = 65534
+#: The container's host name; /etc/hosts maps it (and ``localhost``) to loopback.
+HOSTNAME = "sandbox"
 NOFILE = 4096
 #: ``nproc`` under runc: a host-wide backstop per UID (see the module docstring).
 HOST_NPROC = 16384
@@ -82,6 +89,9 @@ class Shape:
     pids: int
     disk: int
     timeout: float
+    open_files: int = NOFILE
+    #: The largest file a process may write (``RLIMIT_FSIZE``).
+    file_size: int = 0
     #: The size of the ``/input`` tmpfs; 0: no ``/input``.
     input_size: int = 0
     gpus: int | str | None = None
@@ -100,6 +110,12 @@ class Plan:
     output_cap: int
     stdin: bytes
     outputs: tuple[str, ...]
+    #: Output files collected at most.
+    output_files: int = 1000
+    #: Bytes the task brings (stdin and input files), held by the host outside its cgroup.
+    input_bytes: int = 0
+    #: The program the task runs (for messages).
+    argv0: str = ""
     inputs: bytes | None = field(default=None, repr=False)
 
     @property
@@ -198,6 +214,8 @@ def shape_of(
         pids=limits.pids,
         disk=limits.disk,
         timeout=limits.timeout,
+        open_files=limits.open_files_or_default,
+        file_size=limits.file_size if limits.file_size is not None else limits.disk,
         input_size=input_size,
         gpus=task.gpus,
         privileged=bool(task.privileged),
@@ -220,7 +238,14 @@ def container(
     pids = shape.pids + 1
     nproc = pids if shape.runtime == "runsc" else max(HOST_NPROC, pids)
     host_config: dict[str, Any] = {
+        # Loopback only. Not ``network_disabled``, although that starts a container about
+        # 90 ms sooner: then Docker writes no /etc/hosts, so ``localhost`` and the container's
+        # own name do not resolve, and test servers, databases and Java's getLocalHost() fail.
         "network_mode": "none",
+        "extra_hosts": {HOSTNAME: "127.0.0.1"},
+        # The host's resolver would otherwise be copied into /etc/resolv.conf: a task has no
+        # route to it anyway, and need not learn its address.
+        "dns": ["127.0.0.1"],
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true", seccomp],
         "read_only": True,
@@ -228,14 +253,16 @@ def container(
         "memswap_limit": shape.memory,
         "nano_cpus": round(shape.cpu * 1e9),
         "ulimits": [
-            Ulimit(name="nofile", soft=NOFILE, hard=NOFILE),
+            Ulimit(name="nofile", soft=shape.open_files, hard=shape.open_files),
             Ulimit(name="nproc", soft=nproc, hard=nproc),
-            Ulimit(name="fsize", soft=disk, hard=disk),
+            Ulimit(name="fsize", soft=shape.file_size, hard=shape.file_size),
             Ulimit(name="core", soft=0, hard=0),
         ],
         "ipc_mode": "private",
         "shm_size": disk,
-        "tmpfs": {"/tmp": f"size={disk},mode=1777,{_TMPFS_FLAGS}"},
+        # exec, as in /work: programs unpack and run helpers from /tmp (one-file apps, .so
+        # files), and Docker's own default (noexec) holds under runc only, not under runsc.
+        "tmpfs": {"/tmp": f"size={disk},mode=1777,exec,{_TMPFS_FLAGS}"},
         "mounts": mounts,
         "log_config": LogConfig(type="none"),
         "runtime": shape.runtime,
@@ -255,10 +282,7 @@ def container(
         "user": f"{uid}:{gid}",
         "working_dir": WORKDIR,
         "labels": labels,
-        "hostname": "sandbox",
-        # No libnetwork sandbox: the container still gets its own network namespace with
-        # only loopback, and starts about 80 ms sooner than with network_mode none alone.
-        "network_disabled": True,
+        "hostname": HOSTNAME,
         # Always open: parity-init reads the run's secret and command from stdin.
         "stdin_open": True,
         "tty": False,
@@ -284,8 +308,10 @@ def plan(
     """
     argv = argv_of(task, image)
     inputs, input_size = None, 0
-    if task.input_files:
-        contents = task.input_contents()
+    contents = task.input_contents()
+    input_bytes = len(task.input) + sum(map(len, contents.values()))
+    check_input_bytes(input_bytes, limits)
+    if contents:
         input_size = archive_bytes(contents) + MiB
         inputs = input_archive(contents)
     shape = shape_of(task, limits, settings, init_image=init_image, input_size=input_size)
@@ -298,5 +324,8 @@ def plan(
         output_cap=limits.output if limits.output is not None else 0,
         stdin=task.input,
         outputs=task.outputs,
+        output_files=limits.output_files_or_default,
+        input_bytes=input_bytes,
+        argv0=argv[0],
         inputs=inputs,
     )

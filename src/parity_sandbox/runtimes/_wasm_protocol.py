@@ -51,6 +51,8 @@ class WasmLimits:
     fuel: int | None = None
     #: Deterministic mode: canonical NaNs, and clocks and randomness from the request's seed.
     deterministic: bool = False
+    #: The largest file the guest may write; ``None``: the disk cap.
+    file_size: int | None = None
 
     @property
     def engine_key(self) -> tuple[int, bool, bool]:
@@ -83,7 +85,7 @@ def store_settings(limits: WasmLimits) -> StoreSettings:
         deterministic=limits.deterministic,
         memory_size=limits.memory,
         fuel=limits.fuel,
-        file_size_limit=limits.disk,
+        file_size_limit=limits.disk if limits.file_size is None else limits.file_size,
     )
 
 
@@ -177,6 +179,7 @@ def encode(message: Message) -> bytes:
                     limits.output,
                     limits.fuel,
                     limits.deterministic,
+                    limits.file_size,
                 ),
                 (
                     caps.max_files,

@@ -718,6 +718,10 @@ def _blame_limits(
     """
     if ending.limit is not None:
         return ending
+    file_size = limits.file_size
+    if file_size is not None and file_size < limits.disk and usage.largest >= file_size:
+        message = f"file size limit reached: a file grew to the {file_size} byte cap"
+        return _Ending("limit", ending.exit_code, "file_size", message)
     if usage.largest >= limits.disk:
         message = f"disk limit reached: a file grew to the {limits.disk} byte cap"
         return _Ending("limit", ending.exit_code, "disk", message)

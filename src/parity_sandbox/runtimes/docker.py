@@ -83,6 +83,8 @@ from parity_sandbox.runtimes._docker_spec import container as container_spec
 API_TIMEOUT = 30
 #: Seconds to wait for the exit status of a container that died on its own.
 EXIT_TIMEOUT = 10
+#: Seconds ``close()`` waits for the runs it stopped to remove their containers.
+CLOSE_TIMEOUT = 30
 _CHUNK = 1 << 16
 #: Runs (by run id) some executor of this process has in flight; :meth:`DockerExecutor.reap`
 #: spares their containers and volumes, and takes the process's others as leftovers.
@@ -91,6 +93,8 @@ _LIVE_LOCK = threading.Lock()
 _POOLS = 512
 #: Docker refuses a memory limit below this.
 MIN_MEMORY = 6 << 20
+#: The status init reports for a task killed by SIGXFSZ (128 + 25).
+_KILLED_BY_SIGXFSZ = 128 + 25
 #: Stdin up to this size is written before reading output (socket buffers hold it).
 _INLINE_STDIN = 1 << 16
 
@@ -116,6 +120,40 @@ def _inspect_image(api: docker.APIClient, reference: str) -> dict[str, Any]:
     return details
 
 
+def _close_failed_connects(exc: BaseException) -> None:
+    """Close the sockets of connections that failed to connect behind ``exc``.
+
+    docker-py's ``UnixHTTPConnection.connect`` leaves the socket of a failed connect (a lost
+    daemon) to the garbage collector, and so a ResourceWarning: it is still a local of the
+    ``connect`` frames in the exception's tracebacks, where it is closed here.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        pending += [error.__cause__, error.__context__]
+        trace = error.__traceback__
+        while trace is not None:
+            frame = trace.tb_frame
+            sock = frame.f_locals.get("sock") if frame.f_code.co_name == "connect" else None
+            if isinstance(sock, socket.socket):
+                sock.close()
+            trace = trace.tb_next
+
+
+@contextlib.contextmanager
+def _best_effort() -> Iterator[None]:
+    """Suppress any error of a call whose failure changes nothing (a removal that ``reap``
+    repeats later), without leaking what a failed connect left open."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - best effort by definition
+        _close_failed_connects(exc)
+
+
 @contextlib.contextmanager
 def _docker_errors(what: str) -> Iterator[None]:
     """Map the SDK's and requests' errors to ours: a lost daemon is ``RuntimeUnavailable``."""
@@ -131,6 +169,7 @@ def _docker_errors(what: str) -> Iterator[None]:
             raise InvalidInput(f"Docker refused to {what}: {explanation}") from exc
         raise RuntimeUnavailable(f"Docker refused to {what}: {explanation}") from exc
     except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
+        _close_failed_connects(exc)
         raise RuntimeUnavailable(
             f"lost the Docker daemon while trying to {what}: {exc}; {_DAEMON_HINT}"
         ) from exc
@@ -175,10 +214,14 @@ class DockerExecutor(Executor):
             self._info: dict[str, Any] = self._api.info()
             self._version = str(self._api.version().get("Version", "unknown"))
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            _close_failed_connects(exc)
             raise RuntimeUnavailable(
                 f"cannot reach the Docker daemon: {exc}; {_DAEMON_HINT}"
             ) from exc
         self._lock = threading.Lock()
+        #: Runs between their start and their cleanup; ``close()`` waits for them.
+        self._running = 0
+        self._runs_over = threading.Condition(self._lock)
         self._derived: dict[str, str] = {}
         self._derive_locks: dict[str, threading.Lock] = {}
         #: This executor's runs in flight: run id -> container id, once created.
@@ -228,13 +271,18 @@ class DockerExecutor(Executor):
     def _close(self) -> None:
         if self._pool is not None:
             self._pool.close()
+        # Runs see the executor closed within a second and remove their containers; the
+        # client must stay open for that (a request after it closes opens a new connection
+        # that nothing would close).
+        with self._runs_over:
+            self._runs_over.wait_for(lambda: self._running == 0, timeout=CLOSE_TIMEOUT)
         self._remover.shutdown(wait=True)
         with _LIVE_LOCK:
             live = [container for container in self._live.values() if container]
         for container in live:
-            with contextlib.suppress(Exception):
+            with _best_effort():
                 self._api.remove_container(container, force=True, v=True)
-        with contextlib.suppress(Exception):
+        with _best_effort():
             self._api.close()
 
     # -- what the daemon offers ------------------------------------------------------------
@@ -310,7 +358,7 @@ class DockerExecutor(Executor):
             image,
             init_image=derived,
             labels=host.labels(task.id, limits.timeout or 0, secrets.token_hex(8)),
-            seccomp=security_opt(),
+            seccomp=security_opt(runtime=runtime),
             blkio=self._blkio,
         )
         return run_plan, image
@@ -383,6 +431,7 @@ class DockerExecutor(Executor):
         """
         self._track(run_id, None)
         made: str | None = None
+        attached: Warm | None = None
         try:
             with _docker_errors("create the container"):
                 made = str(
@@ -395,11 +444,14 @@ class DockerExecutor(Executor):
                 # Attached before the start, so that nothing the container says is missed.
                 params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
                 response = self._api.attach_socket(made, params=params)
+                attached = Warm(made, run_id, response, getattr(response, "_sock", response))
                 self._api.start(made)
-            return Warm(made, run_id, response, getattr(response, "_sock", response))
+            return attached
         except BaseException:
+            if attached is not None:
+                attached.hang_up()
             if made is None:  # cut short (Ctrl-C) while the daemon may have made it anyway
-                with contextlib.suppress(Exception):
+                with _best_effort():
                     found = self._api.containers(
                         all=True, filters={"label": f"{host.RUN_ID}={run_id}"}
                     )
@@ -417,14 +469,13 @@ class DockerExecutor(Executor):
         create, host_config = container_spec(
             shape,
             labels=host.labels(None, lifetime, run_id),
-            seccomp=security_opt(),
+            seccomp=security_opt(runtime=shape.runtime),
             blkio=self._blkio,
         )
         return self._start(create, host_config, run_id)
 
     def _discard_warm(self, warm: Warm) -> None:
-        with contextlib.suppress(OSError):
-            warm.raw.close()
+        warm.hang_up()
         try:
             _remove_container(self._api, warm.container)
         finally:
@@ -698,7 +749,16 @@ class _Run:
         self.duration = 0.0
 
     def run(self) -> Result:
-        raw: socket.socket | None = None
+        with self.executor._runs_over:
+            self.executor._running += 1
+        try:
+            return self._run()
+        finally:
+            with self.executor._runs_over:
+                self.executor._running -= 1
+                self.executor._runs_over.notify_all()
+
+    def _run(self) -> Result:
         warm = self.executor._take_warm(self.plan.shape)
         try:
             if warm is None:
@@ -712,7 +772,8 @@ class _Run:
                     raise
             else:
                 self.warm = True
-            self.container, self.run_id, raw = warm.container, warm.run_id, warm.raw
+            self.container, self.run_id = warm.container, warm.run_id
+            raw = warm.raw
             self.started = time.monotonic()
             deadline = self.started + self.plan.timeout
             if self.plan.inputs is not None:
@@ -723,9 +784,10 @@ class _Run:
             self.duration = time.monotonic() - self.started
             return self._finish(ended)
         finally:
-            if raw is not None:
-                with contextlib.suppress(OSError):
-                    raw.close()
+            if warm is not None:
+                # Before the removal: a daemon blocked writing output into an open attach
+                # connection cannot remove the container.
+                warm.hang_up()
             if self.container is not None and self.exiting and not self.executor.closed:
                 # The trailer came: nothing of the task runs any more, and init is exiting.
                 self.executor._remove_later(self.container, self.run_id)
@@ -789,6 +851,9 @@ class _Run:
                 message += " (it had also hit its process limit)"
             error = ErrorInfo(type="ExecutionTimeout", message=message)
             return self._result(Status.TIMEOUT, None, usage, error=error)
+        if ended == "done" and self.demux.launch_failure is not None:
+            self.exiting = True  # init exits at once: there are no outputs
+            return self._launch_failed(*self.demux.launch_failure, usage)
         if ended == "done":
             assert self.demux.exit_code is not None
             code, oom = self.demux.exit_code, usage.oom_killed
@@ -806,6 +871,12 @@ class _Run:
             message = "the task ran out of memory and was killed"
             error = ErrorInfo(type="ResourceLimitExceeded", message=message)
             return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", error)
+        # The kernel's answer to a write past RLIMIT_FSIZE (unless the task sent it itself).
+        if code == _KILLED_BY_SIGXFSZ:
+            limit = "disk" if self.plan.shape.file_size >= self.plan.shape.disk else "file_size"
+            message = f"the task wrote a file past its {limit} limit and was killed (SIGXFSZ)"
+            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, limit, error)
         if usage.pids_exhausted and code != 0:
             message = "the task hit its process limit"
             error = ErrorInfo(type="ResourceLimitExceeded", message=message)
@@ -816,6 +887,18 @@ class _Run:
             return self._result(Status.ERROR, code, usage, error=error)
         status = Status.SUCCEEDED if code == 0 else Status.FAILED
         return self._result(status, code, usage, collected)
+
+    def _launch_failed(self, stage: str, errno: int, usage: host.CgroupUsage) -> Result:
+        """The command never started: not found or not executable, or no working directory."""
+        reason = os.strerror(errno) if errno else "unknown error"
+        if stage == "workdir":
+            message = f"cannot enter the working directory {self.task.workdir}: {reason}"
+        elif stage == "fork":
+            message = f"cannot start a process for the task: {reason}"
+        else:
+            message = f"cannot run {self.plan.argv0!r}: {reason}"
+        error = ErrorInfo(type="LaunchFailed", message=message)
+        return self._result(Status.LAUNCH_FAILED, None, usage, error=error)
 
     def _no_room_for_gvisor(self) -> Result:
         """runsc was killed while it started: gVisor's own kernel did not fit in the limit."""
@@ -829,7 +912,7 @@ class _Run:
 
     def _collect(self) -> Collected:
         assert self.container is not None
-        collected = Collected(OutputCaps())
+        collected = Collected(OutputCaps(max_files=self.plan.output_files))
         for path in self.plan.outputs:
             try:
                 with _docker_errors("copy the outputs out"):
@@ -849,7 +932,7 @@ class _Run:
         if self.exiting:
             # init is exiting by itself: waiting for that and removing a stopped container is
             # much faster than a forced removal, which kills and then waits.
-            with contextlib.suppress(Exception):
+            with _best_effort():
                 self.api.wait(self.container, timeout=EXIT_TIMEOUT)
         _remove_container(self.api, self.container)
 
@@ -880,6 +963,7 @@ class _Run:
                 cpu_time=usage.cpu_time,
                 peak_memory=usage.peak_memory,
                 output_bytes=len(stdout) + len(stderr) + (collected.total if collected else 0),
+                input_bytes=self.plan.input_bytes,
             ),
             runtime=RuntimeInfo(
                 name="docker",
@@ -906,6 +990,7 @@ def _remove_container(api: docker.APIClient, container: str) -> None:
         if exc.status_code != 409 or "in progress" not in str(exc):  # close() got there first
             _warn_leftover(container, exc)
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        _close_failed_connects(exc)
         _warn_leftover(container, exc)
 
 

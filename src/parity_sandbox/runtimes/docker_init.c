@@ -15,7 +15,9 @@
  *    command's status (one byte: the exit code, or 128 + the signal) to stdout. The attach
  *    stream does not end when a process closes its output, so this trailer is how the host
  *    learns that the task and all it started are gone; no task process can forge it, as none
- *    knows the secret. A last byte says whether any OUTPUT exists.
+ *    knows the secret. Then a byte says whether any OUTPUT exists, and two bytes whether the
+ *    command could not be started at all ('w': its working directory, 'x': the exec) and the
+ *    errno, so that the host can tell "never started" from a command that exits 126 or 127.
  * 4. Closes its streams. If there are outputs, waits for SIGUSR1, keeping the container (and so
  *    its tmpfs workspace) alive while the host copies them out; then, or at once when there
  *    are none, exits with the command's status: a container that exits by itself is removed
@@ -26,6 +28,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,7 +115,7 @@ static int parse_command(char *block, size_t size, struct command *command) {
 int main(void) {
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
-    unsigned char trailer[SECRET_BYTES + 2];
+    unsigned char trailer[SECRET_BYTES + 4];
     unsigned char length[4];
     if (read_all(trailer, SECRET_BYTES) < 0 || read_all(length, 4) < 0) {
         fputs("parity-init: stdin ended before the host's secret and command\n", stderr);
@@ -140,9 +143,17 @@ int main(void) {
     }
     sigprocmask(SIG_BLOCK, &handled, &previous);
 
+    /* The child reports a failure to start on this pipe; a successful exec closes it. */
+    int launch[2];
+    if (pipe2(launch, O_CLOEXEC) < 0) {
+        dprintf(2, "parity-init: cannot start the task: %s\n", strerror(errno));
+        return 127;
+    }
+    unsigned char failure[2] = {0, 0};
     int code = 126;
     pid_t child = fork();
     if (child == 0) {
+        close(launch[0]);
         memset(trailer, 0, sizeof trailer);
         setpgid(0, 0); /* the task's own group: kill(0, ...) in the task cannot reach us */
         action.sa_handler = SIG_DFL;
@@ -151,17 +162,34 @@ int main(void) {
         sigprocmask(SIG_SETMASK, &previous, NULL);
         for (char **entry = command.env; *entry; entry++) putenv(*entry);
         if (command.workdir && chdir(command.workdir) < 0) {
+            unsigned char why[2] = {'w', (unsigned char)errno};
             dprintf(2, "parity-init: cannot enter %s: %s\n", command.workdir, strerror(errno));
+            write_all(launch[1], why, sizeof why);
             _exit(126);
         }
         execvp(command.argv[0], command.argv);
         int error = errno;
+        unsigned char why[2] = {'x', (unsigned char)error};
         dprintf(2, "parity-init: cannot run %s: %s\n", command.argv[0], strerror(error));
+        write_all(launch[1], why, sizeof why);
         _exit(error == ENOENT ? 127 : 126);
     }
+    close(launch[1]);
     if (child < 0) {
+        failure[0] = 'f';
+        failure[1] = (unsigned char)errno;
         dprintf(2, "parity-init: cannot start the task: %s\n", strerror(errno));
     } else {
+        /* End of file (the exec happened) or the child's two bytes; signals are blocked. */
+        size_t have = 0;
+        while (have < sizeof failure) {
+            ssize_t got = read(launch[0], failure + have, sizeof failure - have);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) break;
+            have += (size_t)got;
+        }
+        close(launch[0]);
+        if (have < sizeof failure) failure[0] = failure[1] = 0;
         for (int done = 0; !done;) {
             if (sigwaitinfo(&handled, NULL) != SIGCHLD) continue;
             int status;
@@ -179,6 +207,8 @@ int main(void) {
     int keep = any_exists(command.outputs, command.output_count);
     trailer[SECRET_BYTES] = (unsigned char)code;
     trailer[SECRET_BYTES + 1] = (unsigned char)keep;
+    trailer[SECRET_BYTES + 2] = failure[0];
+    trailer[SECRET_BYTES + 3] = failure[1];
     write_all(1, trailer, sizeof trailer);
     write_all(2, trailer, sizeof trailer);
     close(0);

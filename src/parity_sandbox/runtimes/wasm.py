@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import heapq
 import itertools
@@ -32,7 +33,13 @@ from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Cancelled, Executor, available_memory
-from parity_sandbox._fs import collect_outputs, file_identity, read_host_file, remove_tree
+from parity_sandbox._fs import (
+    OutputCaps,
+    collect_outputs,
+    file_identity,
+    read_host_file,
+    remove_tree,
+)
 from parity_sandbox._hashing import digest
 from parity_sandbox._models import (
     MAX_INPUT_BYTES,
@@ -42,6 +49,7 @@ from parity_sandbox._models import (
     Result,
     Status,
     Task,
+    check_input_bytes,
 )
 from parity_sandbox.runtimes._wasm_pool import (
     LOCK_NAME,
@@ -84,6 +92,7 @@ def wasm_limits(limits: Limits, *, deterministic: bool = False) -> WasmLimits:
         output=limits.output,
         fuel=limits.fuel,
         deterministic=deterministic,
+        file_size=limits.file_size,
     )
 
 
@@ -144,6 +153,11 @@ class _ModuleFiles:
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)
         return data, sha
+
+
+@functools.lru_cache(maxsize=16)
+def _output_caps(max_files: int) -> OutputCaps:
+    return OutputCaps(max_files=max_files)
 
 
 def _input_files(task: Task) -> dict[str, bytes]:
@@ -544,15 +558,22 @@ class WasmExecutor(Executor):
         if task.limits.model_fields_set or task.deterministic:
             resolved = task.effective_limits(self._limits.merged(task.limits))
             limits = wasm_limits(resolved, deterministic=task.deterministic)
-            ignored = {name for name in ("cpu", "pids") if getattr(task.limits, name) is not None}
+            ignored = {
+                name
+                for name in ("cpu", "pids", "open_files")
+                if getattr(task.limits, name) is not None
+            }
             if ignored and not self._warned_ignored:
                 self._warned_ignored = True
                 warnings.warn(
                     f"the wasm runtime ignores {' and '.join(sorted(ignored))}: a WebAssembly task "
-                    "is one thread and starts no processes (use fuel to bound its CPU)",
+                    "is one thread, starts no processes and opens only what WASI preopens (use "
+                    "fuel to bound its CPU)",
                     RuntimeWarning,
                     stacklevel=4,
                 )
+        files = _input_files(task)
+        check_input_bytes(len(task.input) + sum(map(len, files.values())), resolved)
         module, sha = self._modules.load(task)
         seed = spec = None
         if task.deterministic or task.cacheable:
@@ -572,9 +593,10 @@ class WasmExecutor(Executor):
             argv=(argv0, *task.args),
             env=tuple(task.env.items()),
             stdin=task.input,
-            input_files=_input_files(task),
+            input_files=files,
             outputs=task.outputs,
             limits=limits,
+            output_caps=_output_caps(resolved.output_files_or_default),
             seed=seed,
             spec_hash=spec,
         )
@@ -712,6 +734,7 @@ class WasmExecutor(Executor):
                     output_bytes=len(reply.stdout)
                     + len(reply.stderr)
                     + sum(map(len, reply.files.values())),
+                    input_bytes=len(request.stdin) + sum(map(len, request.input_files.values())),
                 ),
                 "runtime": {
                     "name": "wasm",
