@@ -9,8 +9,9 @@ A task's flow::
          ──> read stdout/stderr (capped) until init's trailer: the secret and the exit status,
              written once the task and all it started are dead ──> read cgroup usage
          ──> copy /work/<outputs> out (tar, parsed safely) while init keeps the tmpfs alive
-         ──> remove container and volumes (always: in ``finally``, or, once init is exiting
-             by itself and nothing of the task is left, in the background)
+         ──> hang up the attach connection ──> remove container and volumes (always: in
+             ``finally``; once nothing of the task is left, in the background: SIGUSR1 lets
+             init exit, and a stopped container is removed)
 
 At the deadline the container is killed with SIGKILL (no stop grace) and what was printed so
 far is returned. Containers carry ownership labels, so :meth:`DockerExecutor.reap` (run when an
@@ -229,7 +230,7 @@ class DockerExecutor(Executor):
         self._blkio = self._blkio_settings()
         self._warned_ignored = False
         self._warned_seccomp = False
-        #: Removes containers whose init is exiting by itself, off the task's path.
+        #: Removes the containers of tasks that ended, off the task's path.
         self._remover = ThreadPoolExecutor(2, thread_name_prefix="parity-sandbox-remove")
         self._removing: set[Future[None]] = set()
         self._pool: WarmPool | None = None
@@ -482,10 +483,12 @@ class DockerExecutor(Executor):
             self._untrack(warm.run_id)
 
     def _remove_later(self, container: str, run_id: str) -> None:
-        """Remove a container whose init is exiting by itself, off the task's path."""
+        """Remove a container whose task has ended (its init waits to be let go), off the
+        task's path."""
 
         def remove() -> None:
             try:
+                _let_init_exit(self._api, container)
                 with contextlib.suppress(docker.errors.APIError):
                     self._api.wait(container, timeout=EXIT_TIMEOUT)
                 _remove_container(self._api, container)
@@ -789,7 +792,7 @@ class _Run:
                 # connection cannot remove the container.
                 warm.hang_up()
             if self.container is not None and self.exiting and not self.executor.closed:
-                # The trailer came: nothing of the task runs any more, and init is exiting.
+                # The trailer came: nothing of the task runs any more; init waits to be let go.
                 self.executor._remove_later(self.container, self.run_id)
             elif self.container is not None:
                 self._remove()
@@ -852,15 +855,12 @@ class _Run:
             error = ErrorInfo(type="ExecutionTimeout", message=message)
             return self._result(Status.TIMEOUT, None, usage, error=error)
         if ended == "done" and self.demux.launch_failure is not None:
-            self.exiting = True  # init exits at once: there are no outputs
+            self.exiting = True
             return self._launch_failed(*self.demux.launch_failure, usage)
         if ended == "done":
             assert self.demux.exit_code is not None
             code, oom = self.demux.exit_code, usage.oom_killed
             collected = self._collect() if self.demux.outputs_exist else Collected(OutputCaps())
-            if self.demux.outputs_exist:  # init waits for this to exit
-                with contextlib.suppress(docker.errors.APIError), _docker_errors("end the task"):
-                    self.api.kill(self.container, "SIGUSR1")
             self.exiting = True
         else:  # the container ended without init's trailer: killed from outside (OOM, runsc)
             with _docker_errors("wait for the container"):
@@ -930,8 +930,9 @@ class _Run:
     def _remove(self) -> None:
         assert self.container is not None
         if self.exiting:
-            # init is exiting by itself: waiting for that and removing a stopped container is
-            # much faster than a forced removal, which kills and then waits.
+            # Letting init exit and removing a stopped container is much faster than a forced
+            # removal, which kills and then waits.
+            _let_init_exit(self.api, self.container)
             with _best_effort():
                 self.api.wait(self.container, timeout=EXIT_TIMEOUT)
         _remove_container(self.api, self.container)
@@ -978,6 +979,13 @@ class _Run:
             task_id=self.task.id,
             labels=self.task.labels,
         )
+
+
+def _let_init_exit(api: docker.APIClient, container: str) -> None:
+    """Tell init, which keeps the container (its cgroup, its tmpfs) for the host until the
+    usage is read and the outputs are copied, that it may exit."""
+    with _best_effort():
+        api.kill(container, "SIGUSR1")
 
 
 def _remove_container(api: docker.APIClient, container: str) -> None:

@@ -18,10 +18,10 @@
  *    knows the secret. Then a byte says whether any OUTPUT exists, and two bytes whether the
  *    command could not be started at all ('w': its working directory, 'x': the exec) and the
  *    errno, so that the host can tell "never started" from a command that exits 126 or 127.
- * 4. Closes its streams. If there are outputs, waits for SIGUSR1, keeping the container (and so
- *    its tmpfs workspace) alive while the host copies them out; then, or at once when there
- *    are none, exits with the command's status: a container that exits by itself is removed
- *    much faster than one that has to be killed.
+ * 4. Closes its streams and waits for SIGUSR1, keeping the container alive while the host
+ *    reads its cgroup's usage (gone with the container: a quick task would otherwise lose it)
+ *    and copies the outputs out of its tmpfs workspace; then exits with the command's status:
+ *    a container that exits by itself is removed much faster than one that has to be killed.
  *
  * Process 1 of a PID namespace gets no signal it has no handler for, so the task cannot kill it;
  * it is also made non-dumpable so that a task running as the same user cannot read its memory.
@@ -214,6 +214,6 @@ int main(void) {
     close(0);
     close(1);
     close(2);
-    while (keep && sigwaitinfo(&handled, NULL) != SIGUSR1) {}
+    while (sigwaitinfo(&handled, NULL) != SIGUSR1) {}
     return code;
 }
