@@ -10,6 +10,7 @@ import pytest
 
 from parity_sandbox import Config, DockerSettings, InvalidInput, Limits, Task
 from parity_sandbox._config import DEFAULT_LIMITS
+from parity_sandbox.runtimes import _docker_host as host
 from parity_sandbox.runtimes._docker_seccomp import profile, security_opt
 from parity_sandbox.runtimes._docker_spec import ImageInfo, Plan, command_block, plan
 
@@ -75,12 +76,40 @@ def test_open_files_and_file_size_become_ulimits() -> None:
     assert {u["Name"]: u["Soft"] for u in default.host_config["ulimits"]}["nofile"] == 4096
 
 
-def test_localhost_resolves_and_tmp_is_exec() -> None:
-    built = make(Task(image="img", command=["true"]))
-    assert built.host_config["extra_hosts"] == {"sandbox": "127.0.0.1"}
-    assert built.create["hostname"] == "sandbox"
-    assert "network_disabled" not in built.create  # Docker then writes no /etc/hosts
-    assert "noexec" not in built.host_config["tmpfs"]["/tmp"]
+def test_localhost_resolves_and_tmp_is_exec(tmp_path: Path) -> None:
+    hosts = host.hosts_file(tmp_path / "docker", "sandbox")
+    assert hosts.read_text().splitlines()[0] == "127.0.0.1\tlocalhost sandbox"
+    assert host.hosts_file(tmp_path / "docker", "sandbox") == hosts  # written once
+    task = Task(image="img", command=["true"])
+    local = plan(
+        task,
+        DEFAULT_LIMITS,
+        DockerSettings(),
+        IMAGE,
+        init_image="derived",
+        labels={},
+        seccomp="seccomp=x",
+        hosts=str(hosts),
+    )
+    assert local.create["hostname"] == "sandbox" and local.create["network_disabled"] is True
+    binds = [m for m in local.host_config["mounts"] if m["Type"] == "bind"]
+    assert binds == [
+        {"Target": "/etc/hosts", "Source": str(hosts), "Type": "bind", "ReadOnly": True}
+    ]  # the only host path a container sees: the executor's own, read-only
+    # a daemon that cannot see our files writes /etc/hosts itself (a network sandbox)
+    remote = make(task)
+    assert remote.create["network_disabled"] is False
+    assert remote.host_config["extra_hosts"] == {"sandbox": "127.0.0.1"}
+    assert remote.host_config["dns"] == ["127.0.0.1"]  # not the host's resolver
+    assert "noexec" not in remote.host_config["tmpfs"]["/tmp"]
+
+
+def test_the_hosts_file_needs_a_private_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match="only this user"):
+        host.hosts_file(shared, "sandbox")
 
 
 def test_input_beyond_the_input_limit_is_refused() -> None:

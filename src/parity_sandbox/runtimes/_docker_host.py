@@ -7,13 +7,18 @@
   container straight from its cgroup (v1, or v2 where the files exist); it is best effort and
   gives ``None`` for what it cannot read (a remote daemon, another cgroup layout).
 - :func:`block_device` finds the disk that holds Docker's data, for blkio throttles.
+- :func:`hosts_file` writes the ``/etc/hosts`` that containers get (read-only, bind-mounted):
+  Docker writes none for a container without a network sandbox.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
+import stat
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -162,3 +167,37 @@ def blkio_available(root: Path = CGROUP_ROOT) -> bool:
         (root / "cgroup.controllers").exists()
         and "io" in (_read(root / "cgroup.controllers") or "").split()
     )
+
+
+#: The ``/etc/hosts`` of every container: ``localhost`` and its host name are loopback.
+HOSTS = "127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def hosts_file(directory: Path, hostname: str) -> Path:
+    """A file holding the containers' ``/etc/hosts``, in ``directory`` (made private to this
+    user), written once per content and never changed afterwards.
+
+    Raises:
+        OSError: it cannot be written, or ``directory`` is not this user's alone.
+    """
+    content = HOSTS.format(name=hostname).encode()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{directory} is not a directory that only this user can change")
+    path = directory / f"hosts-{hashlib.sha256(content).hexdigest()[:16]}"
+    with contextlib.suppress(OSError):
+        found = path.lstat()
+        if stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid():
+            return path
+    descriptor, name = tempfile.mkstemp(dir=directory, prefix=".hosts-")
+    temporary = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(content)
+        temporary.chmod(0o644)  # the task's user reads it
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path

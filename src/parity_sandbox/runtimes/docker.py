@@ -70,6 +70,7 @@ from parity_sandbox.runtimes._docker_io import (
 from parity_sandbox.runtimes._docker_pool import Warm, WarmPool
 from parity_sandbox.runtimes._docker_seccomp import security_opt
 from parity_sandbox.runtimes._docker_spec import (
+    HOSTNAME,
     INIT_PATH,
     INPUT_DIR,
     WORKDIR,
@@ -228,6 +229,7 @@ class DockerExecutor(Executor):
         #: This executor's runs in flight: run id -> container id, once created.
         self._live: dict[str, str | None] = {}
         self._blkio = self._blkio_settings()
+        self._hosts = self._hosts_file()
         self._warned_ignored = False
         self._warned_seccomp = False
         #: Removes the containers of tasks that ended, off the task's path.
@@ -361,6 +363,7 @@ class DockerExecutor(Executor):
             labels=host.labels(task.id, limits.timeout or 0, secrets.token_hex(8)),
             seccomp=security_opt(runtime=runtime),
             blkio=self._blkio,
+            hosts=self._hosts,
         )
         return run_plan, image
 
@@ -472,6 +475,7 @@ class DockerExecutor(Executor):
             labels=host.labels(None, lifetime, run_id),
             seccomp=security_opt(runtime=shape.runtime),
             blkio=self._blkio,
+            hosts=self._hosts,
         )
         return self._start(create, host_config, run_id)
 
@@ -606,6 +610,22 @@ class DockerExecutor(Executor):
         finally:
             with contextlib.suppress(docker.errors.DockerException):
                 self._api.remove_container(container, force=True, v=True)
+
+    def _hosts_file(self) -> str | None:
+        """The file containers get as ``/etc/hosts``, where the daemon can see this host's
+        files (its socket is local); ``None`` otherwise, and Docker writes one (slower)."""
+        if not str(self._api.base_url).startswith("http+docker://localhost"):
+            return None
+        try:
+            directory = self.config.resolved_cache_dir() / "docker"
+            return str(host.hosts_file(directory, HOSTNAME))
+        except OSError as exc:
+            warnings.warn(
+                f"containers start about 90 ms slower: cannot write their /etc/hosts ({exc})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
 
     def _blkio_settings(self) -> dict[str, Any]:
         wanted = {
