@@ -20,6 +20,7 @@ from parity_sandbox import (
     Task,
     WasmExecutor,
 )
+from parity_sandbox.runtimes import _docker_host as docker_host
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wasm"
 BUILD_SCRIPT = Path(__file__).parent.parent / "scripts" / "build-wasm.sh"
@@ -108,20 +109,23 @@ def oci_runtime(request: pytest.FixtureRequest, docker_executor: DockerExecutor)
 
 def managed_containers(executor: DockerExecutor, task_id: str | None = None) -> list[str]:
     """Ids of containers (running or not) labelled as ours, or as ``task_id``'s, once the
-    executor has removed those of finished tasks (it does that in the background)."""
+    executor has removed those of finished tasks (it does that in the background).
+
+    The labels are the runtime's own constants, so a renamed label cannot make this find
+    nothing (``test_the_container_finders_find_a_running_task`` checks it finds one)."""
     assert executor.drain(30), "containers of finished tasks were not removed within 30 s"
-    label = f"parity_sandbox.task_id={task_id}" if task_id else "parity_sandbox.managed=true"
+    label = f"{docker_host.TASK_ID}={task_id}" if task_id else f"{docker_host.MANAGED}=true"
     found = executor._api.containers(all=True, filters={"label": label})
     return [str(item["Id"]) for item in found]
 
 
 def containers_of(executor: DockerExecutor, pid: int) -> list[str]:
     """Ids of our containers (running or not) that process ``pid`` owns."""
-    found = executor._api.containers(all=True, filters={"label": "parity_sandbox.managed=true"})
+    found = executor._api.containers(all=True, filters={"label": f"{docker_host.MANAGED}=true"})
     return [
         str(c["Id"])
         for c in found
-        if (c.get("Labels") or {}).get("parity_sandbox.owner", "").split(":")[1:2] == [str(pid)]
+        if (c.get("Labels") or {}).get(docker_host.OWNER, "").split(":")[1:2] == [str(pid)]
     ]
 
 

@@ -175,6 +175,7 @@ def test_ctrl_c_stops_the_task_with_exit_130(wasm: WasmFixtures, cache_dir: Path
     deadline = time.monotonic() + 30
     while not worker_pids(f"parity-sandbox-wasm-{child.pid}-") and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert worker_pids(f"parity-sandbox-wasm-{child.pid}-"), "no worker found while it runs"
     time.sleep(0.5)
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=10)

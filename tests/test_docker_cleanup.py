@@ -47,7 +47,7 @@ def test_sigkilled_host_process_is_reaped(
         "from parity_sandbox import DockerExecutor, Task\n"
         "with DockerExecutor(reap=False) as ex:\n"
         f"    ex.execute(Task(image={TEST_IMAGE!r}, command=['sleep', '600'], id={task_id!r},\n"
-        f"                    docker_runtime={oci_runtime!r}, input_files={{'a': b'x'}}))\n"
+        f"                    oci_runtime={oci_runtime!r}, input_files={{'a': b'x'}}))\n"
     )
     child = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -213,3 +213,19 @@ def test_an_interrupt_while_the_daemon_creates_leaves_no_container() -> None:
         with pytest.raises(KeyboardInterrupt):
             executor.execute(Task(image=TEST_IMAGE, command=["true"], id=task_id))
         assert managed_containers(executor, task_id) == []
+
+
+def test_the_container_finders_find_a_running_task(docker_executor: DockerExecutor) -> None:
+    """The helpers that other tests use to show that nothing is left must find what is there:
+    otherwise a renamed label would turn every such check into a check of nothing."""
+    task_id = f"found-{uuid.uuid4().hex[:8]}"
+    with DockerExecutor(Config(cache={"enabled": False}), reap=False) as executor:
+        task = Task(image=TEST_IMAGE, command=["sleep", "3"], id=task_id)
+        runner = threading.Thread(target=executor.execute, args=(task,))
+        runner.start()
+        try:
+            assert wait_for(lambda: bool(managed_containers(docker_executor, task_id)))
+            assert containers_of(docker_executor, os.getpid())
+        finally:
+            runner.join(30)
+    assert managed_containers(docker_executor, task_id) == []

@@ -17,11 +17,20 @@ import pytest
 
 from conftest import WasmFixtures
 from parity_sandbox import Config, Limits, SandboxError, Status, Task, WasmExecutor
-from parity_sandbox.runtimes._wasm_pool import ROOT_PREFIX, reap_stale_roots, worker_environment
+from parity_sandbox.runtimes._wasm_pool import (
+    ROOT_PREFIX,
+    WORKER_MODULE,
+    reap_stale_roots,
+    worker_environment,
+)
 
 
 def worker_pids(marker: str) -> set[int]:
-    """Live worker processes whose command line mentions ``marker``."""
+    """Live worker processes whose command line mentions ``marker``.
+
+    Found by the module the pool starts (``WORKER_MODULE``), so a rename cannot make this
+    find nothing; a test that checks that workers are gone first checks that it saw them.
+    """
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -31,7 +40,7 @@ def worker_pids(marker: str) -> set[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "_wasm_worker" in cmdline and marker in cmdline and state != "Z":
+        if WORKER_MODULE in cmdline and marker in cmdline and state != "Z":
             found.add(int(entry.name))
     return found
 
@@ -60,6 +69,8 @@ def test_a_thousand_runs_with_timeouts_and_failures_leave_nothing(
     executor = WasmExecutor(Config(cache_dir=cache_dir))
     root = executor._root
     try:
+        assert executor.execute(mix[0]).ok
+        assert worker_pids(str(root)), "the helper finds no worker while one runs"
         tasks = [slow[i // 50 % 2] if i % 50 == 49 else mix[i % len(mix)] for i in range(1000)]
         for result in executor.map(tasks):
             statuses[result.status] = statuses.get(result.status, 0) + 1
@@ -145,6 +156,7 @@ def test_ctrl_c_stops_the_task_and_leaves_nothing(wasm: WasmFixtures, cache_dir:
     assert child.stdout is not None
     root = Path(child.stdout.readline().strip())
     time.sleep(1.0)
+    assert worker_pids(str(root)), "the helper finds no worker while one runs"
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=10)
     assert "KeyboardInterrupt" in stderr

@@ -73,6 +73,10 @@ def reap_stale_roots(temp_dir: Path | None = None) -> int:
     return removed
 
 
+#: The module a worker process runs (``python -m``); tests find workers by it.
+WORKER_MODULE = "parity_sandbox.runtimes._wasm_worker"
+
+
 def worker_environment(environ: Mapping[str, str], package_root: str) -> dict[str, str]:
     """The whole environment of a worker process: what Python needs to start it, nothing else.
 
@@ -110,7 +114,7 @@ class Worker:
                     [
                         sys.executable,
                         "-m",
-                        "parity_sandbox.runtimes._wasm_worker",
+                        WORKER_MODULE,
                         str(theirs.fileno()),
                         str(self.output_fd),
                         str(root),
