@@ -118,7 +118,7 @@ def ours(runtime: str, executor: DockerExecutor | None = None) -> Callable[[int]
     from parity_sandbox import DockerExecutor, Task
 
     executor = executor or DockerExecutor()
-    task = Task(image=IMAGE, command=["echo", "hi"], docker_runtime=runtime)
+    task = Task(image=IMAGE, command=["echo", "hi"], oci_runtime=runtime)
     executor.execute(task)  # the derived image is made once per image: not part of a run
 
     def run(runs: int) -> list[float]:

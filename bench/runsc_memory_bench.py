@@ -151,9 +151,7 @@ def peak(executor: DockerExecutor, image: str, command: tuple[str, ...], runtime
     if command[:2] == ("python3", "/input/task.py"):  # a real file: spawn re-imports __main__
         files = {"task.py": command[2].encode()}
         command = command[:2]
-    task = Task(
-        image=image, command=command, input_files=files, docker_runtime=runtime, limits=LIMITS
-    )
+    task = Task(image=image, command=command, input_files=files, oci_runtime=runtime, limits=LIMITS)
     try:
         result = executor.execute(task)
     except SandboxError as exc:

@@ -50,7 +50,7 @@ def executor(pool: bool, **settings: object) -> DockerExecutor:
 
 
 def warm(ex: DockerExecutor, runtime: str) -> Sampler:
-    task = ECHO.model_copy(update={"docker_runtime": runtime})
+    task = ECHO.model_copy(update={"oci_runtime": runtime})
 
     def run(runs: int) -> list[float]:
         times = []
@@ -149,7 +149,7 @@ def throughput(count: int) -> list[str]:
     widths = (1, 2, 8)
     rows: dict[str, list[float]] = {}
     for runtime in ("runc", "runsc"):
-        task = ECHO.model_copy(update={"docker_runtime": runtime})
+        task = ECHO.model_copy(update={"oci_runtime": runtime})
         with executor(False) as ex:
             ex.execute(task)
             rows[f"Docker cold ({runtime})"] = [

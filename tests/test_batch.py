@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -15,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_IMAGE, WasmFixtures, containers_of
-from parity_sandbox import Config, DockerExecutor, Result, Status, Task
+from parity_sandbox import Config, DockerExecutor, Result, Status, Task, WasmExecutor
 from parity_sandbox._batch import read_tasks
-from parity_sandbox._executor import Executor, available_memory
+from parity_sandbox._executor import Executor, PreparedTask, available_memory
 from test_cli import CLI, run_cli
 
 MiB = 1 << 20
@@ -35,7 +36,8 @@ class Counting(Executor):
         self.running = 0
         self.peak = 0
 
-    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
+    def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
+        task = prepared.task
         with self._lock:
             self.running += 1
             self.peak = max(self.peak, self.running)
@@ -174,3 +176,28 @@ def test_ctrl_c_in_run_batch_stops_the_tasks_and_leaves_nothing(
     assert child.returncode == 130, stderr
     assert b"interrupted" in stderr and b"Traceback" not in stderr
     assert containers_of(docker_executor, child.pid) == []
+
+
+def stamps(result: Result) -> tuple[int, int]:
+    fields = dict(line.split("=") for line in result.stdout_text.split())
+    return int(fields["start"]), int(fields["end"])
+
+
+def overlapping(results: list[Result]) -> int:
+    spans = sorted(stamps(result) for result in results)
+    return sum(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+
+
+def test_wasm_admission_counts_each_tasks_own_memory_limit(
+    wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    config = Config(cache_dir=cache_dir, cache={"enabled": False}, memory_limit="16m")
+    with WasmExecutor(config, workers=2) as executor:
+        big = [Task(wasm_file=wasm.stamp_sleep, args=("300",), limits={"memory": "96m"})] * 4
+        # 2 x 96 MiB do not fit in 150 MiB, whatever the configured default (16 MiB) says
+        serial = executor.execute_many(big, max_parallel=2, memory_budget=150 * MiB)
+        assert all(r.ok for r in serial)
+        assert overlapping(serial) == 0
+        small = [Task(wasm_file=wasm.stamp_sleep, args=("600",), limits={"memory": "32m"})] * 4
+        parallel = executor.execute_many(small, max_parallel=2, memory_budget=150 * MiB)
+        assert overlapping(parallel) >= 1

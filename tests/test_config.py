@@ -110,3 +110,21 @@ def test_the_per_task_limits_have_configuration_keys(tmp_path: Path) -> None:
     assert limits.input == 8 << 20
     shown = load_config(path).to_document()["sandbox"]["docker"]
     assert shown["open_files_limit"] == 128 and shown["output_files_limit"] == 5
+
+
+def test_the_oci_runtime_has_one_spelling_and_the_old_ones_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "sandbox:\n  docker: {runtime: runsc, pool: {profiles: [{image: a, runtime: runc}]}}\n"
+    )
+    with pytest.warns(DeprecationWarning, match="oci_runtime"):
+        docker = load_config(path).docker
+    assert docker.oci_runtime == "runsc" and docker.pool.profiles[0].oci_runtime == "runc"
+    with pytest.warns(DeprecationWarning, match="oci_runtime"):
+        assert (
+            load_config(environ={"PARITY_SANDBOX_DOCKER_RUNTIME": "runsc"}).docker.oci_runtime
+            == "runsc"
+        )
+    path.write_text("sandbox:\n  docker: {runtime: runsc, oci_runtime: runc}\n")
+    with pytest.raises(InvalidInput, match="oci_runtime only"):
+        load_config(path)

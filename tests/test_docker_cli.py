@@ -22,7 +22,7 @@ def test_run_an_image(docker_executor: DockerExecutor, oci_runtime: str) -> None
         "run",
         "--image",
         TEST_IMAGE,
-        "--docker-runtime",
+        "--oci-runtime",
         oci_runtime,
         "--memory",
         "64m",
@@ -85,7 +85,7 @@ def test_exit_codes_of_limits(docker_executor: DockerExecutor, tmp_path: Path) -
         (["--image", TEST_IMAGE, "--gpus", "-1", "--", "true"], "gpus"),
         (["--image", TEST_IMAGE, "--input", "../x=/etc/hostname", "--", "true"], "input"),
         (["--image", TEST_IMAGE, "--input", "z=/dev/zero", "--", "true"], "regular file"),
-        (["--image", TEST_IMAGE, "--docker-runtime", "crun", "--", "true"], "docker_runtime"),
+        (["--image", TEST_IMAGE, "--docker-runtime", "crun", "--", "true"], "oci_runtime"),
         (["--image", TEST_IMAGE, "--env", "HOME", "--", "true"], "--env"),
     ],
 )

@@ -35,7 +35,7 @@ def test_result_carries_output_code_files_and_provenance(
             'cat; echo "$GREETING" >&2; mkdir -p out/sub; '
             "cp /input/data.txt out/sub/copy.txt; pwd; exit 3",
         ],
-        docker_runtime=oci_runtime,
+        oci_runtime=oci_runtime,
         stdin=b"from stdin\n",
         env={"GREETING": "hello"},
         input_files={"data.txt": b"payload"},
@@ -187,7 +187,7 @@ def test_a_daemon_without_runsc_names_the_fix(docker_executor: DockerExecutor) -
     with DockerExecutor(reap=False) as executor:
         executor._info = {**executor._info, "Runtimes": {"runc": {}}}
         with pytest.raises(RuntimeUnavailable, match=r"apt-get install runsc.*daemon\.json"):
-            executor.execute(Task(image=TEST_IMAGE, command=["true"], docker_runtime="runsc"))
+            executor.execute(Task(image=TEST_IMAGE, command=["true"], oci_runtime="runsc"))
 
 
 def test_spec_hash_resolves_the_image_to_its_id(docker_executor: DockerExecutor) -> None:
@@ -218,9 +218,7 @@ def test_too_little_memory_for_gvisor_is_a_memory_limit(docker_executor: DockerE
         pytest.skip("no runsc")
     with pytest.raises(ResourceLimitExceeded, match="gVisor") as raised:
         docker_executor.execute(
-            Task(
-                image=TEST_IMAGE, command=["true"], docker_runtime="runsc", limits={"memory": "8m"}
-            )
+            Task(image=TEST_IMAGE, command=["true"], oci_runtime="runsc", limits={"memory": "8m"})
         )
     assert raised.value.limit == "memory"
 
@@ -233,4 +231,4 @@ def test_runsc_without_oci_seccomp_is_warned_about(docker_executor: DockerExecut
             "Runtimes": {"runc": {}, "runsc": {"path": "/usr/bin/runsc"}},
         }
         with pytest.warns(RuntimeWarning, match="oci-seccomp"):
-            executor.execute(Task(image=TEST_IMAGE, command=["true"], docker_runtime="runsc"))
+            executor.execute(Task(image=TEST_IMAGE, command=["true"], oci_runtime="runsc"))

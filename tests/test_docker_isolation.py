@@ -44,9 +44,7 @@ def docker_executor(
 
 
 def run(executor: DockerExecutor, runtime: str, *command: str, **fields: Any) -> Result:
-    return executor.execute(
-        Task(image=TEST_IMAGE, command=command, docker_runtime=runtime, **fields)
-    )
+    return executor.execute(Task(image=TEST_IMAGE, command=command, oci_runtime=runtime, **fields))
 
 
 def sh(executor: DockerExecutor, runtime: str, script: str, **fields: Any) -> Result:
@@ -155,7 +153,7 @@ def test_a_flood_at_the_timeout_ends_on_time(
     task = Task(
         image=TEST_IMAGE,
         command=("sh", "-c", FLOODS[stream]),
-        docker_runtime=oci_runtime,
+        oci_runtime=oci_runtime,
         limits={"timeout": timeout},
         id=task_id,
     )
@@ -277,7 +275,7 @@ def test_input_names_cannot_traverse(docker_executor: DockerExecutor, oci_runtim
     before = len(managed_containers(docker_executor))
     for name in ("../escape", "/etc/passwd", "a/../../b", "nul\x00name", "a/./b", ""):
         with pytest.raises(InvalidInput, match="input"):
-            Task(image=TEST_IMAGE, docker_runtime=oci_runtime, input_files={name: b"x"})
+            Task(image=TEST_IMAGE, oci_runtime=oci_runtime, input_files={name: b"x"})
     assert len(managed_containers(docker_executor)) == before
 
 
@@ -300,7 +298,7 @@ def test_fifty_parallel_tasks_leave_nothing(
         Task(
             image=TEST_IMAGE,
             command=["echo", str(i)],
-            docker_runtime=oci_runtime,
+            oci_runtime=oci_runtime,
             id=f"par-{batch}-{i}",
             labels={"batch": batch},
         )

@@ -260,7 +260,7 @@ def test_pool_settings() -> None:
     with pytest.raises(InvalidInput, match="min"):
         Config(docker={"pool": {"min": 5, "max": 2}})
     with pytest.raises(InvalidInput):
-        Config(docker={"pool": {"profiles": [{"image": TEST_IMAGE, "runtime": "kata"}]}})
+        Config(docker={"pool": {"profiles": [{"image": TEST_IMAGE, "oci_runtime": "kata"}]}})
 
 
 UNCLOSED = """

@@ -146,7 +146,7 @@ def test_tasks_that_differ_only_in_what_init_is_told_share_a_shape() -> None:
 
 def test_runsc_bounds_processes_with_nproc_not_the_pids_cgroup() -> None:
     built = make(
-        Task(image="img", command=["true"], docker_runtime="runsc", limits={"pids": 40}),
+        Task(image="img", command=["true"], oci_runtime="runsc", limits={"pids": 40}),
         limits=DEFAULT_LIMITS.merged(Limits(pids=40)),
     )
     assert "pids_limit" not in built.host_config

@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from parity_sandbox import (
     Task,
     WasmExecutor,
 )
+from parity_sandbox._executor import PreparedTask
 
 
 def test_map_yields_results_in_order_and_never_raises(
@@ -169,7 +171,8 @@ class _Echo(Executor):
     def max_parallel(self) -> int:
         return 3
 
-    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
+    def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
+        task = prepared.task
         if task.id == "bad":
             raise InvalidInput("bad task", field="id")
         if task.id == "slow":
@@ -203,3 +206,68 @@ def test_closing_the_generic_map_early_cancels_what_runs() -> None:
     assert time.monotonic() - started < 2
     assert executor.cancelled >= 1
     executor.close()
+
+
+def test_submit_returns_a_future_of_the_result(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    futures = [executor.submit(Task(wasm_file=wasm.exit_code, args=(str(i),))) for i in range(6)]
+    assert all(isinstance(future, Future) for future in futures)
+    assert [future.result(timeout=30).exit_code for future in futures] == list(range(6))
+    late = executor.submit(Task(wasm_file=wasm.loop, limits=Limits(timeout=0.2)))
+    with pytest.raises(ExecutionTimeout):
+        late.result(timeout=30)  # raises as execute does
+
+
+def test_close_cancels_waiting_submissions_and_stops_running_ones(
+    wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    executor = WasmExecutor(Config(cache_dir=cache_dir), workers=1)
+    sleepers = [executor.submit(Task(wasm_file=wasm.sleep, args=("60",))) for _ in range(3)]
+    time.sleep(1.0)
+    started = time.monotonic()
+    executor.close()
+    assert time.monotonic() - started < 10
+    assert all(future.done() for future in sleepers)
+    outcomes = []
+    for future in sleepers:
+        if future.cancelled():
+            outcomes.append("cancelled")
+        else:
+            with pytest.raises(RuntimeUnavailable, match="closed"):
+                future.result()
+            outcomes.append("stopped")
+    assert "stopped" in outcomes and "cancelled" in outcomes
+    with pytest.raises(RuntimeUnavailable):
+        executor.submit(Task(wasm_file=wasm.hello))
+
+
+def test_a_closed_executor_refuses_at_the_call(wasm: WasmFixtures, cache_dir: Path) -> None:
+    """Not at the first result: a generator that checks late lets a caller believe a batch
+    was accepted."""
+    executor = WasmExecutor(Config(cache_dir=cache_dir), workers=1)
+    executor.close()
+    task = Task(wasm_file=wasm.hello)
+    with pytest.raises(RuntimeUnavailable):
+        executor.map([task])
+    with pytest.raises(RuntimeUnavailable):
+        executor.execute_many([task])
+    with pytest.raises(RuntimeUnavailable):
+        asyncio.run(executor.execute_async(task))
+    with _Echo() as generic:
+        pass
+    with pytest.raises(RuntimeUnavailable):
+        generic.map([task])
+
+
+def test_use_cache_is_taken_everywhere(wasm: WasmFixtures, cache_dir: Path, tmp_path: Path) -> None:
+    config = Config(cache_dir=cache_dir, cache={"path": tmp_path / "results.sqlite3"})
+    task = Task(wasm_file=wasm.hello, deterministic=True)
+    with WasmExecutor(config, workers=1) as executor:
+        assert not executor.execute(task).cached
+        assert executor.execute(task).cached
+        assert [r.cached for r in executor.map([task, task])] == [True, True]
+        assert [r.cached for r in executor.map([task], use_cache=False)] == [False]
+        assert not executor.execute_many([task], use_cache=False)[0].cached
+        assert not asyncio.run(executor.execute_async(task, use_cache=False)).cached
+        assert asyncio.run(executor.execute_async(task)).cached
+        assert not executor.submit(task, use_cache=False).result(timeout=30).cached
+        assert executor.submit(task).result(timeout=30).cached

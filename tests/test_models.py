@@ -161,3 +161,12 @@ def test_json_dict_replaces_undecodable_bytes() -> None:
         "error",
     ):
         assert key in document
+
+
+def test_a_tasks_oci_runtime_has_one_spelling() -> None:
+    assert Task(image="img", oci_runtime="runsc").oci_runtime == "runsc"
+    with pytest.warns(DeprecationWarning, match="oci_runtime"):
+        old = Task(image="img", docker_runtime="runsc")
+    assert old.oci_runtime == "runsc"
+    with pytest.raises(InvalidInput):
+        Task(image="img", docker_runtime="runsc", oci_runtime="runc")

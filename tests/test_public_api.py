@@ -1,3 +1,8 @@
+import inspect
+import typing
+
+import pydantic
+
 import parity_sandbox
 
 
@@ -32,3 +37,58 @@ def test_cli_exit_codes_are_distinct() -> None:
         )
     }
     assert len(codes) == 5
+
+
+def _annotations(obj: object) -> list[object]:
+    """The type hints of ``obj``: a function's, or a class's fields and own public methods."""
+    namespace = {name: getattr(parity_sandbox, name) for name in parity_sandbox.__all__}
+    # names the modules import for type checking only
+    namespace |= {"BaseModel": pydantic.BaseModel, "ValidationError": pydantic.ValidationError}
+    if inspect.isfunction(obj):
+        return list(typing.get_type_hints(obj, localns=namespace).values())
+    if not inspect.isclass(obj):
+        return []  # __version__
+    found: list[object] = []
+    fields = getattr(obj, "model_fields", None)
+    if isinstance(fields, dict):  # a pydantic model: its fields, not BaseModel's machinery
+        found += [field.annotation for field in fields.values()]
+    else:
+        found += typing.get_type_hints(obj, localns=namespace).values()
+    for name, member in inspect.getmembers(obj):
+        if (name.startswith("_") and name != "__init__") or not callable(member):
+            continue
+        if not (getattr(member, "__module__", None) or "").startswith("parity_sandbox"):
+            continue  # inherited from pydantic, Exception, ...
+        found += typing.get_type_hints(member, localns=namespace).values()
+    return found
+
+
+def _classes_in(hint: object) -> set[type]:
+    if inspect.isclass(hint) and not typing.get_args(hint):
+        return {hint}
+    classes: set[type] = set()
+    origin = typing.get_origin(hint)
+    if inspect.isclass(origin):
+        classes.add(origin)
+    for arg in typing.get_args(hint):
+        classes |= _classes_in(arg)
+    return classes
+
+
+def test_every_name_reachable_from_the_public_api_is_exported() -> None:
+    """A type that a public signature or field uses must be importable from the package."""
+    missing: dict[str, str] = {}
+    seen: set[type] = set()
+    pending = [getattr(parity_sandbox, name) for name in parity_sandbox.__all__]
+    while pending:
+        obj = pending.pop()
+        for hint in _annotations(obj):
+            for cls in _classes_in(hint):
+                if cls in seen or not cls.__module__.startswith("parity_sandbox"):
+                    continue
+                seen.add(cls)
+                pending.append(cls)
+                if getattr(parity_sandbox, cls.__name__, None) is not cls:
+                    missing[cls.__name__] = f"{cls.__module__} (used by {obj!r})"
+    assert missing == {}
+    assert seen  # the walk found the package's own types

@@ -88,7 +88,7 @@ def test_a_hit_is_the_same_result_and_nothing_runs(
         def must_not_run(*_: object) -> Result:
             raise AssertionError("the task ran although its result was cached")
 
-        executor._execute = must_not_run  # type: ignore[method-assign,assignment]
+        executor._run = must_not_run  # type: ignore[method-assign,assignment]
         hit = executor.execute(task.model_copy(update={"id": "second"}))
     assert hit.cached and hit.task_id == "second"
     assert hit.model_copy(update={"cached": False, "task_id": "first"}) == first

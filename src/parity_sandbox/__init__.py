@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from parity_sandbox._config import Config, DockerSettings, WasmSettings, load_config
+from parity_sandbox._batch import read_tasks, run_batch
+from parity_sandbox._cache import CacheStats, RedisCache, ResultCache, SqliteCache, open_cache
+from parity_sandbox._config import (
+    CacheSettings,
+    Config,
+    DockerSettings,
+    PoolProfile,
+    PoolSettings,
+    WasmSettings,
+    load_config,
+)
 from parity_sandbox._exceptions import (
     ExecutionError,
     ExecutionTimeout,
@@ -23,9 +33,10 @@ from parity_sandbox._exceptions import (
     TaskError,
     TaskFailed,
 )
-from parity_sandbox._executor import Executor
+from parity_sandbox._executor import Executor, PreparedTask
 from parity_sandbox._models import (
     ErrorInfo,
+    LimitName,
     Limits,
     ResourceUsage,
     Result,
@@ -33,6 +44,7 @@ from parity_sandbox._models import (
     Status,
     Task,
 )
+from parity_sandbox._record import Record, Verification, verify
 
 if TYPE_CHECKING:
     from parity_sandbox.runtimes.docker import DockerExecutor
@@ -41,6 +53,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheSettings",
+    "CacheStats",
     "Config",
     "DockerExecutor",
     "DockerSettings",
@@ -50,21 +64,34 @@ __all__ = [
     "Executor",
     "InvalidInput",
     "LaunchFailed",
+    "LimitName",
     "Limits",
+    "PoolProfile",
+    "PoolSettings",
+    "PreparedTask",
+    "Record",
+    "RedisCache",
     "ResourceLimitExceeded",
     "ResourceUsage",
     "Result",
+    "ResultCache",
     "RuntimeInfo",
     "RuntimeUnavailable",
     "SandboxError",
+    "SqliteCache",
     "Status",
     "Task",
     "TaskError",
     "TaskFailed",
+    "Verification",
     "WasmExecutor",
     "WasmSettings",
     "__version__",
     "load_config",
+    "open_cache",
+    "read_tasks",
+    "run_batch",
+    "verify",
 ]
 
 

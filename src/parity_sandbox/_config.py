@@ -38,6 +38,7 @@ from parity_sandbox._models import (
     Size,
     StackSize,
     _Model,
+    renamed,
 )
 from parity_sandbox._units import format_size
 
@@ -57,6 +58,9 @@ DEFAULT_LIMITS = Limits(
 )
 
 Runtime = Literal["wasm", "docker"]
+#: Keys that were renamed, by section: still read (with a DeprecationWarning), from files and
+#: from PARITY_SANDBOX_* variables.
+_RENAMED = {"docker": {"runtime": "oci_runtime"}}
 
 
 class _LimitSettings(_Model):
@@ -97,12 +101,17 @@ class PoolProfile(_Model):
     """A kind of task to keep warm containers for from the executor's start."""
 
     image: str
-    #: ``runc`` or ``runsc``; default: ``docker.runtime``.
-    runtime: Literal["runc", "runsc"] | None = None
+    #: ``runc`` or ``runsc``; default: ``docker.oci_runtime``.
+    oci_runtime: Literal["runc", "runsc"] | None = None
     #: ``UID[:GID]``, as a task's ``user``.
     user: str | None = None
     #: The limits of the profile's tasks, over the configured defaults (as a task's ``limits``).
     limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spellings(cls, data: Any) -> Any:
+        return renamed(data, _RENAMED["docker"], "docker.pool.profiles")
 
 
 class PoolSettings(_Model):
@@ -149,7 +158,7 @@ class DockerSettings(_LimitSettings):
     #: The Docker host (``unix:///...``, ``tcp://...``); default: ``$DOCKER_HOST`` or the socket.
     base_url: str | None = None
     #: The OCI runtime of tasks that do not choose: ``runc``, or ``runsc`` for gVisor.
-    runtime: Literal["runc", "runsc"] = "runc"
+    oci_runtime: Literal["runc", "runsc"] = "runc"
     #: ``never`` (the default: an image must already be on the host), ``if-missing``, ``always``.
     pull_policy: Literal["never", "if-missing", "always"] = "never"
     #: When set, only images whose reference matches one of these ``fnmatch`` patterns run.
@@ -168,6 +177,11 @@ class DockerSettings(_LimitSettings):
     disk_write_iops: Annotated[int, Field(ge=1, le=10**7)] | None = None
     #: Warm containers (see :class:`PoolSettings`); off by default.
     pool: PoolSettings = Field(default_factory=PoolSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spellings(cls, data: Any) -> Any:
+        return renamed(data, _RENAMED["docker"], "docker")
 
     @field_validator("allowed_images", mode="before")
     @classmethod
@@ -299,7 +313,8 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
             continue
         key = name.removeprefix(ENV_PREFIX).lower()
         section, _, sub = key.partition("_")
-        if section in _SECTIONS and sub in _SECTIONS[section].model_fields:
+        known = set(_SECTIONS[section].model_fields) if section in _SECTIONS else set()
+        if sub in known or sub in _RENAMED.get(section, {}):
             overrides.setdefault(section, {})[sub] = value
             origin[f"{section}.{sub}"] = name
         elif key in top_keys:

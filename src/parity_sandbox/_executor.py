@@ -1,32 +1,89 @@
 """The executor contract that every runtime implements.
 
-Modelled on ``concurrent.futures.Executor``: ``execute`` is the one method a runtime writes (as
-``_execute``); ``execute_async`` and ``map`` are built on it here, as are the context manager and
-the idempotent ``close``.
+Modelled on ``concurrent.futures.Executor``. A runtime writes two steps: ``_prepare`` turns a
+``Task`` into an immutable :class:`PreparedTask` (host files read once, the program fixed by
+identity, so the spec hash is fixed), and ``_run`` runs one and returns its ``Result``
+however it ended. ``prepare``, ``execute``, ``submit``, ``execute_async`` and ``map`` are built
+on them here, with the result cache, as are the context manager and the idempotent ``close``.
+Every entry point takes a task or a prepared task, checks for a closed executor when it is
+called, and takes ``use_cache``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import RuntimeUnavailable, SandboxError
-from parity_sandbox._models import ErrorInfo, Result, Status, Task
+from parity_sandbox._hashing import digest
+from parity_sandbox._models import ErrorInfo, Limits, Result, Status, Task
 
 
 class Cancelled(SandboxError):
     """Internal: the caller stopped waiting (an async cancel, or a closed ``map``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedTask:
+    """A task made ready to run, once: what the cache key, the run and the result all use.
+
+    Every host file the task names was read exactly once into ``inputs`` (and a module file
+    into the runtime's own form), the program is fixed by identity (a module's sha256, an
+    image's id: a tag moved or a file changed afterwards changes nothing), and the limits are
+    resolved. So the spec hash, computed from this snapshot alone, describes exactly the bytes
+    that run. Made by ``Executor.prepare``; run by ``execute``, ``submit`` or ``map``.
+    """
+
+    task: Task
+    #: ``wasm`` or ``docker``: the runtime whose executor prepared it.
+    runtime: Literal["wasm", "docker"]
+    #: The limits it runs under: defaults, then the configuration, then the task.
+    limits: Limits
+    #: The program's identity: the module's sha256, or the image's id (``sha256:...``).
+    program: str
+    #: The input files' contents, as read when it was prepared.
+    inputs: Mapping[str, bytes] = field(repr=False)
+    #: The runtime's own form of the task (what it runs); opaque to everything else.
+    form: Any = field(default=None, repr=False)
+    #: The spec hash, when the runtime had to compute it while preparing (deterministic mode).
+    known_spec_hash: str | None = None
+
+    @functools.cached_property
+    def spec_hash(self) -> str:
+        """The task's spec hash, over this snapshot (no file is read again)."""
+        if self.known_spec_hash is not None:
+            return self.known_spec_hash
+        wasm = self.runtime == "wasm"
+        document = self.task.spec_document(
+            self.limits,
+            module_sha256=self.program if wasm else None,
+            image_id=None if wasm else self.program,
+            inputs=self.inputs,
+        )
+        return digest(document)
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether its result may be cached (deterministic, or vouched for by the caller)."""
+        return self.task.deterministic or self.task.cacheable
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes it brings: stdin and input files."""
+        return len(self.task.input) + sum(map(len, self.inputs.values()))
 
 
 class Executor(ABC):
@@ -39,21 +96,51 @@ class Executor(ABC):
         self.config = config if config is not None else Config()
         self._closed = False
         self._close_lock = threading.Lock()
+        #: Runs ``submit``'s tasks; made on first use.
+        self._submitted: ThreadPoolExecutor | None = None
+        #: Set by ``close()``: stops the submitted tasks still running.
+        self._stopping = threading.Event()
         #: Results of deterministic and cacheable tasks, by spec hash (``None``: no caching).
         self.cache = cache if cache is not None else open_cache(self.config)
 
-    # -- the one method a runtime implements -------------------------------------------------
+    # -- what a runtime implements -------------------------------------------------------
+
+    def _prepare(self, task: Task) -> PreparedTask:
+        """``task`` made ready to run here; raises ``InvalidInput`` for what cannot run.
+
+        This generic form resolves the limits, reads the input files and identifies the
+        program; a runtime adds its own form (and its own checks).
+        """
+        runtime: Literal["wasm", "docker"] = "docker" if task.image is not None else "wasm"
+        limits = task.effective_limits(self.config.limits_for(runtime).merged(task.limits))
+        program = task.image if task.image is not None else task.module_sha256()
+        return PreparedTask(task, runtime, limits, program, task.input_contents())
 
     @abstractmethod
-    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
-        """Run ``task``; stop it early and raise ``Cancelled`` once ``cancel`` is set."""
+    def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
+        """Run ``prepared`` once and return its result, however it ended; stop early and raise
+        ``Cancelled`` once ``cancel`` is set. Raises only when nothing could run
+        (``InvalidInput``, ``RuntimeUnavailable``)."""
 
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release the runtime's resources; called once."""
 
+    def prepare(self, task: Task) -> PreparedTask:
+        """Make ``task`` ready to run: limits resolved, host files read once, the program
+        fixed by identity, and so the spec hash fixed. ``execute``, ``submit`` and ``map``
+        take the result in place of a task; they prepare a plain task themselves.
+
+        Raises:
+            InvalidInput: the task cannot run here (nothing ran).
+            RuntimeUnavailable: the runtime, or the executor, is not available.
+        """
+        self._check_open()
+        return self._prepare(task)
+
     def spec_hash(self, task: Task) -> str:
-        """``task``'s spec hash under this executor's configuration (see ``Task.spec_hash``)."""
-        return task.spec_hash(self.config)
+        """``task``'s spec hash here: under this executor's configuration, its module hashed,
+        a Docker image resolved to the id a tag points at now (see ``Task.spec_hash``)."""
+        return self._prepare(task).spec_hash
 
     def max_parallel(self) -> int:
         """How many tasks this executor runs at once when nothing else is said."""
@@ -61,8 +148,8 @@ class Executor(ABC):
 
     # -- the contract ------------------------------------------------------------------------
 
-    def execute(self, task: Task, *, use_cache: bool = True) -> Result:
-        """Run one task and return its result.
+    def execute(self, task: Task | PreparedTask, *, use_cache: bool = True) -> Result:
+        """Run one task (or a prepared one) and return its result.
 
         A task that exits, whatever its exit code, gives a result; ``status`` says how it ended.
         A deterministic or cacheable task's result may come from the result cache (then
@@ -76,36 +163,78 @@ class Executor(ABC):
             RuntimeUnavailable: the runtime cannot run tasks here, or the executor is closed.
         """
         self._check_open()
-        if not use_cache:
-            return self._execute(task, None)
-        return self._execute_cached(task, None)
+        return self._outcome(task, None, use_cache)
 
-    def _execute_cached(self, task: Task, cancel: threading.Event | None) -> Result:
-        """``_execute``, answered from the result cache where the task allows it."""
-        key = self._cache_key(task)
-        if key is not None:
+    def _outcome(
+        self, item: Task | PreparedTask, cancel: threading.Event | None, use_cache: bool
+    ) -> Result:
+        """``execute``'s work: the result of a task that exited; raises for any other end."""
+        result = self._execute_cached(item, cancel, use_cache=use_cache)
+        if result.status in (Status.SUCCEEDED, Status.FAILED):
+            return result
+        error = result.to_error()
+        assert error is not None
+        raise error
+
+    def submit(self, task: Task | PreparedTask, *, use_cache: bool = True) -> Future[Result]:
+        """Schedule ``task`` and return a ``concurrent.futures.Future`` of its result.
+
+        ``future.result()`` returns or raises as ``execute`` does; ``future.cancel()`` stops a
+        task that has not started. Up to ``max_parallel()`` submitted tasks run at once; the
+        others wait their turn. ``close()`` cancels those still waiting and stops those that
+        run (their futures raise ``RuntimeUnavailable``).
+
+        Raises:
+            RuntimeUnavailable: the executor is closed.
+        """
+        with self._close_lock:
+            self._check_open()
+            if self._submitted is None:
+                self._submitted = ThreadPoolExecutor(
+                    self.max_parallel(), thread_name_prefix=f"parity-sandbox-{self.runtime_name}"
+                )
+            return self._submitted.submit(self._run_submitted, task, use_cache)
+
+    def _run_submitted(self, task: Task | PreparedTask, use_cache: bool) -> Result:
+        try:
+            return self._outcome(task, self._stopping, use_cache)
+        except Cancelled:
+            raise RuntimeUnavailable(
+                f"this {type(self).__name__} was closed while the task ran"
+            ) from None
+
+    def _execute_cached(
+        self, item: Task | PreparedTask, cancel: threading.Event | None, *, use_cache: bool = True
+    ) -> Result:
+        """Prepare (once), answer from the result cache where the task allows it, else run;
+        the result, however the task ended."""
+        prepared = item if isinstance(item, PreparedTask) else self._prepare(item)
+        task = prepared.task
+        cached = use_cache and self.cache is not None and prepared.cacheable
+        if cached:
             assert self.cache is not None
-            hit = self.cache.get(key)
+            hit = self.cache.get(prepared.spec_hash)
             if hit is not None:
                 return hit.model_copy(update={"task_id": task.id, "labels": task.labels})
-        result = self._execute(task, cancel)
-        if key is not None:
+        result = self._run(prepared, cancel)
+        if prepared.cacheable and result.spec_hash is None:
+            result = result.model_copy(update={"spec_hash": prepared.spec_hash})
+        if cached:
             assert self.cache is not None
-            self.cache.put(key, result)
+            self.cache.put(prepared.spec_hash, result)
         return result
 
-    def _cache_key(self, task: Task) -> str | None:
-        """The spec hash a task is cached under, or ``None`` when it is not cached."""
-        if self.cache is None or not (task.deterministic or task.cacheable):
-            return None
-        return self.spec_hash(task)
+    async def execute_async(self, task: Task | PreparedTask, *, use_cache: bool = True) -> Result:
+        """Run one task without blocking the event loop; cancelling the await stops the task.
 
-    async def execute_async(self, task: Task) -> Result:
-        """Run one task without blocking the event loop; cancelling the await stops the task."""
+        Raises as ``execute`` does, ``RuntimeUnavailable`` at once for a closed executor.
+        """
         self._check_open()
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self._execute_cached, task, cancel)
+        future = loop.run_in_executor(
+            None, functools.partial(self._outcome, task, cancel, use_cache)
+        )
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -114,10 +243,11 @@ class Executor(ABC):
 
     def map(
         self,
-        tasks: Iterable[Task],
+        tasks: Iterable[Task | PreparedTask],
         *,
         max_parallel: int | None = None,
         memory_budget: int | None = None,
+        use_cache: bool = True,
     ) -> Generator[Result, None, None]:
         """Run many tasks, up to ``max_parallel`` at once, yielding their results in order.
 
@@ -133,36 +263,53 @@ class Executor(ABC):
             memory_budget: bytes the memory limits of the tasks running at once may add up to
                 (default: the memory the host has available now); a task above the budget on
                 its own runs alone.
+            use_cache: ``False`` runs every task, even where the result cache has its result.
+
+        Raises:
+            RuntimeUnavailable: the executor is closed (at the call, not at the first result).
         """
         self._check_open()
-        yield from run_all(
+        return run_all(
             ((self, task) for task in tasks),
             width=max(1, max_parallel or self.max_parallel()),
             memory_budget=memory_budget if memory_budget is not None else available_memory(),
+            use_cache=use_cache,
         )
 
     def execute_many(
         self,
-        tasks: Iterable[Task],
+        tasks: Iterable[Task | PreparedTask],
         *,
         max_parallel: int | None = None,
         memory_budget: int | None = None,
+        use_cache: bool = True,
     ) -> list[Result]:
         """``map``, collected into a list."""
-        return list(self.map(tasks, max_parallel=max_parallel, memory_budget=memory_budget))
+        return list(
+            self.map(
+                tasks,
+                max_parallel=max_parallel,
+                memory_budget=memory_budget,
+                use_cache=use_cache,
+            )
+        )
 
-    def memory_of(self, task: Task) -> int:
+    def memory_of(self, task: Task | PreparedTask) -> int:
         """The host memory ``task`` takes here, what batch admission counts: its memory limit,
         plus the input bytes the host holds for it outside that limit."""
+        if isinstance(task, PreparedTask):
+            return (task.limits.memory or 0) + task.input_bytes
         runtime: Literal["wasm", "docker"] = "docker" if self.runtime_name == "docker" else "wasm"
         limit = self.config.limits_for(runtime).merged(task.limits).memory or 0
         return limit + _input_bytes(task)
 
-    def _result_of(self, task: Task, cancel: threading.Event) -> Result:
+    def _result_of(
+        self, task: Task | PreparedTask, cancel: threading.Event, use_cache: bool = True
+    ) -> Result:
         try:
-            return self._execute_cached(task, cancel)
+            return self._execute_cached(task, cancel, use_cache=use_cache)
         except SandboxError as exc:
-            return self._error_result(task, exc)
+            return self._error_result(task.task if isinstance(task, PreparedTask) else task, exc)
 
     @staticmethod
     def _error_result(task: Task | None, exc: SandboxError) -> Result:
@@ -187,8 +334,14 @@ class Executor(ABC):
             if self._closed:
                 return
             self._closed = True
+            submitted = self._submitted
+        self._stopping.set()
         try:
+            if submitted is not None:
+                submitted.shutdown(wait=False, cancel_futures=True)
             self._close()
+            if submitted is not None:
+                submitted.shutdown(wait=True)
         finally:
             if self.cache is not None:
                 self.cache.close()
@@ -265,10 +418,11 @@ def _input_bytes(task: Task) -> int:
 
 
 def run_all(
-    work: Iterable[tuple[Executor | None, Task | SandboxError]],
+    work: Iterable[tuple[Executor | None, Task | PreparedTask | SandboxError]],
     *,
     width: int,
     memory_budget: int,
+    use_cache: bool = True,
 ) -> Generator[Result, None, None]:
     """Run each task on its executor, ``width`` at once within ``memory_budget``; yield the
     results in order. A ``SandboxError`` in place of a task (a task that could not even be
@@ -278,9 +432,9 @@ def run_all(
     pending: deque[Future[Result]] = deque()
     pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="parity-sandbox-map")
 
-    def run_one(executor: Executor, task: Task, need: int) -> Result:
+    def run_one(executor: Executor, task: Task | PreparedTask, need: int) -> Result:
         try:
-            return executor._result_of(task, cancel)
+            return executor._result_of(task, cancel, use_cache)
         finally:
             gate.release(need)
 

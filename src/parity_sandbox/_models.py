@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import re
 import threading
+import warnings
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
@@ -91,7 +93,7 @@ MAX_ID = 2**31 - 2
 DETERMINISTIC_FUEL = 10_000_000_000
 _IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 #: Fields that only Docker tasks have.
-DOCKER_FIELDS = ("command", "workdir", "user", "docker_runtime", "gpus")
+DOCKER_FIELDS = ("command", "workdir", "user", "oci_runtime", "gpus")
 
 
 def _ranged(parse: Any, low: float, high: float, form: str, unit: str = "") -> Any:
@@ -212,6 +214,26 @@ class Limits(_Model):
         return int((self.memory or 0) * DEFAULT_INPUT_SHARE)
 
 
+def renamed(data: Any, names: dict[str, str], where: str) -> Any:
+    """``data`` (a mapping about to be validated) with old key names replaced by ``names``'
+    new ones, each with a DeprecationWarning; both spellings at once is an error."""
+    if not isinstance(data, dict) or not any(old in data for old in names):
+        return data
+    data = dict(data)
+    for old, new in names.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ValueError(f"give {new} only ({old} is its old name)")
+        warnings.warn(
+            f"{where}: {old} is now called {new}; the old name will go",
+            DeprecationWarning,
+            stacklevel=6,
+        )
+        data[new] = data.pop(old)
+    return data
+
+
 def check_input_bytes(size: int, limits: Limits) -> None:
     """Refuse a task that brings more bytes (stdin and input files) than ``limits.input``.
 
@@ -271,7 +293,8 @@ class Task(_Model):
         command: the container's argv (Docker); default: the image's entrypoint and command.
         workdir: the container's working directory (Docker; default ``/work``).
         user: ``"uid"`` or ``"uid:gid"`` the container runs as (Docker; default 65534:65534).
-        docker_runtime: ``"runc"`` or ``"runsc"`` (gVisor); default: the configured one.
+        oci_runtime: ``"runc"`` or ``"runsc"`` (gVisor); default: the configured one
+            (``docker_runtime``, its old name, is accepted with a DeprecationWarning).
         gpus: GPUs to give the container: a count or ``"all"`` (Docker).
         privileged: ask for a privileged container; refused unless the operator allows it.
         env: the environment of the task; nothing of the host's reaches it (a Docker image's
@@ -298,7 +321,7 @@ class Task(_Model):
     command: tuple[str, ...] | None = None
     workdir: str | None = None
     user: str | None = None
-    docker_runtime: Literal["runc", "runsc"] | None = None
+    oci_runtime: Literal["runc", "runsc"] | None = None
     gpus: Annotated[int, Field(ge=1, le=64)] | Literal["all"] | None = None
     privileged: bool = False
     env: dict[str, str] = Field(default_factory=dict)
@@ -314,6 +337,11 @@ class Task(_Model):
     runtime: Literal["wasm", "docker"] | None = None
     deterministic: bool = False
     cacheable: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spellings(cls, data: Any) -> Any:
+        return renamed(data, {"docker_runtime": "oci_runtime"}, "Task")
 
     @field_validator("wasm_module")
     @classmethod
@@ -475,9 +503,11 @@ class Task(_Model):
         *,
         module_sha256: str | None = None,
         image_id: str | None = None,
+        inputs: Mapping[str, bytes] | None = None,
     ) -> dict[str, Any]:
         """The canonical description of this task hashed by :meth:`spec_hash` (see
-        ``parity_sandbox._hashing``), under the resolved ``limits``."""
+        ``parity_sandbox._hashing``), under the resolved ``limits``; ``inputs`` are the input
+        files' contents as read (default: read now)."""
         docker = self.image is not None
         limits = self.effective_limits(limits)
         names: tuple[str, ...]
@@ -500,7 +530,10 @@ class Task(_Model):
             "env": dict(self.env),
             "stdin_sha256": sha256_hex(self.input),
             "input_files": {
-                name: sha256_hex(content) for name, content in self.input_contents().items()
+                name: sha256_hex(content)
+                for name, content in (
+                    inputs if inputs is not None else self.input_contents()
+                ).items()
             },
             "outputs": list(self.outputs),
             "limits": {name: getattr(limits, name) for name in names},
@@ -510,7 +543,7 @@ class Task(_Model):
             document["docker"] = {
                 "user": self.user,
                 "workdir": self.workdir,
-                "oci_runtime": self.docker_runtime,
+                "oci_runtime": self.oci_runtime,
                 "gpus": self.gpus,
             }
         else:
@@ -611,6 +644,10 @@ class Task(_Model):
     def runtime_name(self) -> str | None:
         """The runtime this task names or implies (``image`` means Docker), else ``None``."""
         return "docker" if self.image is not None else self.runtime
+
+
+#: The limits a task can hit (``Result.limit``, ``ResourceLimitExceeded.limit``).
+LimitName = Literal["memory", "fuel", "stack", "disk", "file_size", "pids"]
 
 
 class Status(StrEnum):
@@ -718,7 +755,8 @@ class Result(BaseModel):
     duration: float = 0.0
     usage: ResourceUsage = Field(default_factory=ResourceUsage)
     runtime: RuntimeInfo | None = None
-    limit: str | None = None
+    #: Which limit a ``resource_limit`` result hit.
+    limit: LimitName | None = None
     error: ErrorInfo | None = None
     task_id: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)

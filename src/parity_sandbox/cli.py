@@ -202,8 +202,13 @@ def run(
         str | None,
         typer.Option(help="Docker image to run (implies --runtime docker); CMD ARGS after --."),
     ] = None,
-    docker_runtime: Annotated[
-        str | None, typer.Option(help="Docker OCI runtime: runc, or runsc for gVisor.")
+    oci_runtime: Annotated[
+        str | None,
+        typer.Option(
+            "--oci-runtime",
+            "--docker-runtime",  # its old name
+            help="OCI runtime of a Docker task: runc, or runsc for gVisor.",
+        ),
     ] = None,
     gpus: Annotated[str | None, typer.Option(help="GPUs for a Docker task: N or all.")] = None,
     workdir: Annotated[
@@ -291,7 +296,7 @@ def run(
             task = Task(
                 image=image,
                 command=command,
-                docker_runtime=docker_runtime,
+                oci_runtime=oci_runtime,
                 gpus=gpus if gpus in (None, "all") else _count(gpus, "--gpus"),
                 workdir=workdir,
                 user=user,
@@ -305,7 +310,7 @@ def run(
             docker_only = [
                 name
                 for name, value in (
-                    ("--docker-runtime", docker_runtime),
+                    ("--oci-runtime", oci_runtime),
                     ("--gpus", gpus),
                     ("--workdir", workdir),
                     ("--user", user),
@@ -546,7 +551,7 @@ def _check_docker(settings: Config) -> tuple[bool, str]:
         if "runsc" not in runtimes:
             parts.append("(gVisor: apt-get install runsc, register it in daemon.json)")
         parts.append(f"GPU: {'yes' if executor.has_gpu_runtime() else 'no (no nvidia runtime)'}")
-        usable = settings.docker.runtime in runtimes
+        usable = settings.docker.oci_runtime in runtimes
     return usable, "; ".join(parts)
 
 

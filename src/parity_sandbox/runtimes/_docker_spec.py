@@ -40,6 +40,7 @@ Every hardened default is set here, each with its reason:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,8 @@ class Plan:
     """Everything one container run needs, decided before anything starts."""
 
     shape: Shape
+    #: The task's limits, resolved.
+    limits: Limits
     create: dict[str, Any]
     host_config: dict[str, Any]
     #: The task's command for parity-init (see :func:`command_block`).
@@ -206,7 +209,7 @@ def shape_of(
         )
     return Shape(
         init_image=init_image,
-        runtime=task.docker_runtime or settings.runtime,
+        runtime=task.oci_runtime or settings.oci_runtime,
         uid=uid,
         gid=gid,
         memory=limits.memory,
@@ -313,6 +316,7 @@ def plan(
     seccomp: str,
     blkio: dict[str, Any] | None = None,
     hosts: str | None = None,
+    inputs: Mapping[str, bytes] | None = None,
 ) -> Plan:
     """Translate ``task`` under ``limits`` into a container and the command parity-init runs.
 
@@ -320,17 +324,18 @@ def plan(
         InvalidInput: the task asks for something the operator's settings refuse.
     """
     argv = argv_of(task, image)
-    inputs, input_size = None, 0
-    contents = task.input_contents()
+    contents = dict(inputs) if inputs is not None else task.input_contents()
     input_bytes = len(task.input) + sum(map(len, contents.values()))
     check_input_bytes(input_bytes, limits)
+    archive, input_size = None, 0
     if contents:
         input_size = archive_bytes(contents) + MiB
-        inputs = input_archive(contents)
+        archive = input_archive(contents)
     shape = shape_of(task, limits, settings, init_image=init_image, input_size=input_size)
     create, host_config = container(shape, labels=labels, seccomp=seccomp, blkio=blkio, hosts=hosts)
     return Plan(
         shape=shape,
+        limits=limits,
         create=create,
         host_config=host_config,
         command=command_block(argv, dict(task.env), task.workdir, task.outputs),
@@ -340,5 +345,5 @@ def plan(
         output_files=limits.output_files_or_default,
         input_bytes=input_bytes,
         argv0=argv[0],
-        inputs=inputs,
+        inputs=archive,
     )

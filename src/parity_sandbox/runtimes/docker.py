@@ -44,11 +44,11 @@ from docker.utils import kwargs_from_env
 from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
-from parity_sandbox._executor import Cancelled, Executor
+from parity_sandbox._executor import Cancelled, Executor, PreparedTask
 from parity_sandbox._fs import OutputCaps
-from parity_sandbox._hashing import digest
 from parity_sandbox._models import (
     ErrorInfo,
+    LimitName,
     Limits,
     ResourceUsage,
     Result,
@@ -245,7 +245,7 @@ class DockerExecutor(Executor):
                     Task(
                         image=profile.image,
                         command=["true"],
-                        docker_runtime=profile.runtime,
+                        oci_runtime=profile.oci_runtime,
                         user=profile.user,
                         limits=profile.limits,
                     )
@@ -258,18 +258,14 @@ class DockerExecutor(Executor):
         # daemon's cores busy; more only queue inside it.
         return 2 * (os.cpu_count() or 1)
 
-    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
-        run_plan, image = self._prepare(task)
-        result = _Run(self, task, run_plan, image, cancel).run()
-        if task.cacheable:
-            limits = self._limits.merged(task.limits)
-            spec = digest(task.spec_document(limits, image_id=image.id))
-            result = result.model_copy(update={"spec_hash": spec})
-        if result.status in (Status.SUCCEEDED, Status.FAILED):
-            return result
-        error = result.to_error()
-        assert error is not None
-        raise error
+    def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
+        if prepared.runtime != "docker" or not isinstance(prepared.form, tuple):
+            raise InvalidInput(
+                "task: prepared by another runtime's executor; prepare it with this one",
+                field="task",
+            )
+        run_plan, image = prepared.form
+        return _Run(self, prepared.task, run_plan, image, cancel).run()
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -312,14 +308,23 @@ class DockerExecutor(Executor):
 
     # -- before a task runs -----------------------------------------------------------------
 
-    def _prepare(self, task: Task) -> tuple[Plan, ImageInfo]:
+    def _prepare(self, task: Task) -> PreparedTask:
+        """The task's container plan; its image resolved to an id (a tag moved later changes
+        nothing) and its input files read, once."""
+        contents = task.input_contents()
+        run_plan, image = self._plan(task, contents)
+        return PreparedTask(
+            task, "docker", run_plan.limits, image.id, contents, form=(run_plan, image)
+        )
+
+    def _plan(self, task: Task, contents: dict[str, bytes] | None = None) -> tuple[Plan, ImageInfo]:
         if task.runtime_name != "docker" or task.image is None:
             raise InvalidInput(
                 "image: the Docker runtime runs images; give image (a wasm task goes to the "
                 "wasm runtime)",
                 field="image",
             )
-        runtime = task.docker_runtime or self._settings.runtime
+        runtime = task.oci_runtime or self._settings.oci_runtime
         if runtime not in self.runtimes:
             raise RuntimeUnavailable(
                 f"the Docker daemon has no {runtime!r} runtime; install gVisor (Debian: apt-get "
@@ -364,14 +369,9 @@ class DockerExecutor(Executor):
             seccomp=security_opt(runtime=runtime),
             blkio=self._blkio,
             hosts=self._hosts,
+            inputs=contents,
         )
         return run_plan, image
-
-    def spec_hash(self, task: Task) -> str:
-        """``task``'s spec hash, its image looked up to the image id a tag points at now."""
-        if task.image is None:
-            return super().spec_hash(task)
-        return task.spec_hash(self.config, image_id=self._image(task.image).id)
 
     # -- warm containers --------------------------------------------------------------------
 
@@ -387,7 +387,7 @@ class DockerExecutor(Executor):
             How many warm containers of the profile are ready now.
         """
         self._check_open()
-        run_plan, _ = self._prepare(task)
+        run_plan, _ = self._plan(task)
         with self._lock:
             if self._pool is None:
                 self._pool = self._new_pool()
@@ -893,7 +893,9 @@ class _Run:
             return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", error)
         # The kernel's answer to a write past RLIMIT_FSIZE (unless the task sent it itself).
         if code == _KILLED_BY_SIGXFSZ:
-            limit = "disk" if self.plan.shape.file_size >= self.plan.shape.disk else "file_size"
+            limit: LimitName = (
+                "disk" if self.plan.shape.file_size >= self.plan.shape.disk else "file_size"
+            )
             message = f"the task wrote a file past its {limit} limit and was killed (SIGXFSZ)"
             error = ErrorInfo(type="ResourceLimitExceeded", message=message)
             return self._result(Status.RESOURCE_LIMIT, code, usage, collected, limit, error)
@@ -963,7 +965,7 @@ class _Run:
         code: int | None,
         usage: host.CgroupUsage,
         collected: Collected | None = None,
-        limit: str | None = None,
+        limit: LimitName | None = None,
         error: ErrorInfo | None = None,
     ) -> Result:
         """The result; stdout and stderr without init's trailer."""

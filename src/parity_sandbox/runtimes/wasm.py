@@ -32,7 +32,7 @@ from pathlib import Path
 from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
-from parity_sandbox._executor import Cancelled, Executor, available_memory
+from parity_sandbox._executor import Cancelled, Executor, PreparedTask, available_memory
 from parity_sandbox._fs import (
     OutputCaps,
     collect_outputs,
@@ -189,6 +189,14 @@ class _Flight:
     deadline: float = 0.0
     finished: bool = False
     expired: bool = False
+
+    @property
+    def need(self) -> int:
+        """The host memory this task takes: its memory limit and the input bytes it brings."""
+        request = self.request
+        return (
+            request.limits.memory + len(request.stdin) + sum(map(len, request.input_files.values()))
+        )
 
 
 class _Deadlines:
@@ -353,10 +361,10 @@ class WasmExecutor(Executor):
 
     # -- one task ------------------------------------------------------------------------------
 
-    def _execute(self, task: Task, cancel: threading.Event | None) -> Result:
-        request, module = self._prepare(task)
+    def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
+        request, module = self._form(prepared)
         flight = self._dispatch(
-            _Flight(0, task, request, module, self._pool.acquire(cancel)), cancel
+            _Flight(0, prepared.task, request, module, self._pool.acquire(cancel)), cancel
         )
         worker = flight.worker
         try:
@@ -376,22 +384,29 @@ class WasmExecutor(Executor):
             raise
         result = self._settle(flight, reply)
         self._pool.release(worker)  # or replaced, if it died
-        if result.status in (Status.SUCCEEDED, Status.FAILED):
-            return result
         if self.closed and reply.outcome == "error":
             raise RuntimeUnavailable("the executor was closed while the task ran", result=result)
-        error = result.to_error()
-        assert error is not None
-        raise error
+        return result
+
+    def _form(self, prepared: PreparedTask) -> tuple[RunRequest, bytes]:
+        """The request that runs ``prepared`` (a fresh one each time) and its module."""
+        if prepared.runtime != "wasm" or not isinstance(prepared.form, tuple):
+            raise InvalidInput(
+                "task: prepared by another runtime's executor; prepare it with this one",
+                field="task",
+            )
+        request, module = prepared.form
+        return replace(request, seq=next(self._seq)), module
 
     # -- many tasks ----------------------------------------------------------------------------
 
     def map(
         self,
-        tasks: Iterable[Task],
+        tasks: Iterable[Task | PreparedTask],
         *,
         max_parallel: int | None = None,
         memory_budget: int | None = None,
+        use_cache: bool = True,
     ) -> Generator[Result, None, None]:
         """Run many tasks on up to ``max_parallel`` workers at once; results in order.
 
@@ -399,17 +414,17 @@ class WasmExecutor(Executor):
         at each worker, so workers do not wait for the parent between tasks. Like
         ``Executor.map``, a task that fails yields its result instead of raising; closing the
         iterator early stops the tasks still running. ``memory_budget`` (default: the host's
-        available memory) caps the workers in use at the budget over the configured memory
-        limit, each worker running one task at a time.
+        available memory) bounds what the tasks on the workers in use take together, each by
+        its own memory limit and input bytes; a task above the budget on its own runs alone.
         """
         self._check_open()
         width = min(max(1, max_parallel or self._pool.size), self._pool.size)
         budget = memory_budget if memory_budget is not None else available_memory()
-        per_task = self._limits.memory or 1
-        width = max(1, min(width, budget // per_task))
-        return self._map(iter(tasks), width)
+        return self._map(iter(tasks), width, budget, use_cache)
 
-    def _map(self, source: Iterator[Task], width: int) -> Generator[Result, None, None]:
+    def _map(
+        self, source: Iterator[Task | PreparedTask], width: int, budget: int, use_cache: bool
+    ) -> Generator[Result, None, None]:
         # Each worker in use has a lane: the flight it runs (the head) and the next one, already
         # sent, so the worker never waits for this thread. A dead worker's queued flights run
         # again elsewhere (they never started, or a crash of another task cut them short).
@@ -421,6 +436,24 @@ class WasmExecutor(Executor):
         indices = itertools.count()
         yielded = 0
         exhausted = False
+        #: Set when the next task does not fit the memory budget beside those in flight: no
+        #: lane opens until a task ends.
+        full = False
+
+        def held(skip: Worker | None = None) -> int:
+            """Memory of the tasks in flight: a worker runs its lane's tasks one at a time."""
+            return sum(
+                max(flight.need for flight in lane)
+                for worker, lane in lanes.items()
+                if lane and worker is not skip
+            )
+
+        def fits(flight: _Flight, lane: deque[_Flight]) -> bool:
+            others = held(skip=flight.worker)
+            if not others:
+                return True  # alone, any task runs: refusing it would stall the batch
+            mine = max([f.need for f in lane] + [flight.need])
+            return others + mine <= budget
 
         def next_flight(worker: Worker) -> _Flight | None:
             nonlocal exhausted
@@ -428,20 +461,22 @@ class WasmExecutor(Executor):
                 if retry:
                     flight = retry.popleft()
                     return _Flight(flight.index, flight.task, flight.request, flight.module, worker)
-                task = next(source, None)
-                if task is None:
+                item = next(source, None)
+                if item is None:
                     exhausted = True
                     break
                 index = next(indices)
+                task = item.task if isinstance(item, PreparedTask) else item
                 try:
-                    key = self._cache_key(task)
-                    hit = self.cache.get(key) if self.cache and key else None
-                    if hit is not None:
-                        done[index] = hit.model_copy(
-                            update={"task_id": task.id, "labels": task.labels}
-                        )
-                        continue
-                    return _Flight(index, task, *self._prepare(task), worker)
+                    prepared = item if isinstance(item, PreparedTask) else self._prepare(item)
+                    if use_cache and self.cache is not None and prepared.cacheable:
+                        hit = self.cache.get(prepared.spec_hash)
+                        if hit is not None:
+                            done[index] = hit.model_copy(
+                                update={"task_id": task.id, "labels": task.labels}
+                            )
+                            continue
+                    return _Flight(index, task, *self._form(prepared), worker)
                 except SandboxError as exc:
                     done[index] = self._error_result(task, exc)
             return None
@@ -458,6 +493,8 @@ class WasmExecutor(Executor):
 
         def retire(worker: Worker) -> None:
             """Discard a dead (or abandoned) worker; what it had queued runs elsewhere."""
+            nonlocal full
+            full = False
             lane = close_lane(worker)
             for flight in lane:
                 self._deadlines.finish(flight)
@@ -466,7 +503,7 @@ class WasmExecutor(Executor):
 
         try:
             while True:
-                while len(lanes) < width and (retry or not exhausted):
+                while len(lanes) < width and (retry or not exhausted) and not full:
                     worker = self._pool.try_acquire()
                     if worker is None:
                         if lanes:
@@ -480,6 +517,10 @@ class WasmExecutor(Executor):
                             break
                         if lane and self._needs_module(flight):
                             # Compiling is bounded only for a lane's head: wait for one.
+                            retry.appendleft(flight)
+                            break
+                        if not fits(flight, lane):
+                            full = True
                             retry.appendleft(flight)
                             break
                         try:
@@ -510,6 +551,7 @@ class WasmExecutor(Executor):
                 if not lanes:
                     if exhausted and not retry:
                         return
+                    full = False  # nothing in flight: the next task runs alone
                     continue
                 for fd, _ in poller.poll(1000):
                     worker = by_fd.get(fd)  # None: retired earlier in this loop
@@ -526,8 +568,9 @@ class WasmExecutor(Executor):
                         retire(worker)
                         continue
                     head = lane.popleft()
+                    full = False  # its memory is free again
                     done[head.index] = self._settle(head, reply)
-                    if self.cache is not None and head.request.spec_hash is not None:
+                    if use_cache and self.cache is not None and head.request.spec_hash is not None:
                         self.cache.put(head.request.spec_hash, done[head.index])
                     if worker.dead:
                         retire(worker)
@@ -535,18 +578,11 @@ class WasmExecutor(Executor):
             for worker in list(lanes):
                 retire(worker)
 
-    def spec_hash(self, task: Task) -> str:
-        """``task``'s spec hash; an unchanged module file is not read or hashed again."""
-        if task.image is not None:
-            return super().spec_hash(task)
-        _, sha = self._modules.load(task)
-        limits = task.effective_limits(self._limits.merged(task.limits))
-        return digest(task.spec_document(limits, module_sha256=sha))
-
     # -- the steps of a flight -----------------------------------------------------------------
 
-    def _prepare(self, task: Task) -> tuple[RunRequest, bytes]:
-        """Everything about ``task`` that needs no worker; raises ``InvalidInput``."""
+    def _prepare(self, task: Task) -> PreparedTask:
+        """Everything about ``task`` that needs no worker, its files read once (an unchanged
+        module file is recognised and not read or hashed again); raises ``InvalidInput``."""
         if task.runtime_name not in (None, "wasm"):
             raise InvalidInput(
                 f"runtime: this executor runs wasm tasks, not {task.runtime_name} tasks "
@@ -577,7 +613,7 @@ class WasmExecutor(Executor):
         module, sha = self._modules.load(task)
         seed = spec = None
         if task.deterministic or task.cacheable:
-            spec = digest(task.spec_document(resolved, module_sha256=sha))
+            spec = digest(task.spec_document(resolved, module_sha256=sha, inputs=files))
         if task.deterministic:
             # Seeded from the task itself: the same task sees the same clocks and random bytes.
             assert spec is not None
@@ -600,7 +636,9 @@ class WasmExecutor(Executor):
             seed=seed,
             spec_hash=spec,
         )
-        return request, module
+        return PreparedTask(
+            task, "wasm", resolved, sha, files, form=(request, module), known_spec_hash=spec
+        )
 
     def _dispatch(self, flight: _Flight, cancel: threading.Event | None) -> _Flight:
         """Send ``flight``; if its (idle) worker turns out dead, once more on a fresh one."""
