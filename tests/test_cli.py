@@ -153,7 +153,7 @@ def test_config_show_and_doctor(cache_dir: Path) -> None:
 def test_limits_wasm_cannot_enforce_are_named_once(wasm: WasmFixtures, cache_dir: Path) -> None:
     done = run_cli("run", "--cpus", "0.5", str(wasm.hello), cache=cache_dir)
     assert done.returncode == 0
-    assert done.stderr.decode().count("ignores cpu") == 1
+    assert done.stderr.decode().count("ignores limits.cpu") == 1
     assert "pids" not in done.stderr.decode()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -271,3 +272,16 @@ def test_use_cache_is_taken_everywhere(wasm: WasmFixtures, cache_dir: Path, tmp_
         assert asyncio.run(executor.execute_async(task)).cached
         assert not executor.submit(task, use_cache=False).result(timeout=30).cached
         assert executor.submit(task).result(timeout=30).cached
+
+
+def test_limits_a_runtime_ignores_are_named_once_in_one_wording(
+    wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    with WasmExecutor(Config(cache_dir=cache_dir), workers=1) as executor:
+        with pytest.warns(RuntimeWarning, match=r"wasm runtime ignores limits\.cpu, limits\.pids"):
+            executor.execute(Task(wasm_file=wasm.hello, limits=Limits(cpu=0.5, pids=8)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            executor.execute(Task(wasm_file=wasm.hello, limits=Limits(cpu=0.5)))  # said once
+        with pytest.warns(RuntimeWarning, match=r"ignores limits\.open_files"):
+            executor.execute(Task(wasm_file=wasm.hello, limits=Limits(open_files=64)))

@@ -1,4 +1,6 @@
 import inspect
+import subprocess
+import sys
 import typing
 
 import pydantic
@@ -92,3 +94,20 @@ def test_every_name_reachable_from_the_public_api_is_exported() -> None:
                     missing[cls.__name__] = f"{cls.__module__} (used by {obj!r})"
     assert missing == {}
     assert seen  # the walk found the package's own types
+
+
+def test_the_package_root_imports_nothing_before_it_is_used() -> None:
+    """``import parity_sandbox`` is light, and a WASM worker, which imports one module of the
+    package, loads neither pydantic, YAML, SQLite nor the Docker SDK."""
+    assert set(parity_sandbox._WHERE) == set(parity_sandbox.__all__) - {"__version__"}
+    code = (
+        "import sys\n"
+        "import parity_sandbox\n"
+        "light = set(sys.modules)\n"
+        "import parity_sandbox.runtimes._wasm_worker\n"
+        "heavy = ('pydantic', 'yaml', 'sqlite3', 'docker', 'typer', 'rich', 'requests')\n"
+        "print([name for name in heavy if name in sys.modules])\n"
+        "print([name for name in heavy if name in light])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["[]", "[]"]

@@ -9,46 +9,90 @@ with WasmExecutor() as executor:
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from parity_sandbox._batch import read_tasks, run_batch
-from parity_sandbox._cache import CacheStats, RedisCache, ResultCache, SqliteCache, open_cache
-from parity_sandbox._config import (
-    CacheSettings,
-    Config,
-    DockerSettings,
-    PoolProfile,
-    PoolSettings,
-    WasmSettings,
-    load_config,
-)
-from parity_sandbox._exceptions import (
-    ExecutionError,
-    ExecutionTimeout,
-    InvalidInput,
-    LaunchFailed,
-    ResourceLimitExceeded,
-    RuntimeUnavailable,
-    SandboxError,
-    TaskError,
-    TaskFailed,
-)
-from parity_sandbox._executor import Executor, PreparedTask
-from parity_sandbox._models import (
-    ErrorInfo,
-    LimitName,
-    Limits,
-    ResourceUsage,
-    Result,
-    RuntimeInfo,
-    Status,
-    Task,
-)
-from parity_sandbox._record import Record, Verification, verify
-
 if TYPE_CHECKING:
+    from parity_sandbox._batch import read_tasks, run_batch
+    from parity_sandbox._cache import CacheStats, RedisCache, ResultCache, SqliteCache, open_cache
+    from parity_sandbox._config import (
+        CacheSettings,
+        Config,
+        DockerSettings,
+        PoolProfile,
+        PoolSettings,
+        WasmSettings,
+        load_config,
+    )
+    from parity_sandbox._exceptions import (
+        ExecutionError,
+        ExecutionTimeout,
+        InvalidInput,
+        LaunchFailed,
+        ResourceLimitExceeded,
+        RuntimeUnavailable,
+        SandboxError,
+        TaskError,
+        TaskFailed,
+    )
+    from parity_sandbox._executor import Executor, PreparedTask
+    from parity_sandbox._models import (
+        ErrorInfo,
+        LimitName,
+        Limits,
+        ResourceUsage,
+        Result,
+        RuntimeInfo,
+        Status,
+        Task,
+    )
+    from parity_sandbox._record import Record, Verification, verify
     from parity_sandbox.runtimes.docker import DockerExecutor
     from parity_sandbox.runtimes.wasm import WasmExecutor
+
+#: Where each public name lives. Nothing is imported before it is first used, so that
+#: ``import parity_sandbox`` is light, and a WASM worker process, which imports one module of
+#: the package, loads neither pydantic nor YAML nor SQLite.
+_WHERE: dict[str, str] = {
+    "CacheSettings": "parity_sandbox._config",
+    "CacheStats": "parity_sandbox._cache",
+    "Config": "parity_sandbox._config",
+    "DockerExecutor": "parity_sandbox.runtimes.docker",
+    "DockerSettings": "parity_sandbox._config",
+    "ErrorInfo": "parity_sandbox._models",
+    "ExecutionError": "parity_sandbox._exceptions",
+    "ExecutionTimeout": "parity_sandbox._exceptions",
+    "Executor": "parity_sandbox._executor",
+    "InvalidInput": "parity_sandbox._exceptions",
+    "LaunchFailed": "parity_sandbox._exceptions",
+    "LimitName": "parity_sandbox._models",
+    "Limits": "parity_sandbox._models",
+    "PoolProfile": "parity_sandbox._config",
+    "PoolSettings": "parity_sandbox._config",
+    "PreparedTask": "parity_sandbox._executor",
+    "Record": "parity_sandbox._record",
+    "RedisCache": "parity_sandbox._cache",
+    "ResourceLimitExceeded": "parity_sandbox._exceptions",
+    "ResourceUsage": "parity_sandbox._models",
+    "Result": "parity_sandbox._models",
+    "ResultCache": "parity_sandbox._cache",
+    "RuntimeInfo": "parity_sandbox._models",
+    "RuntimeUnavailable": "parity_sandbox._exceptions",
+    "SandboxError": "parity_sandbox._exceptions",
+    "SqliteCache": "parity_sandbox._cache",
+    "Status": "parity_sandbox._models",
+    "Task": "parity_sandbox._models",
+    "TaskError": "parity_sandbox._exceptions",
+    "TaskFailed": "parity_sandbox._exceptions",
+    "Verification": "parity_sandbox._record",
+    "WasmExecutor": "parity_sandbox.runtimes.wasm",
+    "WasmSettings": "parity_sandbox._config",
+    "load_config": "parity_sandbox._config",
+    "open_cache": "parity_sandbox._cache",
+    "read_tasks": "parity_sandbox._batch",
+    "run_batch": "parity_sandbox._batch",
+    "verify": "parity_sandbox._record",
+}
 
 __version__ = "0.1.0"
 
@@ -96,13 +140,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Executors are imported on first use, so `import parity_sandbox` stays light.
-    if name == "WasmExecutor":
-        from parity_sandbox.runtimes.wasm import WasmExecutor
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'parity_sandbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
-        return WasmExecutor
-    if name == "DockerExecutor":
-        from parity_sandbox.runtimes.docker import DockerExecutor
 
-        return DockerExecutor
-    raise AttributeError(f"module 'parity_sandbox' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(__all__)

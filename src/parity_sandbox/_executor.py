@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Generator, Iterable, Mapping
@@ -91,11 +92,17 @@ class Executor(ABC):
 
     #: The runtime's name in the registry and in results.
     runtime_name: ClassVar[str]
+    #: The ``Limits`` fields this runtime applies; a task that sets another is warned (once
+    #: per executor and limit) that it is ignored, with ``ignored_because``.
+    applied_limits: ClassVar[frozenset[str]] = frozenset(Limits.model_fields)
+    ignored_because: ClassVar[str] = ""
 
     def __init__(self, config: Config | None = None, *, cache: ResultCache | None = None) -> None:
         self.config = config if config is not None else Config()
         self._closed = False
         self._close_lock = threading.Lock()
+        #: Limits a task set that this runtime ignores, each warned about once.
+        self._warned_limits: set[str] = set()
         #: Runs ``submit``'s tasks; made on first use.
         self._submitted: ThreadPoolExecutor | None = None
         #: Set by ``close()``: stops the submitted tasks still running.
@@ -115,6 +122,25 @@ class Executor(ABC):
         limits = task.effective_limits(self.config.limits_for(runtime).merged(task.limits))
         program = task.image if task.image is not None else task.module_sha256()
         return PreparedTask(task, runtime, limits, program, task.input_contents())
+
+    def _warn_ignored_limits(self, task: Task) -> None:
+        """Warn, once per limit, about limits ``task`` sets that this runtime does not apply
+        (called by ``_prepare``)."""
+        ignored = {
+            name
+            for name in task.limits.model_fields_set - self.applied_limits
+            if getattr(task.limits, name) is not None and name not in self._warned_limits
+        }
+        if not ignored:
+            return
+        self._warned_limits |= ignored
+        names = ", ".join(f"limits.{name}" for name in sorted(ignored))
+        reason = f": {self.ignored_because}" if self.ignored_because else ""
+        warnings.warn(
+            f"the {self.runtime_name} runtime ignores {names}{reason}",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     @abstractmethod
     def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:

@@ -7,9 +7,12 @@ only when their runtime is used, so a missing optional dependency affects only t
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable
-from parity_sandbox._executor import Executor
+
+if TYPE_CHECKING:  # the package of every runtime module, a WASM worker's too: kept light
+    from parity_sandbox._executor import Executor
 
 #: Runtime name -> "module:class" of its executor.
 RUNTIMES: dict[str, str] = {

@@ -190,6 +190,11 @@ class DockerExecutor(Executor):
     """
 
     runtime_name: ClassVar[str] = "docker"
+    applied_limits: ClassVar[frozenset[str]] = frozenset(Limits.model_fields) - {
+        "fuel",
+        "stack_size",
+    }
+    ignored_because: ClassVar[str] = "they are WebAssembly limits"
 
     def __init__(
         self,
@@ -230,7 +235,6 @@ class DockerExecutor(Executor):
         self._live: dict[str, str | None] = {}
         self._blkio = self._blkio_settings()
         self._hosts = self._hosts_file()
-        self._warned_ignored = False
         self._warned_seccomp = False
         #: Removes the containers of tasks that ended, off the task's path.
         self._remover = ThreadPoolExecutor(2, thread_name_prefix="parity-sandbox-remove")
@@ -349,14 +353,7 @@ class DockerExecutor(Executor):
             )
         limits = self._limits.merged(task.limits) if task.limits.model_fields_set else self._limits
         self._check_limits(limits)
-        ignored = {n for n in ("fuel", "stack_size") if getattr(task.limits, n) is not None}
-        if ignored and not self._warned_ignored:
-            self._warned_ignored = True
-            warnings.warn(
-                f"the docker runtime ignores {' and '.join(sorted(ignored))} (WebAssembly limits)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        self._warn_ignored_limits(task)
         image = self._image(task.image)
         derived = self._derived_image(image)
         run_plan = plan(

@@ -22,7 +22,6 @@ import select
 import tempfile
 import threading
 import time
-import warnings
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Generator, Iterable, Iterator
@@ -173,6 +172,16 @@ def _input_files(task: Task) -> dict[str, bytes]:
     return files
 
 
+@dataclass(eq=False)
+class _Form:
+    """A prepared task's form in this runtime: its request and its module's bytes."""
+
+    request: RunRequest
+    module: bytes = field(repr=False)
+    #: Counts its runs (``next`` is atomic): the first uses ``request`` as it is.
+    runs: Iterator[int] = field(default_factory=itertools.count)
+
+
 #: Flights per worker in ``map``: the one it runs and the next one, already sent.
 _DEPTH = 2
 
@@ -319,6 +328,11 @@ class WasmExecutor(Executor):
     """
 
     runtime_name = "wasm"
+    applied_limits = frozenset(Limits.model_fields) - {"cpu", "pids", "open_files"}
+    ignored_because = (
+        "a WebAssembly task is one thread, starts no processes and opens only what WASI "
+        "preopens (use fuel to bound its CPU)"
+    )
 
     def __init__(
         self,
@@ -344,7 +358,6 @@ class WasmExecutor(Executor):
         self._deadlines = _Deadlines()
         self._seq = itertools.count(1)  # 0 means none in the shared buffer
         self._modules = _ModuleFiles()
-        self._warned_ignored = False
         # Workers and the temporary root go also when the executor is dropped unclosed, or at
         # interpreter exit; the finaliser holds no reference to the executor itself.
         self._release = weakref.finalize(
@@ -389,14 +402,17 @@ class WasmExecutor(Executor):
         return result
 
     def _form(self, prepared: PreparedTask) -> tuple[RunRequest, bytes]:
-        """The request that runs ``prepared`` (a fresh one each time) and its module."""
-        if prepared.runtime != "wasm" or not isinstance(prepared.form, tuple):
+        """The request that runs ``prepared`` and its module; a run after the first gets a
+        request of its own (a new sequence number)."""
+        form = prepared.form
+        if prepared.runtime != "wasm" or not isinstance(form, _Form):
             raise InvalidInput(
                 "task: prepared by another runtime's executor; prepare it with this one",
                 field="task",
             )
-        request, module = prepared.form
-        return replace(request, seq=next(self._seq)), module
+        if next(form.runs) == 0:
+            return form.request, form.module
+        return replace(form.request, seq=next(self._seq)), form.module
 
     # -- many tasks ----------------------------------------------------------------------------
 
@@ -594,20 +610,7 @@ class WasmExecutor(Executor):
         if task.limits.model_fields_set or task.deterministic:
             resolved = task.effective_limits(self._limits.merged(task.limits))
             limits = wasm_limits(resolved, deterministic=task.deterministic)
-            ignored = {
-                name
-                for name in ("cpu", "pids", "open_files")
-                if getattr(task.limits, name) is not None
-            }
-            if ignored and not self._warned_ignored:
-                self._warned_ignored = True
-                warnings.warn(
-                    f"the wasm runtime ignores {' and '.join(sorted(ignored))}: a WebAssembly task "
-                    "is one thread, starts no processes and opens only what WASI preopens (use "
-                    "fuel to bound its CPU)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            self._warn_ignored_limits(task)
         files = _input_files(task)
         check_input_bytes(len(task.input) + sum(map(len, files.values())), resolved)
         module, sha = self._modules.load(task)
@@ -637,7 +640,7 @@ class WasmExecutor(Executor):
             spec_hash=spec,
         )
         return PreparedTask(
-            task, "wasm", resolved, sha, files, form=(request, module), known_spec_hash=spec
+            task, "wasm", resolved, sha, files, form=_Form(request, module), known_spec_hash=spec
         )
 
     def _dispatch(self, flight: _Flight, cancel: threading.Event | None) -> _Flight:

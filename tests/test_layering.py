@@ -1,0 +1,79 @@
+"""Which module may import which: each imports (at module level) only modules of lower layers,
+as docs/ARCHITECTURE.md draws them. A new module must be placed here, or this fails."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+#: Bottom to top. A WASM worker's own modules (``_wasm_worker`` and what it imports) sit
+#: below the data model: a worker loads no pydantic, YAML or SQLite.
+LAYERS: list[set[str]] = [
+    {
+        "parity_sandbox",  # the root: every name imported on first use, nothing at import
+        "_units",
+        "_hashing",
+        "_exceptions",
+        "_seccomp",
+        "runtimes._docker_host",
+        "runtimes._docker_seccomp",
+    },
+    {"_fs", "runtimes"},
+    {"runtimes._wasm_protocol", "runtimes._docker_io"},
+    {"runtimes._wasm_worker", "_models"},
+    {"_config"},
+    {"_cache", "runtimes._docker_spec"},
+    {"_executor", "runtimes._docker_init", "runtimes._docker_pool"},
+    {"runtimes._wasm_pool"},
+    {"runtimes.docker", "runtimes.wasm", "_record"},
+    {"_batch"},
+    {"cli"},
+]
+LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
+
+
+def module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(SRC / "parity_sandbox").with_suffix("").parts)
+    return name.removesuffix(".__init__").removesuffix("__init__") or "parity_sandbox"
+
+
+def imports_of(path: Path) -> set[str]:
+    """The package modules ``path`` imports when it is imported (not for type checking)."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+            if node.module in ("parity_sandbox", "parity_sandbox.runtimes"):
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name == "parity_sandbox" or name.startswith("parity_sandbox."):
+                found.add(_known(name.removeprefix("parity_sandbox.")))
+    return found
+
+
+def _known(name: str) -> str:
+    """``runtimes.executor_class`` is a name in ``runtimes``; a module stays as it is."""
+    while name not in LAYER and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def test_every_module_has_a_layer() -> None:
+    modules = {module_name(path) for path in (SRC / "parity_sandbox").rglob("*.py")}
+    assert modules == set(LAYER), "place new modules in LAYERS (and in ARCHITECTURE.md)"
+
+
+def test_modules_import_only_lower_layers() -> None:
+    upward = [
+        f"{module_name(path)} imports {dependency}"
+        for path in (SRC / "parity_sandbox").rglob("*.py")
+        for dependency in imports_of(path)
+        if LAYER[dependency] >= LAYER[module_name(path)]
+    ]
+    assert upward == []
