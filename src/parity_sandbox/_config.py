@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from parity_sandbox import runtimes
 from parity_sandbox._exceptions import InvalidInput
 from parity_sandbox._models import (
     Cores,
@@ -57,7 +58,8 @@ DEFAULT_LIMITS = Limits(
     stack_size="1m",
 )
 
-Runtime = Literal["wasm", "docker"]
+#: A runtime's name: one of the registry's (``parity_sandbox.runtimes``).
+Runtime = str
 #: Keys that were renamed, by section: still read (with a DeprecationWarning), from files and
 #: from PARITY_SANDBOX_* variables.
 _RENAMED = {"docker": {"runtime": "oci_runtime"}}
@@ -242,10 +244,20 @@ class Config(_LimitSettings):
     #: Where compiled modules are kept between processes (default: the user cache dir).
     cache_dir: Path | None = None
 
+    @field_validator("default_runtime")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        known = runtimes.names()
+        if value not in known:
+            raise ValueError(f"{value!r} is not a runtime; choose one of {', '.join(known)}")
+        return value
+
     def limits_for(self, runtime: Runtime) -> Limits:
-        """The default limits of tasks on ``runtime``: built-ins, then top level, then section."""
-        section = self.docker if runtime == "docker" else self.wasm
-        return DEFAULT_LIMITS.merged(self.limits()).merged(section.limits())
+        """The default limits of tasks on ``runtime``: built-ins, then top level, then its
+        section (``wasm``, ``docker``; a registered runtime without a section has none)."""
+        limits = DEFAULT_LIMITS.merged(self.limits())
+        section = self.docker if runtime == "docker" else self.wasm if runtime == "wasm" else None
+        return limits.merged(section.limits()) if section is not None else limits
 
     def resolved_cache_dir(self, environ: Mapping[str, str] | None = None) -> Path:
         """``cache_dir``, or ``$XDG_CACHE_HOME/parity-sandbox`` (``~/.cache`` by default)."""
@@ -261,7 +273,7 @@ class Config(_LimitSettings):
             "default_runtime": self.default_runtime,
             "cache_dir": str(self.resolved_cache_dir()),
         }
-        for runtime in ("wasm", "docker"):
+        for runtime in runtimes.names():
             limits = self.limits_for(runtime)
             section: dict[str, Any] = {
                 "memory_limit": format_size(limits.memory or 0),
@@ -309,7 +321,7 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
     origin: dict[str, str] = {}
     top_keys = set(Config.model_fields) - set(_SECTIONS)
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, runtimes.RUNTIMES_ENV):
             continue
         key = name.removeprefix(ENV_PREFIX).lower()
         section, _, sub = key.partition("_")

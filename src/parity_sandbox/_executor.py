@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Self
 
 from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config
@@ -49,8 +49,8 @@ class PreparedTask:
     """
 
     task: Task
-    #: ``wasm`` or ``docker``: the runtime whose executor prepared it.
-    runtime: Literal["wasm", "docker"]
+    #: The name of the runtime whose executor prepared it.
+    runtime: str
     #: The limits it runs under: defaults, then the configuration, then the task.
     limits: Limits
     #: The program's identity: the module's sha256, or the image's id (``sha256:...``).
@@ -67,12 +67,13 @@ class PreparedTask:
         """The task's spec hash, over this snapshot (no file is read again)."""
         if self.known_spec_hash is not None:
             return self.known_spec_hash
-        wasm = self.runtime == "wasm"
+        module = self.task.image is None
         document = self.task.spec_document(
             self.limits,
-            module_sha256=self.program if wasm else None,
-            image_id=None if wasm else self.program,
+            module_sha256=self.program if module else None,
+            image_id=None if module else self.program,
             inputs=self.inputs,
+            runtime=self.runtime,
         )
         return digest(document)
 
@@ -118,10 +119,12 @@ class Executor(ABC):
         This generic form resolves the limits, reads the input files and identifies the
         program; a runtime adds its own form (and its own checks).
         """
-        runtime: Literal["wasm", "docker"] = "docker" if task.image is not None else "wasm"
-        limits = task.effective_limits(self.config.limits_for(runtime).merged(task.limits))
+        self._warn_ignored_limits(task)
+        limits = task.effective_limits(
+            self.config.limits_for(self.runtime_name).merged(task.limits)
+        )
         program = task.image if task.image is not None else task.module_sha256()
-        return PreparedTask(task, runtime, limits, program, task.input_contents())
+        return PreparedTask(task, self.runtime_name, limits, program, task.input_contents())
 
     def _warn_ignored_limits(self, task: Task) -> None:
         """Warn, once per limit, about limits ``task`` sets that this runtime does not apply
@@ -150,6 +153,18 @@ class Executor(ABC):
 
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release the runtime's resources; called once."""
+
+    @classmethod
+    def diagnose(cls, config: Config) -> tuple[bool, str]:
+        """Whether this runtime can run tasks here, and the details or the fix (``doctor``).
+
+        This generic check makes an executor and closes it; a runtime says more.
+        """
+        try:
+            cls(config).close()
+        except SandboxError as exc:
+            return False, exc.message
+        return True, "an executor starts"
 
     def prepare(self, task: Task) -> PreparedTask:
         """Make ``task`` ready to run: limits resolved, host files read once, the program
@@ -325,8 +340,7 @@ class Executor(ABC):
         plus the input bytes the host holds for it outside that limit."""
         if isinstance(task, PreparedTask):
             return (task.limits.memory or 0) + task.input_bytes
-        runtime: Literal["wasm", "docker"] = "docker" if self.runtime_name == "docker" else "wasm"
-        limit = self.config.limits_for(runtime).merged(task.limits).memory or 0
+        limit = self.config.limits_for(self.runtime_name).merged(task.limits).memory or 0
         return limit + _input_bytes(task)
 
     def _result_of(

@@ -9,7 +9,7 @@ shares), and every byte string replaced by the hex SHA-256 of its bytes. Each do
 **Spec hash** (``Task.spec_hash``): everything that determines a task's output::
 
     {"v": 1, "kind": "task",
-     "runtime": "wasm" | "docker",
+     "runtime": "wasm" | "docker" | another registered runtime's name,
      "program": {"module_sha256": HEX} | {"image_id": "sha256:HEX"},   # never a tag
      "args": [...],                   # wasm: arguments; docker: the command, or null (image's)
      "env": {NAME: VALUE},

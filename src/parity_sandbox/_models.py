@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from parity_sandbox import runtimes
 from parity_sandbox._exceptions import (
     ExecutionError,
     ExecutionTimeout,
@@ -334,7 +335,7 @@ class Task(_Model):
     limits: Limits = Field(default_factory=Limits)
     id: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
-    runtime: Literal["wasm", "docker"] | None = None
+    runtime: str | None = None
     deterministic: bool = False
     cacheable: bool = False
 
@@ -342,6 +343,15 @@ class Task(_Model):
     @classmethod
     def _old_spellings(cls, data: Any) -> Any:
         return renamed(data, {"docker_runtime": "oci_runtime"}, "Task")
+
+    @field_validator("runtime")
+    @classmethod
+    def _registered(cls, value: str | None) -> str | None:
+        if value is not None and value not in runtimes.names():
+            raise ValueError(
+                f"{value[:40]!r} is not a runtime; choose one of {', '.join(runtimes.names())}"
+            )
+        return value
 
     @field_validator("wasm_module")
     @classmethod
@@ -504,6 +514,7 @@ class Task(_Model):
         module_sha256: str | None = None,
         image_id: str | None = None,
         inputs: Mapping[str, bytes] | None = None,
+        runtime: str | None = None,
     ) -> dict[str, Any]:
         """The canonical description of this task hashed by :meth:`spec_hash` (see
         ``parity_sandbox._hashing``), under the resolved ``limits``; ``inputs`` are the input
@@ -524,7 +535,7 @@ class Task(_Model):
         document: dict[str, Any] = {
             "v": HASH_VERSION,
             "kind": "task",
-            "runtime": "docker" if docker else "wasm",
+            "runtime": runtime or self.runtime_name or "wasm",
             "program": program,
             "args": list(self.command) if self.command is not None else None,
             "env": dict(self.env),
@@ -572,7 +583,7 @@ class Task(_Model):
                     "give image_id= or use DockerExecutor.spec_hash, which looks it up",
                     field="image",
                 )
-        return digest(self.spec_document(limits, image_id=image_id))
+        return digest(self.spec_document(limits, image_id=image_id, runtime=runtime))
 
     def portable(self, config: Config | None = None, *, image_id: str | None = None) -> Task:
         """This task made self-contained, as a record for another machine to re-run: the
@@ -580,7 +591,10 @@ class Task(_Model):
         :class:`~parity_sandbox.Config`; default: built-in defaults), the image by id."""
         runtime, limits = self._resolved(config)
         # Only the limits this runtime applies (the others would only draw warnings).
-        unused = ("cpu", "pids", "open_files") if runtime == "wasm" else ("fuel", "stack_size")
+        unused = {
+            "wasm": ("cpu", "pids", "open_files"),
+            "docker": ("fuel", "stack_size"),
+        }.get(runtime, ())
         limits = limits.model_copy(update=dict.fromkeys(unused))
         files = self.input_contents()
         update: dict[str, Any] = {
@@ -597,12 +611,12 @@ class Task(_Model):
             update["image"] = image_id
         return self.model_copy(update=update)
 
-    def _resolved(self, config: Config | None) -> tuple[Literal["wasm", "docker"], Limits]:
+    def _resolved(self, config: Config | None) -> tuple[str, Limits]:
         """This task's runtime, and its limits resolved under ``config`` (default: built-ins)."""
         from parity_sandbox._config import Config
 
         settings = config if config is not None else Config()
-        runtime: Literal["wasm", "docker"] = "docker" if self.image is not None else "wasm"
+        runtime = self.runtime_name or "wasm"
         return runtime, settings.limits_for(runtime).merged(self.limits)
 
     def effective_limits(self, limits: Limits) -> Limits:
@@ -642,8 +656,8 @@ class Task(_Model):
 
     @property
     def runtime_name(self) -> str | None:
-        """The runtime this task names or implies (``image`` means Docker), else ``None``."""
-        return "docker" if self.image is not None else self.runtime
+        """The runtime this task names, or implies (``image`` means Docker), else ``None``."""
+        return self.runtime or ("docker" if self.image is not None else None)
 
 
 #: The limits a task can hit (``Result.limit``, ``ResourceLimitExceeded.limit``).

@@ -40,14 +40,15 @@ from rich.table import Table
 from parity_sandbox._batch import read_tasks
 from parity_sandbox._batch import run_batch as run_batch_results
 from parity_sandbox._cache import ResultCache, open_cache
-from parity_sandbox._config import Config, load_config
+from parity_sandbox._config import load_config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._executor import Executor
 from parity_sandbox._fs import write_files
 from parity_sandbox._models import MAX_STDIN_BYTES, Limits, Result, Status, Task
 from parity_sandbox._record import Record
 from parity_sandbox._record import verify as verify_record
-from parity_sandbox.runtimes import PLANNED, RUNTIMES, executor_class
+from parity_sandbox.runtimes import PLANNED, executor_class
+from parity_sandbox.runtimes import names as runtime_names
 
 EXIT_INTERRUPTED = 130
 
@@ -507,54 +508,6 @@ def config_show(config: ConfigOption = None) -> None:
     _out.print(yaml.safe_dump(settings.to_document(), sort_keys=False).rstrip(), markup=False)
 
 
-def _check_wasm(settings: Config) -> tuple[bool, str]:
-    """Run a tiny module end to end; returns (usable, detail or fix)."""
-    try:
-        import wasmtime
-    except ImportError as exc:
-        return False, f"wasmtime cannot be imported ({exc}); fix: pip install 'wasmtime>=50,<51'"
-    module = wasmtime.wat2wasm(
-        '(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))'
-        ' (memory (export "memory") 1) (func (export "_start") i32.const 0 call $exit))'
-    )
-    try:
-        executor = executor_class("wasm")(settings)
-    except SandboxError as exc:
-        return False, f"{exc.message}"
-    with executor:
-        try:
-            result = executor.execute(Task(wasm_module=bytes(module)))
-        except SandboxError as exc:
-            return False, f"a test task failed: {exc.message}"
-    if not result.ok:
-        return False, f"a test task ended with status {result.status.value}"
-    assert result.runtime is not None
-    return True, f"{result.runtime.version}; test task ran in {result.duration * 1e3:.2f} ms"
-
-
-def _check_docker(settings: Config) -> tuple[bool, str]:
-    """Reach the daemon and report its OCI runtimes and GPU support."""
-    from parity_sandbox.runtimes.docker import DockerExecutor
-
-    try:
-        executor = DockerExecutor(settings, reap=False)
-    except SandboxError as exc:
-        return False, exc.message
-    with executor:
-        runtimes = executor.runtimes
-        parts = [f"daemon {executor.daemon_version}"]
-        for name in ("runc", "runsc"):
-            parts.append(f"{name}: {'yes' if name in runtimes else 'no'}")
-        if "runsc" in runtimes:
-            seccomp = "yes" if executor.runsc_applies_seccomp() else "NO (add --oci-seccomp)"
-            parts.append(f"runsc seccomp: {seccomp}")
-        if "runsc" not in runtimes:
-            parts.append("(gVisor: apt-get install runsc, register it in daemon.json)")
-        parts.append(f"GPU: {'yes' if executor.has_gpu_runtime() else 'no (no nvidia runtime)'}")
-        usable = settings.docker.oci_runtime in runtimes
-    return usable, "; ".join(parts)
-
-
 @app.command()
 def reap(config: ConfigOption = None) -> None:
     """Remove containers and volumes that crashed runs left behind (by their labels)."""
@@ -607,13 +560,11 @@ def doctor(config: ConfigOption = None) -> None:
     table.add_column("usable")
     table.add_column("details / fix")
     usable: dict[str, bool] = {}
-    for name in sorted({*RUNTIMES, *PLANNED}):
-        if name == "wasm":
-            usable[name], detail = _check_wasm(settings)
-        elif name == "docker":
-            usable[name], detail = _check_docker(settings)
-        else:
-            usable[name], detail = False, PLANNED.get(name, "no check for this runtime")
+    for name in sorted({*runtime_names(), *PLANNED}):
+        try:
+            usable[name], detail = executor_class(name).diagnose(settings)
+        except SandboxError as exc:
+            usable[name], detail = False, exc.message
         table.add_row(name, "yes" if usable[name] else "no", detail)
     _out.print(table)
     cache = settings.resolved_cache_dir() / "wasm-modules"

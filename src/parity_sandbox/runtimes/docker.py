@@ -257,6 +257,28 @@ class DockerExecutor(Executor):
 
     # -- executor contract ---------------------------------------------------------------
 
+    @classmethod
+    def diagnose(cls, config: Config) -> tuple[bool, str]:
+        """Reach the daemon and report its OCI runtimes, gVisor's seccomp and GPU support."""
+        try:
+            executor = cls(config, reap=False)
+        except SandboxError as exc:
+            return False, exc.message
+        with executor:
+            runtimes = executor.runtimes
+            parts = [f"daemon {executor.daemon_version}"]
+            for name in ("runc", "runsc"):
+                parts.append(f"{name}: {'yes' if name in runtimes else 'no'}")
+            if "runsc" in runtimes:
+                seccomp = "yes" if executor.runsc_applies_seccomp() else "NO (add --oci-seccomp)"
+                parts.append(f"runsc seccomp: {seccomp}")
+            else:
+                parts.append("(gVisor: apt-get install runsc, register it in daemon.json)")
+            gpu = "yes" if executor.has_gpu_runtime() else "no (no nvidia runtime)"
+            parts.append(f"GPU: {gpu}")
+            usable = config.docker.oci_runtime in runtimes
+        return usable, "; ".join(parts)
+
     def max_parallel(self) -> int:
         # A task mostly waits on the daemon (create, start, remove): two per core keep the
         # daemon's cores busy; more only queue inside it.

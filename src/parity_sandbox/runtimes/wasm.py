@@ -372,6 +372,34 @@ class WasmExecutor(Executor):
     def max_parallel(self) -> int:
         return self._pool.size
 
+    @classmethod
+    def diagnose(cls, config: Config) -> tuple[bool, str]:
+        """Run a tiny module end to end."""
+        try:
+            import wasmtime
+        except ImportError as exc:
+            return (
+                False,
+                f"wasmtime cannot be imported ({exc}); fix: pip install 'wasmtime>=50,<51'",
+            )
+        module = wasmtime.wat2wasm(
+            '(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))'
+            ' (memory (export "memory") 1) (func (export "_start") i32.const 0 call $exit))'
+        )
+        try:
+            executor = cls(config)
+        except SandboxError as exc:
+            return False, exc.message
+        with executor:
+            try:
+                result = executor.execute(Task(wasm_module=bytes(module)))
+            except SandboxError as exc:
+                return False, f"a test task failed: {exc.message}"
+        if not result.ok:
+            return False, f"a test task ended with status {result.status.value}"
+        assert result.runtime is not None
+        return True, f"{result.runtime.version}; test task ran in {result.duration * 1e3:.2f} ms"
+
     # -- one task ------------------------------------------------------------------------------
 
     def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
