@@ -20,7 +20,7 @@ from parity_sandbox import (
     Task,
     WasmExecutor,
 )
-from parity_sandbox.runtimes import _docker_host as docker_host
+from parity_sandbox.runtimes.docker import host as docker_host
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wasm"
 BUILD_SCRIPT = Path(__file__).parent.parent / "scripts" / "build-wasm.sh"

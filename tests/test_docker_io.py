@@ -7,7 +7,7 @@ import random
 import tarfile
 
 from parity_sandbox._fs import OutputCaps
-from parity_sandbox.runtimes._docker_io import (
+from parity_sandbox.runtimes.docker.streams import (
     STDERR,
     STDOUT,
     Collected,

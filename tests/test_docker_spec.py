@@ -10,9 +10,9 @@ import pytest
 
 from parity_sandbox import Config, DockerSettings, InvalidInput, Limits, Task
 from parity_sandbox._config import DEFAULT_LIMITS
-from parity_sandbox.runtimes import _docker_host as host
-from parity_sandbox.runtimes._docker_seccomp import profile, security_opt
-from parity_sandbox.runtimes._docker_spec import ImageInfo, Plan, command_block, plan
+from parity_sandbox.runtimes.docker import host
+from parity_sandbox.runtimes.docker.seccomp import profile, security_opt
+from parity_sandbox.runtimes.docker.spec import ImageInfo, Plan, command_block, plan
 
 IMAGE = ImageInfo(reference="img", id="sha256:" + "a" * 64, entrypoint=(), cmd=("sh",))
 
@@ -327,7 +327,7 @@ def test_runsc_gets_a_variant_that_gvisor_reads_as_meant() -> None:
 
 
 def test_block_io_support_is_read_from_the_cgroup_tree(tmp_path: Path) -> None:
-    from parity_sandbox.runtimes._docker_host import blkio_available
+    from parity_sandbox.runtimes.docker.host import blkio_available
 
     assert not blkio_available(tmp_path)
     (tmp_path / "blkio").mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
-#: Bottom to top. A WASM worker's own modules (``_wasm_worker`` and what it imports) sit
+#: Bottom to top. A WASM worker's own modules (``wasm.worker`` and what it imports) sit
 #: below the data model: a worker loads no pydantic, YAML or SQLite.
 LAYERS: list[set[str]] = [
     {
@@ -17,17 +17,20 @@ LAYERS: list[set[str]] = [
         "_hashing",
         "_exceptions",
         "_seccomp",
-        "runtimes._docker_host",
-        "runtimes._docker_seccomp",
+        "runtimes.wasm",  # runtime packages: a docstring, no imports
+        "runtimes.docker",
+        "runtimes.docker.host",
+        "runtimes.docker.seccomp",
     },
-    {"_fs", "runtimes"},
-    {"runtimes._wasm_protocol", "runtimes._docker_io"},
-    {"runtimes._wasm_worker", "_models"},
-    {"_config"},
-    {"_cache", "runtimes._docker_spec"},
-    {"_executor", "runtimes._docker_init", "runtimes._docker_pool"},
-    {"runtimes._wasm_pool"},
-    {"runtimes.docker", "runtimes.wasm", "_record"},
+    {"_fs", "runtimes", "runtimes.docker.daemon"},
+    {"runtimes.wasm.protocol", "runtimes.docker.streams"},
+    {"runtimes.wasm.worker", "_models"},
+    {"_config", "runtimes.wasm.modules"},
+    {"_cache", "runtimes.docker.spec"},
+    {"_executor", "runtimes.docker.init", "runtimes.docker.pool"},
+    {"runtimes.wasm.pool", "runtimes.docker.run"},
+    {"runtimes.wasm.deadlines"},
+    {"runtimes.docker.executor", "runtimes.wasm.executor", "_record"},
     {"_batch"},
     {"cli"},
 ]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import WasmFixtures
 from parity_sandbox import Config, DockerExecutor, InvalidInput, PreparedTask, Task, WasmExecutor
-from parity_sandbox.runtimes import _docker_init as init
+from parity_sandbox.runtimes.docker import init
 
 
 def test_a_prepared_wasm_task_runs_what_its_spec_hash_names(

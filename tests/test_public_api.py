@@ -104,7 +104,7 @@ def test_the_package_root_imports_nothing_before_it_is_used() -> None:
         "import sys\n"
         "import parity_sandbox\n"
         "light = set(sys.modules)\n"
-        "import parity_sandbox.runtimes._wasm_worker\n"
+        "import parity_sandbox.runtimes.wasm.worker\n"
         "heavy = ('pydantic', 'yaml', 'sqlite3', 'docker', 'typer', 'rich', 'requests')\n"
         "print([name for name in heavy if name in sys.modules])\n"
         "print([name for name in heavy if name in light])\n"

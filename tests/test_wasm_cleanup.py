@@ -17,7 +17,7 @@ import pytest
 
 from conftest import WasmFixtures
 from parity_sandbox import Config, Limits, SandboxError, Status, Task, WasmExecutor
-from parity_sandbox.runtimes._wasm_pool import (
+from parity_sandbox.runtimes.wasm.pool import (
     ROOT_PREFIX,
     WORKER_MODULE,
     reap_stale_roots,
@@ -230,7 +230,7 @@ def test_a_root_is_never_reapable_before_its_lock_is_held(
 ) -> None:
     # Another process's reap runs in the moment between creating the lock file and taking the
     # lock: the new root must not be visible to it yet (a race the 20-process test once hit).
-    import parity_sandbox.runtimes.wasm as wasm_runtime
+    import parity_sandbox.runtimes.wasm.executor as wasm_runtime
 
     real_flock = fcntl.flock
 

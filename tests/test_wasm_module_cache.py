@@ -82,7 +82,7 @@ def test_changed_module_files_are_noticed(
 
 
 def test_the_disk_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
-    from parity_sandbox.runtimes._wasm_worker import _evict
+    from parity_sandbox.runtimes.wasm.worker import _evict
 
     for i in range(5):
         path = tmp_path / f"{i}.cwasm"

@@ -3,8 +3,8 @@
 import pytest
 
 from parity_sandbox import Config, InvalidInput, Limits
-from parity_sandbox.runtimes._wasm_protocol import WasmLimits, store_settings
-from parity_sandbox.runtimes.wasm import wasm_limits
+from parity_sandbox.runtimes.wasm.executor import wasm_limits
+from parity_sandbox.runtimes.wasm.protocol import WasmLimits, store_settings
 
 
 def test_limits_map_onto_store_and_engine_settings() -> None:

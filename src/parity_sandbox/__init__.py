@@ -47,8 +47,8 @@ if TYPE_CHECKING:
         Task,
     )
     from parity_sandbox._record import Record, Verification, verify
-    from parity_sandbox.runtimes.docker import DockerExecutor
-    from parity_sandbox.runtimes.wasm import WasmExecutor
+    from parity_sandbox.runtimes.docker.executor import DockerExecutor
+    from parity_sandbox.runtimes.wasm.executor import WasmExecutor
 
 #: Where each public name lives. Nothing is imported before it is first used, so that
 #: ``import parity_sandbox`` is light, and a WASM worker process, which imports one module of
@@ -57,7 +57,7 @@ _WHERE: dict[str, str] = {
     "CacheSettings": "parity_sandbox._config",
     "CacheStats": "parity_sandbox._cache",
     "Config": "parity_sandbox._config",
-    "DockerExecutor": "parity_sandbox.runtimes.docker",
+    "DockerExecutor": "parity_sandbox.runtimes.docker.executor",
     "DockerSettings": "parity_sandbox._config",
     "ErrorInfo": "parity_sandbox._models",
     "ExecutionError": "parity_sandbox._exceptions",
@@ -85,7 +85,7 @@ _WHERE: dict[str, str] = {
     "TaskError": "parity_sandbox._exceptions",
     "TaskFailed": "parity_sandbox._exceptions",
     "Verification": "parity_sandbox._record",
-    "WasmExecutor": "parity_sandbox.runtimes.wasm",
+    "WasmExecutor": "parity_sandbox.runtimes.wasm.executor",
     "WasmSettings": "parity_sandbox._config",
     "load_config": "parity_sandbox._config",
     "open_cache": "parity_sandbox._cache",

@@ -511,7 +511,7 @@ def config_show(config: ConfigOption = None) -> None:
 @app.command()
 def reap(config: ConfigOption = None) -> None:
     """Remove containers and volumes that crashed runs left behind (by their labels)."""
-    from parity_sandbox.runtimes.docker import DockerExecutor
+    from parity_sandbox.runtimes.docker.executor import DockerExecutor
 
     try:
         with DockerExecutor(load_config(config), reap=False) as executor:
@@ -533,7 +533,7 @@ def image_import(
     config: ConfigOption = None,
 ) -> None:
     """Make a Docker image from a root filesystem tarball, without any registry."""
-    from parity_sandbox.runtimes.docker import DockerExecutor
+    from parity_sandbox.runtimes.docker.executor import DockerExecutor
 
     try:
         with DockerExecutor(load_config(config), reap=False) as executor:
@@ -569,7 +569,7 @@ def doctor(config: ConfigOption = None) -> None:
     _out.print(table)
     cache = settings.resolved_cache_dir() / "wasm-modules"
     if usable.get("wasm"):
-        from parity_sandbox.runtimes._wasm_worker import private_dir
+        from parity_sandbox.runtimes.wasm.worker import private_dir
 
         state = "in use" if private_dir(cache) else "NOT used: others can write to it (chmod 700)"
         _out.print(f"compiled-module cache: {cache} ({state})", markup=False)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:  # the package of every runtime module, a WASM worker's too: k
 
 #: Runtime name -> "module:class" of its executor.
 RUNTIMES: dict[str, str] = {
-    "wasm": "parity_sandbox.runtimes.wasm:WasmExecutor",
-    "docker": "parity_sandbox.runtimes.docker:DockerExecutor",
+    "wasm": "parity_sandbox.runtimes.wasm.executor:WasmExecutor",
+    "docker": "parity_sandbox.runtimes.docker.executor:DockerExecutor",
 }
 #: The variable that names more runtimes: ``name=module:Class``, comma-separated.
 RUNTIMES_ENV = "PARITY_SANDBOX_RUNTIMES"

@@ -1,7 +1,7 @@
 """The WebAssembly runtime: WASI preview 1 command modules under wasmtime, in warm workers.
 
 A task flows like this: the parent validates it and resolves its limits, reads and hashes the
-module, then hands a :class:`RunRequest` to an idle worker process (see ``_wasm_worker``). The
+module, then hands a :class:`RunRequest` to an idle worker process (see ``worker``). The
 worker loads the module (memory cache, disk cache, or compile), runs it in a fresh store with a
 fresh workspace, and replies. A deadline thread kills the worker of a task that has not answered by
 its timeout (the only way to stop a guest asleep in a host call); its partial output is
@@ -10,22 +10,19 @@ recovered from the memory it shares with the parent, and a replacement worker is
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import hashlib
-import heapq
 import itertools
-import math
 import os
 import select
 import tempfile
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from parity_sandbox._cache import ResultCache
@@ -35,14 +32,10 @@ from parity_sandbox._executor import Cancelled, Executor, PreparedTask, availabl
 from parity_sandbox._fs import (
     OutputCaps,
     collect_outputs,
-    file_identity,
-    read_host_file,
     remove_tree,
 )
 from parity_sandbox._hashing import digest
 from parity_sandbox._models import (
-    MAX_INPUT_BYTES,
-    MAX_MODULE_BYTES,
     Limits,
     ResourceUsage,
     Result,
@@ -50,14 +43,22 @@ from parity_sandbox._models import (
     Task,
     check_input_bytes,
 )
-from parity_sandbox.runtimes._wasm_pool import (
+from parity_sandbox.runtimes.wasm.deadlines import (
+    COMPILE_TIMEOUT,
+    KILL_GRACE,
+    Deadlines,
+    Flight,
+    Form,
+)
+from parity_sandbox.runtimes.wasm.modules import ModuleFiles, read_input_files
+from parity_sandbox.runtimes.wasm.pool import (
     LOCK_NAME,
     ROOT_PREFIX,
     Pool,
     Worker,
     reap_stale_roots,
 )
-from parity_sandbox.runtimes._wasm_protocol import (
+from parity_sandbox.runtimes.wasm.protocol import (
     MAX_WASM_MEMORY,
     NeedModule,
     RunReply,
@@ -66,12 +67,6 @@ from parity_sandbox.runtimes._wasm_protocol import (
     decode,
     encode,
 )
-
-#: Slack past a task's timeout before its worker is killed (covers the request's delivery).
-KILL_GRACE = 0.05
-#: How long a worker may take to compile a module it has not seen, on top of the timeout.
-COMPILE_TIMEOUT = 60.0
-_WASM_MAGIC = b"\0asm\x01\0\0\0"
 
 
 def wasm_limits(limits: Limits, *, deterministic: bool = False) -> WasmLimits:
@@ -110,205 +105,13 @@ _ERROR_TYPE = {
 }
 
 
-def _check_module(module: bytes) -> str:
-    """Check the header of a WASI preview 1 module and return its sha256."""
-    if module[:4] != _WASM_MAGIC[:4]:
-        raise InvalidInput("wasm_file: not a WebAssembly module (no \\0asm header)", field="wasm")
-    if module[:8] != _WASM_MAGIC:
-        raise InvalidInput(
-            "wasm_file: a WebAssembly component or unknown version; only WASI preview 1 "
-            "command modules are supported",
-            field="wasm",
-        )
-    return hashlib.sha256(module).hexdigest()
-
-
-class _ModuleFiles:
-    """Module files read recently, so that an unchanged file is neither re-read nor re-hashed."""
-
-    def __init__(self, max_entries: int = 64) -> None:
-        self._entries: OrderedDict[str, tuple[tuple[int, ...], bytes, str]] = OrderedDict()
-        self._max_entries = max_entries
-        self._lock = threading.Lock()
-
-    def load(self, task: Task) -> tuple[bytes, str]:
-        """The module of ``task`` and its sha256."""
-        if task.wasm_file is None:
-            assert task.wasm_module is not None
-            return task.wasm_module, _check_module(task.wasm_module)
-        name = os.fspath(task.wasm_file)
-        with self._lock:
-            cached = self._entries.get(name)
-        if cached is not None:
-            # One stat decides: the same identity means the same bytes as read before.
-            with contextlib.suppress(OSError):
-                if file_identity(task.wasm_file.stat()) == cached[0]:
-                    return cached[1], cached[2]
-        data, identity = read_host_file(task.wasm_file, "wasm_file", MAX_MODULE_BYTES)
-        sha = _check_module(data)
-        with self._lock:
-            self._entries[name] = (identity, data, sha)
-            self._entries.move_to_end(name)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-        return data, sha
-
-
 @functools.lru_cache(maxsize=16)
 def _output_caps(max_files: int) -> OutputCaps:
     return OutputCaps(max_files=max_files)
 
 
-def _input_files(task: Task) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    total = 0
-    for name, content in task.input_files.items():
-        if isinstance(content, Path):
-            data, _ = read_host_file(content, f"input_files[{name}]", MAX_INPUT_BYTES - total)
-        else:
-            data = bytes(content)
-        total += len(data)
-        files[name] = data
-    return files
-
-
-@dataclass(eq=False)
-class _Form:
-    """A prepared task's form in this runtime: its request and its module's bytes."""
-
-    request: RunRequest
-    module: bytes = field(repr=False)
-    #: Counts its runs (``next`` is atomic): the first uses ``request`` as it is.
-    runs: Iterator[int] = field(default_factory=itertools.count)
-
-
 #: Flights per worker in ``map``: the one it runs and the next one, already sent.
 _DEPTH = 2
-
-
-@dataclass(eq=False)
-class _Flight:
-    """One task in flight on one worker."""
-
-    index: int
-    task: Task
-    request: RunRequest
-    module: bytes = field(repr=False)
-    worker: Worker
-    deadline: float = 0.0
-    finished: bool = False
-    expired: bool = False
-
-    @property
-    def need(self) -> int:
-        """The host memory this task takes: its memory limit and the input bytes it brings."""
-        request = self.request
-        return (
-            request.limits.memory + len(request.stdin) + sum(map(len, request.input_files.values()))
-        )
-
-
-class _Deadlines:
-    """A thread that kills the worker of any task still running at its deadline.
-
-    A task's deadline counts from the moment its worker starts the guest, which the worker
-    stamps in the memory it shares with the parent; time spent compiling the module (at most
-    ``COMPILE_TIMEOUT``) or queued behind another task does not count. Deadlines hold whatever
-    the waiting thread does (a ``map`` consumer may pause between results): this thread reads
-    the stamps itself, every 20 ms while some task has not started, and kills on its own; the
-    waiting side then sees the worker die and recovers the partial result.
-    """
-
-    _POLL = 0.02
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Flight]] = []
-        self._order = itertools.count()
-        self._unstarted: set[_Flight] = set()
-        self._stale = 0
-        self._wake_at = math.inf
-        self._cond = threading.Condition()
-        self._closed = False
-        threading.Thread(target=self._loop, name="parity-sandbox-deadlines", daemon=True).start()
-
-    def watch(self, flight: _Flight, *, starts_now: bool, bound: float | None) -> None:
-        """Watch a flight just sent (or sent again).
-
-        Args:
-            flight: the flight.
-            starts_now: its worker starts the guest at once (it is idle and holds the module),
-                so the deadline is armed now, without waiting for the stamp.
-            bound: otherwise, the most seconds from now it may take in all (compiling and
-                running); ``None`` when it waits behind another flight that has a deadline.
-        """
-        with self._cond:
-            if starts_now:
-                self._arm(flight, time.monotonic() + flight.request.limits.timeout + KILL_GRACE)
-                return
-            self._unstarted.add(flight)
-            if bound is not None:
-                self._arm(flight, time.monotonic() + bound)
-            self._wake_by(time.monotonic() + self._POLL)
-
-    def finish(self, flight: _Flight) -> None:
-        """Stop watching ``flight`` (its reply is in, or it is being torn down)."""
-        with self._cond:
-            flight.finished = True
-            self._unstarted.discard(flight)
-            # Finished flights' entries wait in the heap until their deadline would have come
-            # (30 s by default); sweep them once they are half of it, so it stays small.
-            self._stale += 1
-            if self._stale > 64 and 2 * self._stale > len(self._heap):
-                self._heap = [e for e in self._heap if not e[2].finished and e[0] == e[2].deadline]
-                heapq.heapify(self._heap)
-                self._stale = 0
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def _arm(self, flight: _Flight, deadline: float) -> None:
-        flight.deadline = deadline
-        heapq.heappush(self._heap, (deadline, next(self._order), flight))
-        self._wake_by(deadline)
-
-    def _wake_by(self, moment: float) -> None:
-        # Waking the thread costs a hand-off of the GIL (tens of microseconds per task if done
-        # every time): only when it would otherwise sleep past ``moment``.
-        if moment < self._wake_at:
-            self._wake_at = moment
-            self._cond.notify()
-
-    def _loop(self) -> None:
-        with self._cond:
-            while not self._closed:
-                for flight in list(self._unstarted):
-                    with contextlib.suppress(OSError):
-                        seq, started = flight.worker.read_start()
-                        if seq == flight.request.seq and started > 0:
-                            self._unstarted.discard(flight)
-                            budget = flight.request.limits.timeout + KILL_GRACE
-                            self._arm(flight, started + budget)
-                now = time.monotonic()
-                while self._heap:
-                    deadline, _, flight = self._heap[0]
-                    if flight.finished or deadline != flight.deadline:
-                        heapq.heappop(self._heap)
-                    elif deadline <= now:
-                        heapq.heappop(self._heap)
-                        self._unstarted.discard(flight)
-                        flight.expired = True
-                        flight.worker.deadline_killed = True
-                        with contextlib.suppress(OSError):
-                            flight.worker.proc.kill()
-                    else:
-                        break
-                pause = self._heap[0][0] - now if self._heap else None
-                if self._unstarted:
-                    pause = self._POLL if pause is None else min(pause, self._POLL)
-                self._wake_at = math.inf if pause is None else now + pause
-                self._cond.wait(pause)
 
 
 class WasmExecutor(Executor):
@@ -355,9 +158,9 @@ class WasmExecutor(Executor):
         self._root = making.with_name(making.name[1:])
         making.rename(self._root)
         self._pool = Pool(size, self._root, self.config.resolved_cache_dir() / "wasm-modules")
-        self._deadlines = _Deadlines()
+        self._deadlines = Deadlines()
         self._seq = itertools.count(1)  # 0 means none in the shared buffer
-        self._modules = _ModuleFiles()
+        self._modules = ModuleFiles()
         # Workers and the temporary root go also when the executor is dropped unclosed, or at
         # interpreter exit; the finaliser holds no reference to the executor itself.
         self._release = weakref.finalize(
@@ -405,7 +208,7 @@ class WasmExecutor(Executor):
     def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
         request, module = self._form(prepared)
         flight = self._dispatch(
-            _Flight(0, prepared.task, request, module, self._pool.acquire(cancel)), cancel
+            Flight(0, prepared.task, request, module, self._pool.acquire(cancel)), cancel
         )
         worker = flight.worker
         try:
@@ -433,7 +236,7 @@ class WasmExecutor(Executor):
         """The request that runs ``prepared`` and its module; a run after the first gets a
         request of its own (a new sequence number)."""
         form = prepared.form
-        if prepared.runtime != "wasm" or not isinstance(form, _Form):
+        if prepared.runtime != "wasm" or not isinstance(form, Form):
             raise InvalidInput(
                 "task: prepared by another runtime's executor; prepare it with this one",
                 field="task",
@@ -472,10 +275,10 @@ class WasmExecutor(Executor):
         # Each worker in use has a lane: the flight it runs (the head) and the next one, already
         # sent, so the worker never waits for this thread. A dead worker's queued flights run
         # again elsewhere (they never started, or a crash of another task cut them short).
-        lanes: dict[Worker, deque[_Flight]] = {}
+        lanes: dict[Worker, deque[Flight]] = {}
         by_fd: dict[int, Worker] = {}
         poller = select.poll()  # one for the whole map: cheaper than a selector per wait
-        retry: deque[_Flight] = deque()
+        retry: deque[Flight] = deque()
         done: dict[int, Result] = {}
         indices = itertools.count()
         yielded = 0
@@ -492,19 +295,19 @@ class WasmExecutor(Executor):
                 if lane and worker is not skip
             )
 
-        def fits(flight: _Flight, lane: deque[_Flight]) -> bool:
+        def fits(flight: Flight, lane: deque[Flight]) -> bool:
             others = held(skip=flight.worker)
             if not others:
                 return True  # alone, any task runs: refusing it would stall the batch
             mine = max([f.need for f in lane] + [flight.need])
             return others + mine <= budget
 
-        def next_flight(worker: Worker) -> _Flight | None:
+        def next_flight(worker: Worker) -> Flight | None:
             nonlocal exhausted
             while retry or not exhausted:
                 if retry:
                     flight = retry.popleft()
-                    return _Flight(flight.index, flight.task, flight.request, flight.module, worker)
+                    return Flight(flight.index, flight.task, flight.request, flight.module, worker)
                 item = next(source, None)
                 if item is None:
                     exhausted = True
@@ -520,7 +323,7 @@ class WasmExecutor(Executor):
                                 update={"task_id": task.id, "labels": task.labels}
                             )
                             continue
-                    return _Flight(index, task, *self._form(prepared), worker)
+                    return Flight(index, task, *self._form(prepared), worker)
                 except SandboxError as exc:
                     done[index] = self._error_result(task, exc)
             return None
@@ -530,7 +333,7 @@ class WasmExecutor(Executor):
             by_fd[worker.fd] = worker
             poller.register(worker.fd, select.POLLIN)
 
-        def close_lane(worker: Worker) -> deque[_Flight]:
+        def close_lane(worker: Worker) -> deque[Flight]:
             poller.unregister(worker.fd)
             del by_fd[worker.fd]
             return lanes.pop(worker)
@@ -639,7 +442,7 @@ class WasmExecutor(Executor):
             resolved = task.effective_limits(self._limits.merged(task.limits))
             limits = wasm_limits(resolved, deterministic=task.deterministic)
             self._warn_ignored_limits(task)
-        files = _input_files(task)
+        files = read_input_files(task)
         check_input_bytes(len(task.input) + sum(map(len, files.values())), resolved)
         module, sha = self._modules.load(task)
         seed = spec = None
@@ -668,10 +471,10 @@ class WasmExecutor(Executor):
             spec_hash=spec,
         )
         return PreparedTask(
-            task, "wasm", resolved, sha, files, form=_Form(request, module), known_spec_hash=spec
+            task, "wasm", resolved, sha, files, form=Form(request, module), known_spec_hash=spec
         )
 
-    def _dispatch(self, flight: _Flight, cancel: threading.Event | None) -> _Flight:
+    def _dispatch(self, flight: Flight, cancel: threading.Event | None) -> Flight:
         """Send ``flight``; if its (idle) worker turns out dead, once more on a fresh one."""
         for attempt in range(2):
             try:
@@ -688,12 +491,12 @@ class WasmExecutor(Executor):
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _needs_module(flight: _Flight) -> bool:
+    def _needs_module(flight: Flight) -> bool:
         """Whether the flight's worker may lack its module (so the bytes go along)."""
         request = flight.request
         return (request.limits.engine_key, request.module_sha256) not in flight.worker.modules
 
-    def _send(self, flight: _Flight) -> None:
+    def _send(self, flight: Flight) -> None:
         """Send the flight's request, with the module's bytes if its worker may lack them."""
         flight.worker.ensure_ready()
         if self._needs_module(flight):
@@ -703,13 +506,13 @@ class WasmExecutor(Executor):
             )
         flight.worker.conn.send_bytes(encode(flight.request))
 
-    def _watch(self, flight: _Flight, *, queued: bool) -> None:
+    def _watch(self, flight: Flight, *, queued: bool) -> None:
         """Hand a flight just sent to the deadline thread."""
         compiles = flight.request.module is not None
         bound = None if queued else flight.request.limits.timeout + KILL_GRACE + COMPILE_TIMEOUT
         self._deadlines.watch(flight, starts_now=not queued and not compiles, bound=bound)
 
-    def _receive(self, flight: _Flight) -> RunReply | None:
+    def _receive(self, flight: Flight) -> RunReply | None:
         """Take one message from the flight's worker; the reply once it is final."""
         try:
             message = decode(flight.worker.conn.recv_bytes())
@@ -730,7 +533,7 @@ class WasmExecutor(Executor):
         assert isinstance(message, RunReply) and message.seq == flight.request.seq
         return message
 
-    def _after_death(self, flight: _Flight) -> RunReply:
+    def _after_death(self, flight: Flight) -> RunReply:
         """The flight's worker died. Killed at the flight's deadline: a timeout. Killed by
         itself because the workspace outgrew the disk cap: a disk limit. Killed for another
         flight's deadline: ``requeue`` (this one never ran, or barely). Otherwise: a crash."""
@@ -769,7 +572,7 @@ class WasmExecutor(Executor):
             duration=time.monotonic() - started if seq == request.seq else timeout,
         )
 
-    def _settle(self, flight: _Flight, reply: RunReply) -> Result:
+    def _settle(self, flight: Flight, reply: RunReply) -> Result:
         """Stop the flight's deadline; mark its worker dead if it must not run again."""
         self._deadlines.finish(flight)
         if flight.expired or reply.outcome in ("error", "timeout") or flight.worker.exited:
@@ -822,7 +625,7 @@ class WasmExecutor(Executor):
         self._release()
 
 
-def _release(deadlines: _Deadlines, pool: Pool, root: Path, lock_fd: int) -> None:
+def _release(deadlines: Deadlines, pool: Pool, root: Path, lock_fd: int) -> None:
     """Stop the deadline thread, kill the workers, remove the root (once)."""
     deadlines.close()
     pool.close()

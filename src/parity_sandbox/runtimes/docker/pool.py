@@ -30,7 +30,7 @@ from typing import Any
 
 from parity_sandbox._config import PoolSettings
 from parity_sandbox._exceptions import SandboxError
-from parity_sandbox.runtimes._docker_spec import MiB, Shape
+from parity_sandbox.runtimes.docker.spec import MiB, Shape
 
 #: How often the pool thread looks for expired containers when nothing wakes it.
 _TICK = 1.0

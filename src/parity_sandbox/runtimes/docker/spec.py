@@ -6,7 +6,7 @@ Every hardened default is set here, each with its reason:
   container's host name resolve to it (an ``/etc/hosts`` the executor writes, read-only).
 - ``cap_drop: ALL`` and ``no-new-privileges``: no capability, and no way to gain one through a
   setuid binary.
-- our seccomp profile (see :mod:`._docker_seccomp`): Docker's default still allows vsock,
+- our seccomp profile (see :mod:`.seccomp`): Docker's default still allows vsock,
   io_uring and tracing process 1.
 - ``read_only`` root: the image cannot be changed, and the only writable places are capped.
 - user ``65534:65534`` (nobody) unless the task sets another; UID 0 only where the operator allows.
@@ -49,7 +49,7 @@ from docker.types import DeviceRequest, DriverConfig, LogConfig, Mount, Ulimit
 from parity_sandbox._config import DockerSettings
 from parity_sandbox._exceptions import InvalidInput
 from parity_sandbox._models import Limits, Task, check_input_bytes
-from parity_sandbox.runtimes._docker_io import archive_bytes, input_archive
+from parity_sandbox.runtimes.docker.streams import archive_bytes, input_archive
 
 INIT_PATH = "/.parity/init"
 WORKDIR = "/work"

@@ -1,7 +1,7 @@
 """A warm worker process that runs WebAssembly tasks one at a time.
 
 Started by :class:`~parity_sandbox.WasmExecutor` as
-``python -m parity_sandbox.runtimes._wasm_worker FD OUTPUT_FD ROOT CACHE_DIR``: FD is its end of
+``python -m parity_sandbox.runtimes.wasm.worker FD OUTPUT_FD ROOT CACHE_DIR``: FD is its end of
 a socket pair, OUTPUT_FD the output buffer it shares with the parent, ROOT a private directory for
 its task workspaces, CACHE_DIR where compiled modules persist.
 
@@ -47,7 +47,7 @@ from parity_sandbox._fs import (
     write_all,
     write_files,
 )
-from parity_sandbox.runtimes._wasm_protocol import (
+from parity_sandbox.runtimes.wasm.protocol import (
     MAX_WORKSPACE_ENTRIES,
     OUTPUT_BUFFER_SIZE,
     START_FORMAT,

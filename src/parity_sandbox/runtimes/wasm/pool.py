@@ -27,7 +27,7 @@ import parity_sandbox
 from parity_sandbox._exceptions import RuntimeUnavailable
 from parity_sandbox._executor import Cancelled
 from parity_sandbox._fs import remove_tree
-from parity_sandbox.runtimes._wasm_protocol import (
+from parity_sandbox.runtimes.wasm.protocol import (
     OUTPUT_BUFFER_SIZE,
     START_FORMAT,
     START_SLOT,
@@ -74,7 +74,7 @@ def reap_stale_roots(temp_dir: Path | None = None) -> int:
 
 
 #: The module a worker process runs (``python -m``); tests find workers by it.
-WORKER_MODULE = "parity_sandbox.runtimes._wasm_worker"
+WORKER_MODULE = "parity_sandbox.runtimes.wasm.worker"
 
 
 def worker_environment(environ: Mapping[str, str], package_root: str) -> dict[str, str]:

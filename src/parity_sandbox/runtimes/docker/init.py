@@ -3,7 +3,7 @@
 Tasks run on an image derived from theirs that holds one more file, ``/.parity/init`` (a static
 binary, about 700 KB). It is built with the host's C compiler the first time an image is used,
 and the derived image is tagged by the base image's id and the helper source's hash, so each
-(image, helper) pair is built once per Docker host. See ``docker_init.c`` for what it does.
+(image, helper) pair is built once per Docker host. See ``init.c`` for what it does.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from parity_sandbox._exceptions import RuntimeUnavailable
-from parity_sandbox.runtimes._docker_spec import INIT_PATH
+from parity_sandbox.runtimes.docker.spec import INIT_PATH
 
 #: The repository of derived images.
 REPOSITORY = "parity-sandbox-init"
@@ -29,7 +29,7 @@ _CFLAGS = ("-static", "-Os", "-s", "-Wall")
 
 def source() -> bytes:
     """The C source of the helper."""
-    return resources.files("parity_sandbox.runtimes").joinpath("docker_init.c").read_bytes()
+    return resources.files("parity_sandbox.runtimes.docker").joinpath("init.c").read_bytes()
 
 
 def source_digest() -> str:

@@ -3,7 +3,7 @@
 A task's flow::
 
     Task ──plan()──> a Shape (image + init, limits, user, runtime) and init's command
-         ──> a warm container of that shape from the pool (_docker_pool), or a cold one:
+         ──> a warm container of that shape from the pool (``pool``), or a cold one:
              create (our init as process 1, tmpfs volumes, limits, labels) ──attach──> start
          ──[copy inputs to /input]──> send secret + command + stdin (the task starts)
          ──> read stdout/stderr (capped) until init's trailer: the secret and the exit status,
@@ -26,12 +26,10 @@ import json
 import os
 import re
 import secrets
-import socket
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,50 +42,41 @@ from docker.utils import kwargs_from_env
 from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
-from parity_sandbox._executor import Cancelled, Executor, PreparedTask
-from parity_sandbox._fs import OutputCaps
+from parity_sandbox._executor import Executor, PreparedTask
 from parity_sandbox._models import (
-    ErrorInfo,
-    LimitName,
     Limits,
-    ResourceUsage,
     Result,
-    RuntimeInfo,
-    Status,
     Task,
     check_image_reference,
 )
-from parity_sandbox.runtimes import _docker_host as host
-from parity_sandbox.runtimes import _docker_init as init
-from parity_sandbox.runtimes._docker_io import (
-    SECRET_BYTES,
-    STDERR,
-    STDOUT,
-    Collected,
-    Demux,
-    read_outputs,
+from parity_sandbox.runtimes.docker import host, init
+from parity_sandbox.runtimes.docker.daemon import (
+    API_TIMEOUT,
+    DAEMON_HINT,
+    EXIT_TIMEOUT,
+    best_effort,
+    close_failed_connects,
+    docker_errors,
+    inspect_image,
+    let_init_exit,
+    remove_container,
+    split_reference,
 )
-from parity_sandbox.runtimes._docker_pool import Warm, WarmPool
-from parity_sandbox.runtimes._docker_seccomp import security_opt
-from parity_sandbox.runtimes._docker_spec import (
+from parity_sandbox.runtimes.docker.pool import Warm, WarmPool
+from parity_sandbox.runtimes.docker.run import Run
+from parity_sandbox.runtimes.docker.seccomp import security_opt
+from parity_sandbox.runtimes.docker.spec import (
     HOSTNAME,
     INIT_PATH,
-    INPUT_DIR,
-    WORKDIR,
     ImageInfo,
     Plan,
     Shape,
     plan,
 )
-from parity_sandbox.runtimes._docker_spec import container as container_spec
+from parity_sandbox.runtimes.docker.spec import container as container_spec
 
-#: Seconds any one Engine API call may take before the daemon counts as unresponsive.
-API_TIMEOUT = 30
-#: Seconds to wait for the exit status of a container that died on its own.
-EXIT_TIMEOUT = 10
 #: Seconds ``close()`` waits for the runs it stopped to remove their containers.
 CLOSE_TIMEOUT = 30
-_CHUNK = 1 << 16
 #: Runs (by run id) some executor of this process has in flight; :meth:`DockerExecutor.reap`
 #: spares their containers and volumes, and takes the process's others as leftovers.
 _LIVE: set[str] = set()
@@ -95,90 +84,14 @@ _LIVE_LOCK = threading.Lock()
 _POOLS = 512
 #: Docker refuses a memory limit below this.
 MIN_MEMORY = 6 << 20
-#: The status init reports for a task killed by SIGXFSZ (128 + 25).
-_KILLED_BY_SIGXFSZ = 128 + 25
-#: Stdin up to this size is written before reading output (socket buffers hold it).
-_INLINE_STDIN = 1 << 16
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
-_DAEMON_HINT = "start it (dockerd) or point docker.base_url / DOCKER_HOST at a running daemon"
-
-
-def _split_reference(reference: str) -> tuple[str, str]:
-    """``name[:tag][@digest]`` -> (name, tag or digest); a registry port is not a tag."""
-    if "@" in reference:
-        name, _, digest = reference.partition("@")
-        return name.rpartition(":")[0] if ":" in name.rsplit("/", 1)[-1] else name, digest
-    name, _, tag = reference.rpartition(":")
-    if not name or "/" in tag:
-        return reference, "latest"
-    return name, tag
-
-
-def _inspect_image(api: docker.APIClient, reference: str) -> dict[str, Any]:
-    details: dict[str, Any] = api.inspect_image(reference)  # type: ignore[no-untyped-call]
-    return details
-
-
-def _close_failed_connects(exc: BaseException) -> None:
-    """Close the sockets of connections that failed to connect behind ``exc``.
-
-    docker-py's ``UnixHTTPConnection.connect`` leaves the socket of a failed connect (a lost
-    daemon) to the garbage collector, and so a ResourceWarning: it is still a local of the
-    ``connect`` frames in the exception's tracebacks, where it is closed here.
-    """
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        pending += [error.__cause__, error.__context__]
-        trace = error.__traceback__
-        while trace is not None:
-            frame = trace.tb_frame
-            sock = frame.f_locals.get("sock") if frame.f_code.co_name == "connect" else None
-            if isinstance(sock, socket.socket):
-                sock.close()
-            trace = trace.tb_next
-
-
-@contextlib.contextmanager
-def _best_effort() -> Iterator[None]:
-    """Suppress any error of a call whose failure changes nothing (a removal that ``reap``
-    repeats later), without leaking what a failed connect left open."""
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - best effort by definition
-        _close_failed_connects(exc)
-
-
-@contextlib.contextmanager
-def _docker_errors(what: str) -> Iterator[None]:
-    """Map the SDK's and requests' errors to ours: a lost daemon is ``RuntimeUnavailable``."""
-    try:
-        yield
-    except SandboxError:
-        raise
-    except docker.errors.APIError as exc:
-        explanation = exc.explanation or str(exc)
-        if isinstance(explanation, bytes):
-            explanation = explanation.decode(errors="replace")
-        if exc.status_code == 400:  # the request, made from the task, is what Docker refused
-            raise InvalidInput(f"Docker refused to {what}: {explanation}") from exc
-        raise RuntimeUnavailable(f"Docker refused to {what}: {explanation}") from exc
-    except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
-        _close_failed_connects(exc)
-        raise RuntimeUnavailable(
-            f"lost the Docker daemon while trying to {what}: {exc}; {_DAEMON_HINT}"
-        ) from exc
 
 
 class DockerExecutor(Executor):
-    """Runs each task in a fresh container with hardened defaults; see ``_docker_spec``.
+    """Runs each task in a fresh container with hardened defaults; see ``spec``.
 
     Args:
         config: limits and the ``docker`` section (runtime, pull policy, allowed images, ...).
@@ -221,9 +134,9 @@ class DockerExecutor(Executor):
             self._info: dict[str, Any] = self._api.info()
             self._version = str(self._api.version().get("Version", "unknown"))
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            _close_failed_connects(exc)
+            close_failed_connects(exc)
             raise RuntimeUnavailable(
-                f"cannot reach the Docker daemon: {exc}; {_DAEMON_HINT}"
+                f"cannot reach the Docker daemon: {exc}; {DAEMON_HINT}"
             ) from exc
         self._lock = threading.Lock()
         #: Runs between their start and their cleanup; ``close()`` waits for them.
@@ -291,7 +204,7 @@ class DockerExecutor(Executor):
                 field="task",
             )
         run_plan, image = prepared.form
-        return _Run(self, prepared.task, run_plan, image, cancel).run()
+        return Run(self, prepared.task, run_plan, image, cancel).run()
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -305,9 +218,9 @@ class DockerExecutor(Executor):
         with _LIVE_LOCK:
             live = [container for container in self._live.values() if container]
         for container in live:
-            with _best_effort():
+            with best_effort():
                 self._api.remove_container(container, force=True, v=True)
-        with _best_effort():
+        with best_effort():
             self._api.close()
 
     # -- what the daemon offers ------------------------------------------------------------
@@ -456,14 +369,14 @@ class DockerExecutor(Executor):
         made: str | None = None
         attached: Warm | None = None
         try:
-            with _docker_errors("create the container"):
+            with docker_errors("create the container"):
                 made = str(
                     self._api.create_container(
                         host_config=self._api.create_host_config(**host_config), **create
                     )["Id"]
                 )
             self._track(run_id, made)
-            with _docker_errors("start the container"):
+            with docker_errors("start the container"):
                 # Attached before the start, so that nothing the container says is missed.
                 params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
                 response = self._api.attach_socket(made, params=params)
@@ -474,13 +387,13 @@ class DockerExecutor(Executor):
             if attached is not None:
                 attached.hang_up()
             if made is None:  # cut short (Ctrl-C) while the daemon may have made it anyway
-                with _best_effort():
+                with best_effort():
                     found = self._api.containers(
                         all=True, filters={"label": f"{host.RUN_ID}={run_id}"}
                     )
                     made = str(found[0]["Id"]) if found else None
             if made is not None:
-                _remove_container(self._api, made)
+                remove_container(self._api, made)
             self._untrack(run_id)
             raise
 
@@ -501,7 +414,7 @@ class DockerExecutor(Executor):
     def _discard_warm(self, warm: Warm) -> None:
         warm.hang_up()
         try:
-            _remove_container(self._api, warm.container)
+            remove_container(self._api, warm.container)
         finally:
             self._untrack(warm.run_id)
 
@@ -511,10 +424,10 @@ class DockerExecutor(Executor):
 
         def remove() -> None:
             try:
-                _let_init_exit(self._api, container)
+                let_init_exit(self._api, container)
                 with contextlib.suppress(docker.errors.APIError):
                     self._api.wait(container, timeout=EXIT_TIMEOUT)
-                _remove_container(self._api, container)
+                remove_container(self._api, container)
             finally:
                 self._untrack(run_id)
 
@@ -559,9 +472,9 @@ class DockerExecutor(Executor):
         policy = self._settings.pull_policy
         if policy == "always":
             self._pull(reference)
-        with _docker_errors(f"inspect image {reference}"):
+        with docker_errors(f"inspect image {reference}"):
             try:
-                details = _inspect_image(self._api, reference)
+                details = inspect_image(self._api, reference)
             except docker.errors.ImageNotFound:
                 if policy == "never":
                     raise RuntimeUnavailable(
@@ -570,7 +483,7 @@ class DockerExecutor(Executor):
                         f"{reference}) or set pull_policy: if-missing"
                     ) from None
                 self._pull(reference)
-                details = _inspect_image(self._api, reference)
+                details = inspect_image(self._api, reference)
         config = details.get("Config") or {}
         return ImageInfo(
             reference=reference,
@@ -580,7 +493,7 @@ class DockerExecutor(Executor):
         )
 
     def _pull(self, reference: str) -> None:
-        name, tag = _split_reference(reference)
+        name, tag = split_reference(reference)
         try:
             self._api.pull(name, tag=tag)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
@@ -595,9 +508,9 @@ class DockerExecutor(Executor):
             return known
         with gate:
             tag = init.derived_tag(image.id)
-            with _docker_errors(f"prepare image {image.reference}"):
+            with docker_errors(f"prepare image {image.reference}"):
                 try:
-                    derived = str(_inspect_image(self._api, tag)["Id"])
+                    derived = str(inspect_image(self._api, tag)["Id"])
                 except docker.errors.ImageNotFound:
                     derived = self._derive(image, tag)
             with self._lock:
@@ -625,7 +538,7 @@ class DockerExecutor(Executor):
             self._api.put_archive(container, "/", init.helper_archive(binary))
             repository, _, name = tag.partition(":")
             self._api.commit(container, repository=repository, tag=name)
-            return str(_inspect_image(self._api, tag)["Id"])
+            return str(inspect_image(self._api, tag)["Id"])
         finally:
             with contextlib.suppress(docker.errors.DockerException):
                 self._api.remove_container(container, force=True, v=True)
@@ -701,10 +614,10 @@ class DockerExecutor(Executor):
             if not _LABEL_KEY.fullmatch(key) or "\n" in value:
                 raise InvalidInput(f"label: {key!r} is not a label key", field="label")
             changes.append(f"LABEL {key}={json.dumps(value)}")
-        name, tag = _split_reference(reference)
-        with _docker_errors(f"import {rootfs} as {reference}"):
+        name, tag = split_reference(reference)
+        with docker_errors(f"import {rootfs} as {reference}"):
             self._api.import_image(src=str(rootfs), repository=name, tag=tag, changes=changes)
-            return str(_inspect_image(self._api, reference)["Id"])
+            return str(inspect_image(self._api, reference)["Id"])
 
     # -- leftovers ----------------------------------------------------------------------------
 
@@ -717,13 +630,13 @@ class DockerExecutor(Executor):
         """
         removed = 0
         me = host.owner_id()
-        with _docker_errors("list leftover containers"):
+        with docker_errors("list leftover containers"):
             containers = self._api.containers(all=True, filters={"label": f"{host.MANAGED}=true"})
         for found in containers:
             labels = found.get("Labels") or {}
             if not self._leftover(labels, me):
                 continue
-            with _docker_errors("remove a leftover container"):
+            with docker_errors("remove a leftover container"):
                 try:
                     self._api.remove_container(found["Id"], force=True, v=True)
                 except docker.errors.APIError as exc:
@@ -733,7 +646,7 @@ class DockerExecutor(Executor):
                     raise
                 removed += 1
         filters = {"label": f"{host.MANAGED}=true", "dangling": True}
-        with _docker_errors("list leftover volumes"):
+        with docker_errors("list leftover volumes"):
             volumes = self._api.volumes(filters=filters).get("Volumes") or []
         for volume in volumes:
             if not self._leftover(volume.get("Labels") or {}, me):
@@ -760,309 +673,3 @@ class DockerExecutor(Executor):
         with _LIVE_LOCK:
             _LIVE.discard(run_id)
             self._live.pop(run_id, None)
-
-
-class _Run:
-    """One container's life, from create to remove."""
-
-    def __init__(
-        self,
-        executor: DockerExecutor,
-        task: Task,
-        run_plan: Plan,
-        image: ImageInfo,
-        cancel: threading.Event | None,
-    ) -> None:
-        self.executor = executor
-        self.api = executor._api
-        self.task = task
-        self.plan = run_plan
-        self.image = image
-        self.cancel = cancel
-        self.container: str | None = None
-        self.run_id = run_plan.create["labels"][host.RUN_ID]
-        self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
-        #: Set once init has been told (or decided) to exit with the task's status.
-        self.exiting = False
-        #: Whether the container came warm from the pool.
-        self.warm = False
-        self.started = 0.0
-        #: Seconds from the task's go (secret and command sent) to its end (or the deadline).
-        self.duration = 0.0
-
-    def run(self) -> Result:
-        with self.executor._runs_over:
-            self.executor._running += 1
-        try:
-            return self._run()
-        finally:
-            with self.executor._runs_over:
-                self.executor._running -= 1
-                self.executor._runs_over.notify_all()
-
-    def _run(self) -> Result:
-        warm = self.executor._take_warm(self.plan.shape)
-        try:
-            if warm is None:
-                try:
-                    warm = self.executor._start(
-                        self.plan.create, self.plan.host_config, self.run_id
-                    )
-                except RuntimeUnavailable as exc:
-                    if self.plan.runtime == "runsc" and "exit status 137" in str(exc.__cause__):
-                        return self._no_room_for_gvisor()
-                    raise
-            else:
-                self.warm = True
-            self.container, self.run_id = warm.container, warm.run_id
-            raw = warm.raw
-            self.started = time.monotonic()
-            deadline = self.started + self.plan.timeout
-            if self.plan.inputs is not None:
-                with _docker_errors("copy the input files in"):
-                    self.api.put_archive(self.container, INPUT_DIR, self.plan.inputs)
-            self._send_stdin(raw)
-            ended = self._pump(raw, deadline)
-            self.duration = time.monotonic() - self.started
-            return self._finish(ended)
-        finally:
-            if warm is not None:
-                # Before the removal: a daemon blocked writing output into an open attach
-                # connection cannot remove the container.
-                warm.hang_up()
-            if self.container is not None and self.exiting and not self.executor.closed:
-                # The trailer came: nothing of the task runs any more; init waits to be let go.
-                self.executor._remove_later(self.container, self.run_id)
-            elif self.container is not None:
-                self._remove()
-                self.executor._untrack(self.run_id)
-
-    def _send_stdin(self, raw: socket.socket) -> None:
-        """Send the secret and the command (the task starts on them), then the task's stdin,
-        then end-of-file."""
-        data = self.demux.secret + self.plan.command + self.plan.stdin
-        if len(data) <= _INLINE_STDIN:
-            _feed(raw.dup(), data, API_TIMEOUT)
-            return
-        # A task may print a lot before it reads its stdin: write from another thread.
-        threading.Thread(
-            target=_feed,
-            args=(raw.dup(), data, self.plan.timeout + API_TIMEOUT),
-            daemon=True,
-            name="parity-sandbox-stdin",
-        ).start()
-
-    def _pump(self, raw: socket.socket, deadline: float) -> str:
-        """Read the attach stream until init's trailer (``"done"``), its end (``"eof"``: the
-        container died), the deadline, a cancel or the executor's close."""
-        buffer = bytearray(_CHUNK)
-        view = memoryview(buffer)
-        slice_ = 0.25 if self.cancel is not None else 1.0
-        while self.demux.exit_code is None:
-            if self.cancel is not None and self.cancel.is_set():
-                return "cancel"
-            if self.executor.closed:
-                return "closed"
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return "timeout"
-            raw.settimeout(min(left, slice_))
-            try:
-                size = raw.recv_into(buffer)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if self.executor.closed:
-                    return "closed"
-                raise RuntimeUnavailable(f"lost the task's output stream: {exc}") from exc
-            if size == 0:
-                return "eof"
-            self.demux.feed(view[:size])
-        return "done"
-
-    def _finish(self, ended: str) -> Result:
-        assert self.container is not None
-        usage = host.cgroup_usage(self.container)
-        if ended == "cancel":
-            raise Cancelled("the task was cancelled")
-        if ended == "closed":
-            raise RuntimeUnavailable("the executor was closed while the task ran")
-        if ended == "timeout":
-            message = f"the task ran past its timeout of {self.plan.timeout:g} s and was killed"
-            if usage.pids_exhausted:
-                message += " (it had also hit its process limit)"
-            error = ErrorInfo(type="ExecutionTimeout", message=message)
-            return self._result(Status.TIMEOUT, None, usage, error=error)
-        if ended == "done" and self.demux.launch_failure is not None:
-            self.exiting = True
-            return self._launch_failed(*self.demux.launch_failure, usage)
-        if ended == "done":
-            assert self.demux.exit_code is not None
-            code, oom = self.demux.exit_code, usage.oom_killed
-            collected = self._collect() if self.demux.outputs_exist else Collected(OutputCaps())
-            self.exiting = True
-        else:  # the container ended without init's trailer: killed from outside (OOM, runsc)
-            with _docker_errors("wait for the container"):
-                code = int(self.api.wait(self.container, timeout=EXIT_TIMEOUT)["StatusCode"])
-                state = self.api.inspect_container(self.container)["State"]
-            collected, oom = None, bool(state.get("OOMKilled")) or usage.oom_killed
-        if oom:
-            message = "the task ran out of memory and was killed"
-            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", error)
-        # The kernel's answer to a write past RLIMIT_FSIZE (unless the task sent it itself).
-        if code == _KILLED_BY_SIGXFSZ:
-            limit: LimitName = (
-                "disk" if self.plan.shape.file_size >= self.plan.shape.disk else "file_size"
-            )
-            message = f"the task wrote a file past its {limit} limit and was killed (SIGXFSZ)"
-            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, limit, error)
-        if usage.pids_exhausted and code != 0:
-            message = "the task hit its process limit"
-            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "pids", error)
-        if collected is None:
-            message = f"the container ended without its init (exit status {code})"
-            error = ErrorInfo(type="ExecutionError", message=message)
-            return self._result(Status.ERROR, code, usage, error=error)
-        status = Status.SUCCEEDED if code == 0 else Status.FAILED
-        return self._result(status, code, usage, collected)
-
-    def _launch_failed(self, stage: str, errno: int, usage: host.CgroupUsage) -> Result:
-        """The command never started: not found or not executable, or no working directory."""
-        reason = os.strerror(errno) if errno else "unknown error"
-        if stage == "workdir":
-            message = f"cannot enter the working directory {self.task.workdir}: {reason}"
-        elif stage == "fork":
-            message = f"cannot start a process for the task: {reason}"
-        else:
-            message = f"cannot run {self.plan.argv0!r}: {reason}"
-        error = ErrorInfo(type="LaunchFailed", message=message)
-        return self._result(Status.LAUNCH_FAILED, None, usage, error=error)
-
-    def _no_room_for_gvisor(self) -> Result:
-        """runsc was killed while it started: gVisor's own kernel did not fit in the limit."""
-        memory = self.plan.host_config["mem_limit"]
-        message = (
-            f"gVisor could not start within the memory limit of {memory >> 20} MiB (its own "
-            "kernel needs about 16 MiB of it); raise limits.memory"
-        )
-        error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-        return self._result(Status.RESOURCE_LIMIT, None, host.CgroupUsage(), None, "memory", error)
-
-    def _collect(self) -> Collected:
-        assert self.container is not None
-        collected = Collected(OutputCaps(max_files=self.plan.output_files))
-        for path in self.plan.outputs:
-            try:
-                with _docker_errors("copy the outputs out"):
-                    stream, _ = self.api.get_archive(self.container, f"{WORKDIR}/{path}")
-                    read_outputs(stream, path, collected)
-            except RuntimeUnavailable as exc:
-                cause = exc.__cause__
-                if isinstance(cause, docker.errors.NotFound):
-                    continue  # the task made no such path
-                if isinstance(cause, docker.errors.APIError):
-                    break  # the container is gone (killed by the kernel): nothing to copy
-                raise
-        return collected
-
-    def _remove(self) -> None:
-        assert self.container is not None
-        if self.exiting:
-            # Letting init exit and removing a stopped container is much faster than a forced
-            # removal, which kills and then waits.
-            _let_init_exit(self.api, self.container)
-            with _best_effort():
-                self.api.wait(self.container, timeout=EXIT_TIMEOUT)
-        _remove_container(self.api, self.container)
-
-    def _result(
-        self,
-        status: Status,
-        code: int | None,
-        usage: host.CgroupUsage,
-        collected: Collected | None = None,
-        limit: LimitName | None = None,
-        error: ErrorInfo | None = None,
-    ) -> Result:
-        """The result; stdout and stderr without init's trailer."""
-        stdout, stdout_cut = self.demux.output(STDOUT)
-        stderr, stderr_cut = self.demux.output(STDERR)
-        return Result(
-            status=status,
-            exit_code=code,
-            stdout=stdout,
-            stderr=stderr,
-            stdout_truncated=stdout_cut,
-            stderr_truncated=stderr_cut,
-            files=collected.files if collected else {},
-            files_truncated=collected.truncated if collected else False,
-            duration=self.duration,
-            usage=ResourceUsage.measured(
-                wall_time=self.duration,
-                cpu_time=usage.cpu_time,
-                peak_memory=usage.peak_memory,
-                output_bytes=len(stdout) + len(stderr) + (collected.total if collected else 0),
-                input_bytes=self.plan.input_bytes,
-            ),
-            runtime=RuntimeInfo(
-                name="docker",
-                version=self.executor.daemon_version,
-                image=self.image.reference,
-                image_id=self.image.id,
-                oci_runtime=self.plan.runtime,
-                warm=self.warm,
-            ),
-            limit=limit,
-            error=error,
-            task_id=self.task.id,
-            labels=self.task.labels,
-        )
-
-
-def _let_init_exit(api: docker.APIClient, container: str) -> None:
-    """Tell init, which keeps the container (its cgroup, its tmpfs) for the host until the
-    usage is read and the outputs are copied, that it may exit."""
-    with _best_effort():
-        api.kill(container, "SIGUSR1")
-
-
-def _remove_container(api: docker.APIClient, container: str) -> None:
-    """Remove ``container`` and its volumes; warn (for a later reap) if that fails."""
-    try:
-        api.remove_container(container, force=True, v=True)
-    except docker.errors.NotFound:
-        pass
-    except docker.errors.APIError as exc:
-        if exc.status_code != 409 or "in progress" not in str(exc):  # close() got there first
-            _warn_leftover(container, exc)
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        _close_failed_connects(exc)
-        _warn_leftover(container, exc)
-
-
-def _warn_leftover(container: str, exc: Exception) -> None:
-    warnings.warn(
-        f"could not remove container {container[:12]}: {exc}; the next executor's reap (or "
-        "parity-sandbox reap) removes it",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _feed(raw: socket.socket, data: bytes, timeout: float) -> None:
-    """Write the task's stdin, then close our side so that the task reads end-of-file.
-
-    ``raw`` is a duplicate of the attach socket, with its own timeout; a task that never reads
-    its stdin leaves this thread blocked until the container is killed or the timeout passes.
-    """
-    try:
-        raw.settimeout(timeout)
-        raw.sendall(data)
-        raw.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        raw.close()

@@ -1,0 +1,328 @@
+"""One task's container, from take-or-create to removal: :class:`Run`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import docker.errors
+
+from parity_sandbox._exceptions import RuntimeUnavailable
+from parity_sandbox._executor import Cancelled
+from parity_sandbox._fs import OutputCaps
+from parity_sandbox._models import (
+    ErrorInfo,
+    LimitName,
+    ResourceUsage,
+    Result,
+    RuntimeInfo,
+    Status,
+    Task,
+)
+from parity_sandbox.runtimes.docker import host
+from parity_sandbox.runtimes.docker.daemon import (
+    API_TIMEOUT,
+    EXIT_TIMEOUT,
+    best_effort,
+    docker_errors,
+    let_init_exit,
+    remove_container,
+)
+from parity_sandbox.runtimes.docker.spec import INPUT_DIR, WORKDIR, ImageInfo, Plan
+from parity_sandbox.runtimes.docker.streams import (
+    SECRET_BYTES,
+    STDERR,
+    STDOUT,
+    Collected,
+    Demux,
+    read_outputs,
+)
+
+if TYPE_CHECKING:
+    from parity_sandbox.runtimes.docker.executor import DockerExecutor
+
+_CHUNK = 1 << 16
+#: The status init reports for a task killed by SIGXFSZ (128 + 25).
+_KILLED_BY_SIGXFSZ = 128 + 25
+#: Stdin up to this size is written before reading output (socket buffers hold it).
+_INLINE_STDIN = 1 << 16
+
+
+class Run:
+    """One container's life, from create to remove."""
+
+    def __init__(
+        self,
+        executor: DockerExecutor,
+        task: Task,
+        run_plan: Plan,
+        image: ImageInfo,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.executor = executor
+        self.api = executor._api
+        self.task = task
+        self.plan = run_plan
+        self.image = image
+        self.cancel = cancel
+        self.container: str | None = None
+        self.run_id = run_plan.create["labels"][host.RUN_ID]
+        self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
+        #: Set once init has been told (or decided) to exit with the task's status.
+        self.exiting = False
+        #: Whether the container came warm from the pool.
+        self.warm = False
+        self.started = 0.0
+        #: Seconds from the task's go (secret and command sent) to its end (or the deadline).
+        self.duration = 0.0
+
+    def run(self) -> Result:
+        with self.executor._runs_over:
+            self.executor._running += 1
+        try:
+            return self._run()
+        finally:
+            with self.executor._runs_over:
+                self.executor._running -= 1
+                self.executor._runs_over.notify_all()
+
+    def _run(self) -> Result:
+        warm = self.executor._take_warm(self.plan.shape)
+        try:
+            if warm is None:
+                try:
+                    warm = self.executor._start(
+                        self.plan.create, self.plan.host_config, self.run_id
+                    )
+                except RuntimeUnavailable as exc:
+                    if self.plan.runtime == "runsc" and "exit status 137" in str(exc.__cause__):
+                        return self._no_room_for_gvisor()
+                    raise
+            else:
+                self.warm = True
+            self.container, self.run_id = warm.container, warm.run_id
+            raw = warm.raw
+            self.started = time.monotonic()
+            deadline = self.started + self.plan.timeout
+            if self.plan.inputs is not None:
+                with docker_errors("copy the input files in"):
+                    self.api.put_archive(self.container, INPUT_DIR, self.plan.inputs)
+            self._send_stdin(raw)
+            ended = self._pump(raw, deadline)
+            self.duration = time.monotonic() - self.started
+            return self._finish(ended)
+        finally:
+            if warm is not None:
+                # Before the removal: a daemon blocked writing output into an open attach
+                # connection cannot remove the container.
+                warm.hang_up()
+            if self.container is not None and self.exiting and not self.executor.closed:
+                # The trailer came: nothing of the task runs any more; init waits to be let go.
+                self.executor._remove_later(self.container, self.run_id)
+            elif self.container is not None:
+                self._remove()
+                self.executor._untrack(self.run_id)
+
+    def _send_stdin(self, raw: socket.socket) -> None:
+        """Send the secret and the command (the task starts on them), then the task's stdin,
+        then end-of-file."""
+        data = self.demux.secret + self.plan.command + self.plan.stdin
+        if len(data) <= _INLINE_STDIN:
+            _feed(raw.dup(), data, API_TIMEOUT)
+            return
+        # A task may print a lot before it reads its stdin: write from another thread.
+        threading.Thread(
+            target=_feed,
+            args=(raw.dup(), data, self.plan.timeout + API_TIMEOUT),
+            daemon=True,
+            name="parity-sandbox-stdin",
+        ).start()
+
+    def _pump(self, raw: socket.socket, deadline: float) -> str:
+        """Read the attach stream until init's trailer (``"done"``), its end (``"eof"``: the
+        container died), the deadline, a cancel or the executor's close."""
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        slice_ = 0.25 if self.cancel is not None else 1.0
+        while self.demux.exit_code is None:
+            if self.cancel is not None and self.cancel.is_set():
+                return "cancel"
+            if self.executor.closed:
+                return "closed"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            raw.settimeout(min(left, slice_))
+            try:
+                size = raw.recv_into(buffer)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self.executor.closed:
+                    return "closed"
+                raise RuntimeUnavailable(f"lost the task's output stream: {exc}") from exc
+            if size == 0:
+                return "eof"
+            self.demux.feed(view[:size])
+        return "done"
+
+    def _finish(self, ended: str) -> Result:
+        assert self.container is not None
+        usage = host.cgroup_usage(self.container)
+        if ended == "cancel":
+            raise Cancelled("the task was cancelled")
+        if ended == "closed":
+            raise RuntimeUnavailable("the executor was closed while the task ran")
+        if ended == "timeout":
+            message = f"the task ran past its timeout of {self.plan.timeout:g} s and was killed"
+            if usage.pids_exhausted:
+                message += " (it had also hit its process limit)"
+            error = ErrorInfo(type="ExecutionTimeout", message=message)
+            return self._result(Status.TIMEOUT, None, usage, error=error)
+        if ended == "done" and self.demux.launch_failure is not None:
+            self.exiting = True
+            return self._launch_failed(*self.demux.launch_failure, usage)
+        if ended == "done":
+            assert self.demux.exit_code is not None
+            code, oom = self.demux.exit_code, usage.oom_killed
+            collected = self._collect() if self.demux.outputs_exist else Collected(OutputCaps())
+            self.exiting = True
+        else:  # the container ended without init's trailer: killed from outside (OOM, runsc)
+            with docker_errors("wait for the container"):
+                code = int(self.api.wait(self.container, timeout=EXIT_TIMEOUT)["StatusCode"])
+                state = self.api.inspect_container(self.container)["State"]
+            collected, oom = None, bool(state.get("OOMKilled")) or usage.oom_killed
+        if oom:
+            message = "the task ran out of memory and was killed"
+            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", error)
+        # The kernel's answer to a write past RLIMIT_FSIZE (unless the task sent it itself).
+        if code == _KILLED_BY_SIGXFSZ:
+            limit: LimitName = (
+                "disk" if self.plan.shape.file_size >= self.plan.shape.disk else "file_size"
+            )
+            message = f"the task wrote a file past its {limit} limit and was killed (SIGXFSZ)"
+            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, limit, error)
+        if usage.pids_exhausted and code != 0:
+            message = "the task hit its process limit"
+            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "pids", error)
+        if collected is None:
+            message = f"the container ended without its init (exit status {code})"
+            error = ErrorInfo(type="ExecutionError", message=message)
+            return self._result(Status.ERROR, code, usage, error=error)
+        status = Status.SUCCEEDED if code == 0 else Status.FAILED
+        return self._result(status, code, usage, collected)
+
+    def _launch_failed(self, stage: str, errno: int, usage: host.CgroupUsage) -> Result:
+        """The command never started: not found or not executable, or no working directory."""
+        reason = os.strerror(errno) if errno else "unknown error"
+        if stage == "workdir":
+            message = f"cannot enter the working directory {self.task.workdir}: {reason}"
+        elif stage == "fork":
+            message = f"cannot start a process for the task: {reason}"
+        else:
+            message = f"cannot run {self.plan.argv0!r}: {reason}"
+        error = ErrorInfo(type="LaunchFailed", message=message)
+        return self._result(Status.LAUNCH_FAILED, None, usage, error=error)
+
+    def _no_room_for_gvisor(self) -> Result:
+        """runsc was killed while it started: gVisor's own kernel did not fit in the limit."""
+        memory = self.plan.host_config["mem_limit"]
+        message = (
+            f"gVisor could not start within the memory limit of {memory >> 20} MiB (its own "
+            "kernel needs about 16 MiB of it); raise limits.memory"
+        )
+        error = ErrorInfo(type="ResourceLimitExceeded", message=message)
+        return self._result(Status.RESOURCE_LIMIT, None, host.CgroupUsage(), None, "memory", error)
+
+    def _collect(self) -> Collected:
+        assert self.container is not None
+        collected = Collected(OutputCaps(max_files=self.plan.output_files))
+        for path in self.plan.outputs:
+            try:
+                with docker_errors("copy the outputs out"):
+                    stream, _ = self.api.get_archive(self.container, f"{WORKDIR}/{path}")
+                    read_outputs(stream, path, collected)
+            except RuntimeUnavailable as exc:
+                cause = exc.__cause__
+                if isinstance(cause, docker.errors.NotFound):
+                    continue  # the task made no such path
+                if isinstance(cause, docker.errors.APIError):
+                    break  # the container is gone (killed by the kernel): nothing to copy
+                raise
+        return collected
+
+    def _remove(self) -> None:
+        assert self.container is not None
+        if self.exiting:
+            # Letting init exit and removing a stopped container is much faster than a forced
+            # removal, which kills and then waits.
+            let_init_exit(self.api, self.container)
+            with best_effort():
+                self.api.wait(self.container, timeout=EXIT_TIMEOUT)
+        remove_container(self.api, self.container)
+
+    def _result(
+        self,
+        status: Status,
+        code: int | None,
+        usage: host.CgroupUsage,
+        collected: Collected | None = None,
+        limit: LimitName | None = None,
+        error: ErrorInfo | None = None,
+    ) -> Result:
+        """The result; stdout and stderr without init's trailer."""
+        stdout, stdout_cut = self.demux.output(STDOUT)
+        stderr, stderr_cut = self.demux.output(STDERR)
+        return Result(
+            status=status,
+            exit_code=code,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=stdout_cut,
+            stderr_truncated=stderr_cut,
+            files=collected.files if collected else {},
+            files_truncated=collected.truncated if collected else False,
+            duration=self.duration,
+            usage=ResourceUsage.measured(
+                wall_time=self.duration,
+                cpu_time=usage.cpu_time,
+                peak_memory=usage.peak_memory,
+                output_bytes=len(stdout) + len(stderr) + (collected.total if collected else 0),
+                input_bytes=self.plan.input_bytes,
+            ),
+            runtime=RuntimeInfo(
+                name="docker",
+                version=self.executor.daemon_version,
+                image=self.image.reference,
+                image_id=self.image.id,
+                oci_runtime=self.plan.runtime,
+                warm=self.warm,
+            ),
+            limit=limit,
+            error=error,
+            task_id=self.task.id,
+            labels=self.task.labels,
+        )
+
+
+def _feed(raw: socket.socket, data: bytes, timeout: float) -> None:
+    """Write the task's stdin, then close our side so that the task reads end-of-file.
+
+    ``raw`` is a duplicate of the attach socket, with its own timeout; a task that never reads
+    its stdin leaves this thread blocked until the container is killed or the timeout passes.
+    """
+    try:
+        raw.settimeout(timeout)
+        raw.sendall(data)
+        raw.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        raw.close()
