@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from parity_sandbox import Config, Task, WasmExecutor
+from parity_sandbox import Config, Task, WasmExecutor, spec_hash
 
 HELLO = Path(__file__).resolve().parent.parent / "examples" / "build" / "hello.wasm"
 
@@ -62,7 +62,7 @@ def main() -> None:
         stdin=b"x" * (1 << 20),
         input_files={f"f{i}": bytes(100 << 10) for i in range(10)},
     )
-    p50, p90 = timed(heavy.spec_hash, 50)
+    p50, p90 = timed(lambda: spec_hash(heavy), 50)
     print(f"\nspec_hash of a task with 1 MiB stdin and 10 x 100 KiB inputs: p50 {p50 * 1e3:.2f} ms")
 
 

@@ -19,6 +19,7 @@ from parity_sandbox import (
     RuntimeUnavailable,
     Status,
     Task,
+    spec_hash,
 )
 
 pytestmark = pytest.mark.docker
@@ -193,11 +194,11 @@ def test_a_daemon_without_runsc_names_the_fix(docker_executor: DockerExecutor) -
 def test_spec_hash_resolves_the_image_to_its_id(docker_executor: DockerExecutor) -> None:
     task = Task(image=TEST_IMAGE, command=["true"])
     image_id = docker_executor._api.inspect_image(TEST_IMAGE)["Id"]  # type: ignore[no-untyped-call]
-    assert docker_executor.spec_hash(task) == task.spec_hash(
-        docker_executor.config, image_id=image_id
+    assert docker_executor.spec_hash(task) == spec_hash(
+        task, docker_executor.config, image_id=image_id
     )
-    assert docker_executor.spec_hash(task) == Task(image=image_id, command=["true"]).spec_hash(
-        docker_executor.config
+    assert docker_executor.spec_hash(task) == spec_hash(
+        Task(image=image_id, command=["true"]), docker_executor.config
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parity_sandbox import Config, InvalidInput, Result, Status, Task
+from parity_sandbox import Config, InvalidInput, Result, Status, Task, spec_hash
 from parity_sandbox._hashing import canonical
 
 MODULE = b"\0asm\x01\0\0\0"
@@ -48,25 +48,26 @@ def test_spec_hash_is_the_documented_encoding() -> None:
         f'"program":{{"module_sha256":"{sha(MODULE)}"}},"runtime":"wasm",'
         f'"stdin_sha256":"{sha(b"input")}","v":1}}'
     )
-    assert task().spec_hash() == sha(document.encode())
-    assert task().spec_hash() == "bdada29d76ca5af19955b74291eb4d19f8a5519dacb86da28714cf94cc132df4"
+    assert spec_hash(task()) == sha(document.encode())
+    assert spec_hash(task()) == "bdada29d76ca5af19955b74291eb4d19f8a5519dacb86da28714cf94cc132df4"
 
 
 def test_spec_hash_is_the_same_in_another_process() -> None:
     code = (
-        "from parity_sandbox import Task\n"
-        f"print(Task(wasm_module={MODULE!r}, args=('a', 'b'), env={{'Y': '2', 'X': '1'}},"
+        "from parity_sandbox import Task, spec_hash\n"
+        f"print(spec_hash(Task(wasm_module={MODULE!r}, args=('a', 'b'),"
+        " env={'Y': '2', 'X': '1'},"
         " stdin=b'input', input_files={'two.txt': b'2', 'data/one.txt': b'1'},"
-        " limits={'memory': 67108864, 'timeout': 30, 'fuel': '1000'}).spec_hash())"
+        " limits={'memory': 67108864, 'timeout': 30, 'fuel': '1000'})))"
     )
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
-    assert other == task().spec_hash()
+    assert other == spec_hash(task())
 
 
 def test_equivalent_spellings_and_bookkeeping_do_not_change_it(tmp_path: Path) -> None:
-    reference = task().spec_hash()
+    reference = spec_hash(task())
     module = tmp_path / "m.wasm"
     module.write_bytes(MODULE)
     data = tmp_path / "one.txt"
@@ -82,7 +83,7 @@ def test_equivalent_spellings_and_bookkeeping_do_not_change_it(tmp_path: Path) -
         task(cacheable=True),
     ]
     for other in same:
-        assert other.spec_hash() == reference
+        assert spec_hash(other) == reference
 
 
 @pytest.mark.parametrize(
@@ -105,23 +106,23 @@ def test_equivalent_spellings_and_bookkeeping_do_not_change_it(tmp_path: Path) -
     ],
 )
 def test_what_determines_the_output_changes_it(change: dict[str, object]) -> None:
-    assert task(**change).spec_hash() != task().spec_hash()
+    assert spec_hash(task(**change)) != spec_hash(task())
 
 
 def test_configured_limits_count() -> None:
     plain = Task(wasm_module=MODULE)
-    assert plain.spec_hash(Config(memory_limit="128m")) != plain.spec_hash()
-    assert plain.spec_hash(Config(wasm={"memory_limit": "256m"})) == plain.spec_hash()
+    assert spec_hash(plain, Config(memory_limit="128m")) != spec_hash(plain)
+    assert spec_hash(plain, Config(wasm={"memory_limit": "256m"})) == spec_hash(plain)
 
 
 def test_a_docker_task_needs_its_image_id() -> None:
     image_id = "sha256:" + "ab" * 32
     with pytest.raises(InvalidInput, match="image"):
-        Task(image="busybox:latest", command=["true"]).spec_hash()
-    named = Task(image="busybox:latest", command=["true"]).spec_hash(image_id=image_id)
-    assert named == Task(image=image_id, command=["true"]).spec_hash()
-    assert named != Task(image=image_id, command=["false"]).spec_hash()
-    assert named != Task(image=image_id, command=["true"], user="1000").spec_hash()
+        spec_hash(Task(image="busybox:latest", command=["true"]))
+    named = spec_hash(Task(image="busybox:latest", command=["true"]), image_id=image_id)
+    assert named == spec_hash(Task(image=image_id, command=["true"]))
+    assert named != spec_hash(Task(image=image_id, command=["false"]))
+    assert named != spec_hash(Task(image=image_id, command=["true"], user="1000"))
     with pytest.raises(InvalidInput, match="deterministic"):
         Task(image=image_id, deterministic=True)
 

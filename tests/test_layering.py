@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"runtimes.wasm.protocol", "runtimes.docker.streams"},
     {"runtimes.wasm.worker", "_models"},
     {"_config", "runtimes.wasm.modules"},
-    {"_cache", "runtimes.docker.spec"},
+    {"_cache", "_inputs", "runtimes.docker.spec"},
     {"_executor", "runtimes.docker.init", "runtimes.docker.pool"},
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},
@@ -80,3 +80,14 @@ def test_modules_import_only_lower_layers() -> None:
         if LAYER[dependency] >= LAYER[module_name(path)]
     ]
     assert upward == []
+
+
+def test_the_data_model_reads_nothing_from_the_host() -> None:
+    """Reading host files and hashing specs belong to the layer that prepares tasks."""
+    assert imports_of(SRC / "parity_sandbox" / "_models.py") <= {
+        "parity_sandbox",
+        "runtimes",
+        "_exceptions",
+        "_hashing",
+        "_units",
+    }

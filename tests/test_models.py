@@ -12,6 +12,7 @@ from parity_sandbox import (
     Status,
     Task,
     TaskFailed,
+    spec_hash,
 )
 
 MODULE = b"\0asm\x01\0\0\0"
@@ -67,10 +68,9 @@ def test_new_limits_enter_the_spec_hash_only_when_set() -> None:
     plain = Task(wasm_module=MODULE)
     assert "file_size" not in plain.spec_document(Limits(memory="64m"))["limits"]
     capped = Task(wasm_module=MODULE, limits={"file_size": "1m", "output_files": 3})
-    assert capped.spec_hash() != plain.spec_hash()
-    assert (
-        Task(image="sha256:" + "a" * 64, limits={"open_files": 64}).spec_hash()
-        != Task(image="sha256:" + "a" * 64).spec_hash()
+    assert spec_hash(capped) != spec_hash(plain)
+    assert spec_hash(Task(image="sha256:" + "a" * 64, limits={"open_files": 64})) != spec_hash(
+        Task(image="sha256:" + "a" * 64)
     )
 
 
@@ -170,3 +170,14 @@ def test_a_tasks_oci_runtime_has_one_spelling() -> None:
     assert old.oci_runtime == "runsc"
     with pytest.raises(InvalidInput):
         Task(image="img", docker_runtime="runsc", oci_runtime="runc")
+
+
+def test_the_model_reads_no_host_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.wasm"
+    path.write_bytes(MODULE)
+    task = Task(wasm_file=path, input_files={"f": path})
+    with pytest.raises(InvalidInput, match="module_sha256"):
+        task.spec_document(Limits(memory="64m"))
+    with pytest.raises(InvalidInput, match="host file"):
+        task.embedded_inputs()
+    assert Task(wasm_module=MODULE, input_files={"f": b"x"}).embedded_inputs() == {"f": b"x"}

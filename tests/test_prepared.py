@@ -13,7 +13,15 @@ import docker.errors
 import pytest
 
 from conftest import WasmFixtures
-from parity_sandbox import Config, DockerExecutor, InvalidInput, PreparedTask, Task, WasmExecutor
+from parity_sandbox import (
+    Config,
+    DockerExecutor,
+    InvalidInput,
+    PreparedTask,
+    Task,
+    WasmExecutor,
+    spec_hash,
+)
 from parity_sandbox.runtimes.docker import init
 
 
@@ -39,7 +47,7 @@ def test_a_prepared_wasm_task_runs_what_its_spec_hash_names(
     as_prepared = Task(
         wasm_module=original, args=("data.txt",), input_files={"data.txt": b"first"}, cacheable=True
     )
-    assert result.spec_hash == prepared.spec_hash == as_prepared.spec_hash(config)
+    assert result.spec_hash == prepared.spec_hash == spec_hash(as_prepared, config)
     assert result.runtime is not None and result.runtime.module_sha256 == prepared.program
     # the plain task now names other bytes, and its hash says so
     with WasmExecutor(config, workers=1) as executor:
@@ -104,7 +112,7 @@ def test_a_prepared_docker_task_runs_the_image_it_was_prepared_with(
             image=made[0], command=command, input_files={"data.txt": b"first input"}, cacheable=True
         )
         config = docker_executor.config
-        assert result.spec_hash == prepared.spec_hash == as_prepared.spec_hash(config)
+        assert result.spec_hash == prepared.spec_hash == spec_hash(as_prepared, config)
         assert docker_executor.execute(task).stdout == b"Bsecond input"  # the tag, now
     finally:
         assert docker_executor.drain(30)  # the containers that use the images are gone

@@ -17,6 +17,8 @@ from parity_sandbox import (
     Status,
     Task,
     WasmExecutor,
+    portable,
+    spec_hash,
 )
 from parity_sandbox._record import Record, verify
 from test_cli import run_cli
@@ -50,23 +52,23 @@ def test_a_portable_task_keeps_its_spec_hash(tmp_path: Path) -> None:
     data.write_bytes(b"host file")
     task = Task(wasm_module=b"\0asm\x01\0\0\0", input_files={"d.txt": data}, limits={"fuel": 9})
     config = Config(timeout="7s")
-    portable = task.portable(config)
-    assert portable.input_files == {"d.txt": b"host file"}
-    assert portable.limits.timeout == 7.0
+    made = portable(task, config)
+    assert made.input_files == {"d.txt": b"host file"}
+    assert made.limits.timeout == 7.0
     # all its limits are explicit: another machine's configuration does not change its hash
-    assert portable.spec_hash(Config(timeout="99s")) == task.spec_hash(config)
-    record = Record(portable, portable.spec_hash(), Result(status=Status.SUCCEEDED, exit_code=0))
+    assert spec_hash(made, Config(timeout="99s")) == spec_hash(task, config)
+    record = Record(made, spec_hash(made), Result(status=Status.SUCCEEDED, exit_code=0))
     again = Record.from_json(record.to_json())
-    assert again.task == portable and again.spec_hash == record.spec_hash
+    assert again.task == made and again.spec_hash == record.spec_hash
 
 
 def test_verify_matches_a_deterministic_task(executor: WasmExecutor, wasm: WasmFixtures) -> None:
-    task = Task(wasm_file=wasm.determinism, deterministic=True).portable(executor.config)
+    task = portable(Task(wasm_file=wasm.determinism, deterministic=True), executor.config)
     first = executor.execute(task)
     outcome = verify(Record(task, executor.spec_hash(task), first), executor)
     assert outcome.matched and outcome.actual == first.result_hash
 
-    clocked = Task(wasm_file=wasm.determinism).portable(executor.config)
+    clocked = portable(Task(wasm_file=wasm.determinism), executor.config)
     first = executor.execute(clocked)
     outcome = verify(Record(clocked, executor.spec_hash(clocked), first), executor)
     assert not outcome.matched

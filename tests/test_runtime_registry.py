@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parity_sandbox import Config, InvalidInput, Task, runtimes
+from parity_sandbox import Config, InvalidInput, Task, runtimes, spec_hash
 from parity_sandbox.runtimes import executor_class
 from test_cli import run_cli
 
@@ -41,8 +41,9 @@ def test_the_library_runs_a_registered_runtime(fake: None, tmp_path: Path) -> No
     with executor_class("fake")(config) as executor:
         result = executor.execute(task)
         assert result.stdout == b"a b|in|d" and result.files == {"out/said": b"a b|in|d"}
-        assert executor.spec_hash(task) == task.spec_hash(config)
-        assert task.spec_document(config.limits_for("fake"))["runtime"] == "fake"
+        assert executor.spec_hash(task) == spec_hash(task, config)
+        document = task.spec_document(config.limits_for("fake"), inputs={"d": b"x"})
+        assert document["runtime"] == "fake"
         assert [r.stdout for r in executor.map([task, task])] == [b"a b|in|d"] * 2
         with pytest.warns(RuntimeWarning, match=r"fake runtime ignores limits\.cpu"):
             executor.execute(

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         TaskFailed,
     )
     from parity_sandbox._executor import Executor, PreparedTask
+    from parity_sandbox._inputs import portable, spec_hash
     from parity_sandbox._models import (
         ErrorInfo,
         LimitName,
@@ -89,8 +90,10 @@ _WHERE: dict[str, str] = {
     "WasmSettings": "parity_sandbox._config",
     "load_config": "parity_sandbox._config",
     "open_cache": "parity_sandbox._cache",
+    "portable": "parity_sandbox._inputs",
     "read_tasks": "parity_sandbox._batch",
     "run_batch": "parity_sandbox._batch",
+    "spec_hash": "parity_sandbox._inputs",
     "verify": "parity_sandbox._record",
 }
 
@@ -133,8 +136,10 @@ __all__ = [
     "__version__",
     "load_config",
     "open_cache",
+    "portable",
     "read_tasks",
     "run_batch",
+    "spec_hash",
     "verify",
 ]
 

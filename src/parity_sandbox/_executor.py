@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import os
 import threading
 import warnings
@@ -30,6 +31,7 @@ from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import RuntimeUnavailable, SandboxError
 from parity_sandbox._hashing import digest
+from parity_sandbox._inputs import read_inputs, read_module
 from parity_sandbox._models import ErrorInfo, Limits, Result, Status, Task
 
 
@@ -123,8 +125,11 @@ class Executor(ABC):
         limits = task.effective_limits(
             self.config.limits_for(self.runtime_name).merged(task.limits)
         )
-        program = task.image if task.image is not None else task.module_sha256()
-        return PreparedTask(task, self.runtime_name, limits, program, task.input_contents())
+        if task.image is not None:
+            program = task.image
+        else:
+            program = hashlib.sha256(read_module(task)).hexdigest()
+        return PreparedTask(task, self.runtime_name, limits, program, read_inputs(task))
 
     def _warn_ignored_limits(self, task: Task) -> None:
         """Warn, once per limit, about limits ``task`` sets that this runtime does not apply

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AliasChoices,
@@ -37,7 +37,6 @@ from parity_sandbox._exceptions import (
     SandboxError,
     TaskFailed,
 )
-from parity_sandbox._fs import read_host_file
 from parity_sandbox._hashing import VERSION as HASH_VERSION
 from parity_sandbox._hashing import digest, sha256_hex
 from parity_sandbox._units import (
@@ -50,9 +49,6 @@ from parity_sandbox._units import (
     parse_duration,
     parse_size,
 )
-
-if TYPE_CHECKING:
-    from parity_sandbox._config import Config
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -92,7 +88,6 @@ MAX_ID = 2**31 - 2
 #: The fuel of a deterministic task that sets none: fuel is its only CPU limit (about 10^10
 #: WebAssembly instructions, seconds of work on current CPUs).
 DETERMINISTIC_FUEL = 10_000_000_000
-_IMAGE_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 #: Fields that only Docker tasks have.
 DOCKER_FIELDS = ("command", "workdir", "user", "oci_runtime", "gpus")
 
@@ -516,9 +511,14 @@ class Task(_Model):
         inputs: Mapping[str, bytes] | None = None,
         runtime: str | None = None,
     ) -> dict[str, Any]:
-        """The canonical description of this task hashed by :meth:`spec_hash` (see
-        ``parity_sandbox._hashing``), under the resolved ``limits``; ``inputs`` are the input
-        files' contents as read (default: read now)."""
+        """The canonical description of this task that its spec hash covers (see
+        ``parity_sandbox._hashing``), under the resolved ``limits``. Reads nothing: a module
+        file's ``module_sha256`` and host input files' contents (``inputs``) are the caller's
+        to give (``parity_sandbox.spec_hash`` and ``Executor.prepare`` read them once).
+
+        Raises:
+            InvalidInput: a module file's hash or a host input file's contents were not given.
+        """
         docker = self.image is not None
         limits = self.effective_limits(limits)
         names: tuple[str, ...]
@@ -526,7 +526,13 @@ class Task(_Model):
             program = {"image_id": image_id or self.image}
             names = ("memory", "cpu", "pids", "disk", "output", "timeout")
         else:
-            program = {"module_sha256": module_sha256 or self.module_sha256()}
+            if module_sha256 is None and self.wasm_module is None:
+                raise InvalidInput(
+                    "wasm_file: give the module's module_sha256 (its file is read by the "
+                    "caller, once)",
+                    field="wasm_file",
+                )
+            program = {"module_sha256": module_sha256 or sha256_hex(self.wasm_module or b"")}
             names = ("memory", "disk", "output", "timeout", "fuel", "stack_size")
         # Limits that came later are hashed only where set, so that the hashes of tasks that
         # leave them at their fixed defaults did not change.
@@ -543,7 +549,7 @@ class Task(_Model):
             "input_files": {
                 name: sha256_hex(content)
                 for name, content in (
-                    inputs if inputs is not None else self.input_contents()
+                    inputs if inputs is not None else self.embedded_inputs()
                 ).items()
             },
             "outputs": list(self.outputs),
@@ -561,97 +567,28 @@ class Task(_Model):
             document["args"] = list(self.args)
         return document
 
-    def spec_hash(self, config: Config | None = None, *, image_id: str | None = None) -> str:
-        """SHA-256 over a canonical encoding of everything that determines the output.
-
-        Args:
-            config: the :class:`~parity_sandbox.Config` whose limits apply (default:
-                built-in defaults); the hash covers the resolved limits.
-            image_id: for a Docker task, the image's id (``sha256:...``); a task whose
-                ``image`` is already an id needs none. ``DockerExecutor.spec_hash`` resolves it.
-
-        Raises:
-            InvalidInput: a Docker task's image is a name (a tag can move), or the module file
-                cannot be read.
-        """
-        runtime, limits = self._resolved(config)
-        if runtime == "docker" and image_id is None:
-            assert self.image is not None
-            if not _IMAGE_ID_RE.fullmatch(self.image):
-                raise InvalidInput(
-                    f"image: a spec hash needs the image's id, not the name {self.image!r}; "
-                    "give image_id= or use DockerExecutor.spec_hash, which looks it up",
-                    field="image",
-                )
-        return digest(self.spec_document(limits, image_id=image_id, runtime=runtime))
-
-    def portable(self, config: Config | None = None, *, image_id: str | None = None) -> Task:
-        """This task made self-contained, as a record for another machine to re-run: the
-        module and input files embedded as bytes, the limits resolved under ``config`` (a
-        :class:`~parity_sandbox.Config`; default: built-in defaults), the image by id."""
-        runtime, limits = self._resolved(config)
-        # Only the limits this runtime applies (the others would only draw warnings).
-        unused = {
-            "wasm": ("cpu", "pids", "open_files"),
-            "docker": ("fuel", "stack_size"),
-        }.get(runtime, ())
-        limits = limits.model_copy(update=dict.fromkeys(unused))
-        files = self.input_contents()
-        update: dict[str, Any] = {
-            "input_files": files,
-            "limits": self.effective_limits(limits),
-        }
-        if self.image is None:
-            module = self.wasm_module
-            if module is None:
-                assert self.wasm_file is not None
-                module = self._module_file()
-            update.update(wasm_module=module, wasm_file=None)
-        elif image_id is not None:
-            update["image"] = image_id
-        return self.model_copy(update=update)
-
-    def _resolved(self, config: Config | None) -> tuple[str, Limits]:
-        """This task's runtime, and its limits resolved under ``config`` (default: built-ins)."""
-        from parity_sandbox._config import Config
-
-        settings = config if config is not None else Config()
-        runtime = self.runtime_name or "wasm"
-        return runtime, settings.limits_for(runtime).merged(self.limits)
-
     def effective_limits(self, limits: Limits) -> Limits:
         """``limits`` as this task runs under them: a deterministic task always has fuel."""
         if self.deterministic and limits.fuel is None:
             return limits.model_copy(update={"fuel": DETERMINISTIC_FUEL})
         return limits
 
-    def module_sha256(self) -> str:
-        """The SHA-256 of this task's WebAssembly module (read from ``wasm_file`` if needed)."""
-        if self.wasm_module is not None:
-            return sha256_hex(self.wasm_module)
-        if self.wasm_file is None:
-            raise InvalidInput("wasm_file: this task has no WebAssembly module", field="wasm_file")
-        return sha256_hex(self._module_file())
-
-    def _module_file(self) -> bytes:
-        assert self.wasm_file is not None
-        return read_host_file(self.wasm_file, "wasm_file", MAX_MODULE_BYTES)[0]
-
-    def input_contents(self) -> dict[str, bytes]:
-        """The input files' contents; host files are read safely (regular files only, capped).
+    def embedded_inputs(self) -> dict[str, bytes]:
+        """The input files' contents when all of them are given as bytes (a record's task, a
+        batch line's); reads nothing.
 
         Raises:
-            InvalidInput: a host file is missing, not a regular file, or too large.
+            InvalidInput: an input file is a host path: reading it is the caller's.
         """
         contents: dict[str, bytes] = {}
-        total = 0
         for name, content in self.input_files.items():
             if isinstance(content, Path):
-                content = read_host_file(content, f"input_files[{name}]", MAX_INPUT_BYTES - total)[
-                    0
-                ]
+                raise InvalidInput(
+                    f"input_files[{name}]: a host file; read it first (parity_sandbox.portable, "
+                    "Executor.prepare)",
+                    field=f"input_files[{name}]",
+                )
             contents[name] = bytes(content)
-            total += len(contents[name])
         return contents
 
     @property

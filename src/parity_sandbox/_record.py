@@ -98,7 +98,7 @@ def _task_document(task: Task) -> dict[str, Any]:
         value = getattr(task, name)
         document[name] = None if value is None else _b64(value)
     document["input_files"] = {
-        name: _b64(content) for name, content in task.input_contents().items()
+        name: _b64(content) for name, content in task.embedded_inputs().items()
     }
     return document
 

@@ -44,6 +44,7 @@ from parity_sandbox._config import load_config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._executor import Executor
 from parity_sandbox._fs import write_files
+from parity_sandbox._inputs import portable as make_portable
 from parity_sandbox._models import MAX_STDIN_BYTES, Limits, Result, Status, Task
 from parity_sandbox._record import Record
 from parity_sandbox._record import verify as verify_record
@@ -417,7 +418,7 @@ def run_batch(
 
 def _save_record(executor: Executor, task: Task, result: Result, path: Path) -> None:
     image_id = result.runtime.image_id if result.runtime else None
-    portable = task.portable(executor.config, image_id=image_id)
+    portable = make_portable(task, executor.config, image_id=image_id)
     record = Record(portable, executor.spec_hash(portable), result)
     try:
         record.save(path)

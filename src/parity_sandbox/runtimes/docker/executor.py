@@ -43,6 +43,7 @@ from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Executor, PreparedTask
+from parity_sandbox._inputs import read_inputs
 from parity_sandbox._models import (
     Limits,
     Result,
@@ -250,7 +251,7 @@ class DockerExecutor(Executor):
     def _prepare(self, task: Task) -> PreparedTask:
         """The task's container plan; its image resolved to an id (a tag moved later changes
         nothing) and its input files read, once."""
-        contents = task.input_contents()
+        contents = read_inputs(task)
         run_plan, image = self._plan(task, contents)
         return PreparedTask(
             task, "docker", run_plan.limits, image.id, contents, form=(run_plan, image)
@@ -319,7 +320,7 @@ class DockerExecutor(Executor):
             How many warm containers of the profile are ready now.
         """
         self._check_open()
-        run_plan, _ = self._plan(task)
+        run_plan, _ = self._plan(task, read_inputs(task))
         with self._lock:
             if self._pool is None:
                 self._pool = self._new_pool()

@@ -324,7 +324,7 @@ def plan(
         InvalidInput: the task asks for something the operator's settings refuse.
     """
     argv = argv_of(task, image)
-    contents = dict(inputs) if inputs is not None else task.input_contents()
+    contents = dict(inputs) if inputs is not None else task.embedded_inputs()
     input_bytes = len(task.input) + sum(map(len, contents.values()))
     check_input_bytes(input_bytes, limits)
     archive, input_size = None, 0
