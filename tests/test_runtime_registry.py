@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parity_sandbox import Config, InvalidInput, Task, runtimes, spec_hash
+from parity_sandbox import Config, InvalidInput, Task, load_config, runtimes, spec_hash
 from parity_sandbox.runtimes import executor_class
 from test_cli import run_cli
 
@@ -86,3 +86,16 @@ def test_the_cli_runs_a_registered_runtime_everywhere(tmp_path: Path) -> None:
     assert b"fake" in done.stdout and b"an executor starts" in done.stdout
     done = run_cli("config", "show", env=REGISTERED)
     assert done.returncode == 0 and b"fake:" in done.stdout, done.stderr
+
+
+def test_a_registered_runtime_has_a_configuration_section(fake: None, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("sandbox:\n  timeout: 9s\n  fake: {memory_limit: 64m}\n")
+    config = load_config(path, environ={"PARITY_SANDBOX_FAKE_OUTPUT_LIMIT": "2k"})
+    limits = config.limits_for("fake")
+    assert (limits.memory, limits.timeout, limits.output) == (64 << 20, 9.0, 2048)
+    assert config.limits_for("wasm").memory == 256 << 20  # the section is fake's alone
+    shown = config.to_document()["sandbox"]["fake"]
+    assert shown["memory_limit"] == "64m" and shown["output_limit"] == "2k"
+    with pytest.raises(InvalidInput, match=r"fake\.memory_limit"):
+        Config.from_document({"fake": {"memory_limit": "lots"}}, prefix="sandbox")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         DockerSettings,
         PoolProfile,
         PoolSettings,
+        RuntimeSettings,
         WasmSettings,
         load_config,
     )
@@ -76,6 +77,7 @@ _WHERE: dict[str, str] = {
     "ResourceLimitExceeded": "parity_sandbox._exceptions",
     "ResourceUsage": "parity_sandbox._models",
     "Result": "parity_sandbox._models",
+    "RuntimeSettings": "parity_sandbox._config",
     "ResultCache": "parity_sandbox._cache",
     "RuntimeInfo": "parity_sandbox._models",
     "RuntimeUnavailable": "parity_sandbox._exceptions",
@@ -123,6 +125,7 @@ __all__ = [
     "Result",
     "ResultCache",
     "RuntimeInfo",
+    "RuntimeSettings",
     "RuntimeUnavailable",
     "SandboxError",
     "SqliteCache",

@@ -202,6 +202,10 @@ class DockerSettings(_LimitSettings):
         return self
 
 
+class RuntimeSettings(_LimitSettings):
+    """The section of a runtime registered beside the package's own: its limits."""
+
+
 class WasmSettings(_LimitSettings):
     """The ``wasm`` section."""
 
@@ -243,6 +247,25 @@ class Config(_LimitSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     #: Where compiled modules are kept between processes (default: the user cache dir).
     cache_dir: Path | None = None
+    #: The sections of runtimes registered beside the package's own (``sandbox: {NAME:
+    #: {memory_limit: ...}}`` in a file, ``PARITY_SANDBOX_NAME_<KEY>``): their limits.
+    runtimes: dict[str, RuntimeSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _runtime_sections(cls, data: Any) -> Any:
+        """A registered runtime's section is read as its name spells it, like ``wasm``."""
+        if not isinstance(data, dict):
+            return data
+        named = [key for key in data if key not in cls.model_fields and key in runtimes.names()]
+        if not named:
+            return data
+        data = dict(data)
+        sections = dict(data.get("runtimes") or {})
+        for name in named:
+            sections[name] = data.pop(name)
+        data["runtimes"] = sections
+        return data
 
     @field_validator("default_runtime")
     @classmethod
@@ -256,7 +279,13 @@ class Config(_LimitSettings):
         """The default limits of tasks on ``runtime``: built-ins, then top level, then its
         section (``wasm``, ``docker``; a registered runtime without a section has none)."""
         limits = DEFAULT_LIMITS.merged(self.limits())
-        section = self.docker if runtime == "docker" else self.wasm if runtime == "wasm" else None
+        section: _LimitSettings | None = (
+            self.docker
+            if runtime == "docker"
+            else self.wasm
+            if runtime == "wasm"
+            else self.runtimes.get(runtime)
+        )
         return limits.merged(section.limits()) if section is not None else limits
 
     def resolved_cache_dir(self, environ: Mapping[str, str] | None = None) -> Path:
@@ -319,13 +348,14 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
     """Config keys set by ``PARITY_SANDBOX_*`` variables, and which variable set each."""
     overrides: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    top_keys = set(Config.model_fields) - set(_SECTIONS)
+    top_keys = set(Config.model_fields) - set(_SECTIONS) - {"runtimes"}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, runtimes.RUNTIMES_ENV):
             continue
         key = name.removeprefix(ENV_PREFIX).lower()
         section, _, sub = key.partition("_")
-        known = set(_SECTIONS[section].model_fields) if section in _SECTIONS else set()
+        model = _SECTIONS.get(section) or (RuntimeSettings if section in runtimes.names() else None)
+        known = set(model.model_fields) if model is not None else set()
         if sub in known or sub in _RENAMED.get(section, {}):
             overrides.setdefault(section, {})[sub] = value
             origin[f"{section}.{sub}"] = name
@@ -385,7 +415,7 @@ def load_config(
     document = _read_file(Path(file_path)) if file_path else {}
     overrides, origin = _env_overrides(env)
     for key, value in overrides.items():
-        if key in _SECTIONS:
+        if isinstance(value, dict):  # a section's keys
             section = document.get(key) or {}
             if not isinstance(section, dict):
                 raise InvalidInput(f"sandbox.{key}: must be a mapping", field=f"sandbox.{key}")

@@ -185,7 +185,7 @@ class Executor(ABC):
 
     def spec_hash(self, task: Task) -> str:
         """``task``'s spec hash here: under this executor's configuration, its module hashed,
-        a Docker image resolved to the id a tag points at now (see ``Task.spec_hash``)."""
+        a Docker image resolved to the id a tag points at now (see ``parity_sandbox.spec_hash``)."""
         return self._prepare(task).spec_hash
 
     def max_parallel(self) -> int:

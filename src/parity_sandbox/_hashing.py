@@ -6,7 +6,8 @@ as integers, numbers with a fraction as Python's shortest round-trip ``repr`` (w
 shares), and every byte string replaced by the hex SHA-256 of its bytes. Each document carries
 ``"v": 1``; a change of encoding will change ``v``.
 
-**Spec hash** (``Task.spec_hash``): everything that determines a task's output::
+**Spec hash** (``spec_hash(task, config)``, ``PreparedTask.spec_hash``): everything that
+determines a task's output::
 
     {"v": 1, "kind": "task",
      "runtime": "wasm" | "docker" | another registered runtime's name,

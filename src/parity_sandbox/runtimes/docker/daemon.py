@@ -108,16 +108,21 @@ def let_init_exit(api: docker.APIClient, container: str) -> None:
 
 def remove_container(api: docker.APIClient, container: str) -> None:
     """Remove ``container`` and its volumes; warn (for a later reap) if that fails."""
-    try:
-        api.remove_container(container, force=True, v=True)
-    except docker.errors.NotFound:
-        pass
-    except docker.errors.APIError as exc:
-        if exc.status_code != 409 or "in progress" not in str(exc):  # close() got there first
+    for attempt in range(2):
+        try:
+            api.remove_container(container, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409 and "in progress" in str(exc):
+                return  # close() (or a reap) got there first
+            if not attempt and "is not running" in str(exc):
+                continue  # it stopped while Docker killed it: now a stopped container
             warn_leftover(container, exc)
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        close_failed_connects(exc)
-        warn_leftover(container, exc)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            close_failed_connects(exc)
+            warn_leftover(container, exc)
+        return
 
 
 def warn_leftover(container: str, exc: Exception) -> None:

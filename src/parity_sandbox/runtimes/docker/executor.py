@@ -413,10 +413,12 @@ class DockerExecutor(Executor):
         return self._start(create, host_config, run_id)
 
     def _discard_warm(self, warm: Warm) -> None:
-        warm.hang_up()
         try:
+            # Removed before its connection is hung up: its init, which waits on stdin,
+            # would otherwise exit at that end-of-file while Docker kills it.
             remove_container(self._api, warm.container)
         finally:
+            warm.hang_up()
             self._untrack(warm.run_id)
 
     def _remove_later(self, container: str, run_id: str) -> None:
