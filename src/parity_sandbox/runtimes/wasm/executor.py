@@ -35,6 +35,7 @@ from parity_sandbox._fs import (
     remove_tree,
 )
 from parity_sandbox._hashing import digest
+from parity_sandbox._inputs import read_inputs
 from parity_sandbox._models import (
     Limits,
     ResourceUsage,
@@ -50,7 +51,7 @@ from parity_sandbox.runtimes.wasm.deadlines import (
     Flight,
     Form,
 )
-from parity_sandbox.runtimes.wasm.modules import ModuleFiles, read_input_files
+from parity_sandbox.runtimes.wasm.modules import ModuleFiles
 from parity_sandbox.runtimes.wasm.pool import (
     LOCK_NAME,
     ROOT_PREFIX,
@@ -442,7 +443,7 @@ class WasmExecutor(Executor):
             resolved = task.effective_limits(self._limits.merged(task.limits))
             limits = wasm_limits(resolved, deterministic=task.deterministic)
             self._warn_ignored_limits(task)
-        files = read_input_files(task)
+        files = read_inputs(task)
         check_input_bytes(len(task.input) + sum(map(len, files.values())), resolved)
         module, sha = self._modules.load(task)
         seed = spec = None

@@ -1,4 +1,4 @@
-"""Modules and input files, read from the host for a task: each once, safely.
+"""Module files, read from the host once while unchanged (input files: ``_inputs``).
 
 :class:`ModuleFiles` recognises an unchanged module file by inode, size and times, so it is
 neither read nor hashed again; :func:`check_module` refuses what is not WebAssembly before any
@@ -12,11 +12,10 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 from parity_sandbox._exceptions import InvalidInput
 from parity_sandbox._fs import file_identity, read_host_file
-from parity_sandbox._models import MAX_INPUT_BYTES, MAX_MODULE_BYTES, Task
+from parity_sandbox._models import MAX_MODULE_BYTES, Task
 
 WASM_MAGIC = b"\0asm\x01\0\0\0"
 
@@ -63,16 +62,3 @@ class ModuleFiles:
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)
         return data, sha
-
-
-def read_input_files(task: Task) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    total = 0
-    for name, content in task.input_files.items():
-        if isinstance(content, Path):
-            data, _ = read_host_file(content, f"input_files[{name}]", MAX_INPUT_BYTES - total)
-        else:
-            data = bytes(content)
-        total += len(data)
-        files[name] = data
-    return files
