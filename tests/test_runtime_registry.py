@@ -41,9 +41,13 @@ def test_the_library_runs_a_registered_runtime(fake: None, tmp_path: Path) -> No
     with executor_class("fake")(config) as executor:
         result = executor.execute(task)
         assert result.stdout == b"a b|in|d" and result.files == {"out/said": b"a b|in|d"}
+        # the contract made the result from the runtime's report: usage, id, no error
+        assert (result.usage.input_bytes, result.usage.output_bytes) == (3, 16)
+        assert result.error is None and result.runtime and result.runtime.name == "fake"
         assert executor.spec_hash(task) == spec_hash(task, config)
-        document = task.spec_document(config.limits_for("fake"), inputs={"d": b"x"})
-        assert document["runtime"] == "fake"
+        limits = config.limits_for("fake")
+        document = executor.spec_document(task, limits, program="0", inputs={"d": b"x"})
+        assert document["runtime"] == "fake" and document["fake"] == {"echo": True}
         assert [r.stdout for r in executor.map([task, task])] == [b"a b|in|d"] * 2
         with pytest.warns(RuntimeWarning, match=r"fake runtime ignores limits\.cpu"):
             executor.execute(
@@ -97,5 +101,8 @@ def test_a_registered_runtime_has_a_configuration_section(fake: None, tmp_path: 
     assert config.limits_for("wasm").memory == 256 << 20  # the section is fake's alone
     shown = config.to_document()["sandbox"]["fake"]
     assert shown["memory_limit"] == "64m" and shown["output_limit"] == "2k"
-    with pytest.raises(InvalidInput, match=r"fake\.memory_limit"):
+    with pytest.raises(InvalidInput, match=r"^sandbox\.fake\.memory_limit"):
         Config.from_document({"fake": {"memory_limit": "lots"}}, prefix="sandbox")
+    unknown = r"^sandbox\.fake\.memry: unknown key; accepted keys: .*memory_limit"
+    with pytest.raises(InvalidInput, match=unknown):
+        Config.from_document({"fake": {"memry": "64m"}}, prefix="sandbox")

@@ -36,8 +36,7 @@ if TYPE_CHECKING:
         TaskError,
         TaskFailed,
     )
-    from parity_sandbox._executor import Executor, PreparedTask
-    from parity_sandbox._inputs import portable, spec_hash
+    from parity_sandbox._executor import Executor, PreparedTask, RunReport, portable, spec_hash
     from parity_sandbox._models import (
         ErrorInfo,
         LimitName,
@@ -72,6 +71,7 @@ _WHERE: dict[str, str] = {
     "PoolProfile": "parity_sandbox._config",
     "PoolSettings": "parity_sandbox._config",
     "PreparedTask": "parity_sandbox._executor",
+    "RunReport": "parity_sandbox._executor",
     "Record": "parity_sandbox._record",
     "RedisCache": "parity_sandbox._cache",
     "ResourceLimitExceeded": "parity_sandbox._exceptions",
@@ -92,10 +92,10 @@ _WHERE: dict[str, str] = {
     "WasmSettings": "parity_sandbox._config",
     "load_config": "parity_sandbox._config",
     "open_cache": "parity_sandbox._cache",
-    "portable": "parity_sandbox._inputs",
+    "portable": "parity_sandbox._executor",
     "read_tasks": "parity_sandbox._batch",
     "run_batch": "parity_sandbox._batch",
-    "spec_hash": "parity_sandbox._inputs",
+    "spec_hash": "parity_sandbox._executor",
     "verify": "parity_sandbox._record",
 }
 
@@ -124,6 +124,7 @@ __all__ = [
     "ResourceUsage",
     "Result",
     "ResultCache",
+    "RunReport",
     "RuntimeInfo",
     "RuntimeSettings",
     "RuntimeUnavailable",

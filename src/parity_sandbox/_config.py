@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -250,6 +250,9 @@ class Config(_LimitSettings):
     #: The sections of runtimes registered beside the package's own (``sandbox: {NAME:
     #: {memory_limit: ...}}`` in a file, ``PARITY_SANDBOX_NAME_<KEY>``): their limits.
     runtimes: dict[str, RuntimeSettings] = Field(default_factory=dict)
+    #: Fields whose entries a document spells at the top (``sandbox.NAME``, not
+    #: ``sandbox.runtimes.NAME``): error messages name them so.
+    folded_fields: ClassVar[frozenset[str]] = frozenset({"runtimes"})
 
     @model_validator(mode="before")
     @classmethod

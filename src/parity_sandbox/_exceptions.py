@@ -23,6 +23,7 @@ A non-zero exit is a normal :class:`~parity_sandbox.Result` with ``status == "fa
 
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -77,8 +78,12 @@ class InvalidInput(SandboxError):
         """
         problems: list[str] = []
         first_field: str | None = None
+        folded: frozenset[str] = getattr(model, "folded_fields", frozenset())
         for error in exc.errors(include_url=False):
-            field = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+            loc = error["loc"]
+            if len(loc) > 1 and loc[0] in folded:
+                loc = loc[1:]  # the model reads these entries from the document's top level
+            field = ".".join(str(part) for part in (prefix, *loc) if part != "")
             first_field = first_field or field
             message = str(error["msg"]).removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
@@ -139,10 +144,15 @@ class TaskFailed(TaskError):
 
 def _accepted_keys(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
     """The field names of the (nested) model at ``loc``, if ``loc`` leads to a model."""
-    for part in loc:
+    parts = iter(loc)
+    for part in parts:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []
         annotation = model.model_fields[part].annotation
+        if typing.get_origin(annotation) is dict:  # a mapping of models: skip the entry's key
+            annotation = typing.get_args(annotation)[1]
+            if next(parts, None) is None:
+                return []
         model = (
             annotation
             if isinstance(annotation, type) and hasattr(annotation, "model_fields")

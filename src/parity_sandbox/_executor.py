@@ -29,10 +29,21 @@ from typing import Any, ClassVar, Self
 
 from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config
-from parity_sandbox._exceptions import RuntimeUnavailable, SandboxError
-from parity_sandbox._hashing import digest
+from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
+from parity_sandbox._hashing import VERSION as HASH_VERSION
+from parity_sandbox._hashing import digest, sha256_hex
 from parity_sandbox._inputs import read_inputs, read_module
-from parity_sandbox._models import ErrorInfo, Limits, Result, Status, Task
+from parity_sandbox._models import (
+    ErrorInfo,
+    LimitName,
+    Limits,
+    ResourceUsage,
+    Result,
+    RuntimeInfo,
+    Status,
+    Task,
+)
+from parity_sandbox.runtimes import executor_class
 
 
 class Cancelled(SandboxError):
@@ -69,13 +80,8 @@ class PreparedTask:
         """The task's spec hash, over this snapshot (no file is read again)."""
         if self.known_spec_hash is not None:
             return self.known_spec_hash
-        module = self.task.image is None
-        document = self.task.spec_document(
-            self.limits,
-            module_sha256=self.program if module else None,
-            image_id=None if module else self.program,
-            inputs=self.inputs,
-            runtime=self.runtime,
+        document = executor_class(self.runtime).spec_document(
+            self.task, self.limits, program=self.program, inputs=self.inputs
         )
         return digest(document)
 
@@ -89,6 +95,81 @@ class PreparedTask:
         """Bytes it brings: stdin and input files."""
         return len(self.task.input) + sum(map(len, self.inputs.values()))
 
+    def result(self, report: RunReport) -> Result:
+        """The ``Result`` of a run of this task that the runtime described in ``report``: the
+        one place results are made, so that every runtime's have the same form and meaning."""
+        error_type = report.error_type or _ERROR_TYPE.get(report.status)
+        files = report.files
+        output_bytes = len(report.stdout) + len(report.stderr) + sum(map(len, files.values()))
+        task = self.task
+        # model_validate on a plain dict is pydantic's fastest path, faster than model_construct.
+        return Result.model_validate(
+            {
+                "status": report.status,
+                "exit_code": report.exit_code,
+                "stdout": report.stdout,
+                "stderr": report.stderr,
+                "stdout_truncated": report.stdout_truncated,
+                "stderr_truncated": report.stderr_truncated,
+                "files": files,
+                "files_truncated": report.files_truncated,
+                "duration": report.duration,
+                "usage": ResourceUsage.measured(
+                    wall_time=report.duration,
+                    cpu_time=report.cpu_time,
+                    peak_memory=report.peak_memory,
+                    fuel_used=report.fuel_used,
+                    output_bytes=output_bytes,
+                    input_bytes=self.input_bytes,
+                ),
+                "runtime": report.runtime,
+                "spec_hash": self.spec_hash if self.cacheable else None,
+                "limit": report.limit,
+                "error": ({"type": error_type, "message": report.message} if error_type else None),
+                "task_id": task.id,
+                "labels": task.labels,
+            }
+        )
+
+
+#: The error a result of each status that is not an exit carries (``Result.to_error``).
+_ERROR_TYPE = {
+    Status.TIMEOUT: "ExecutionTimeout",
+    Status.RESOURCE_LIMIT: "ResourceLimitExceeded",
+    Status.ERROR: "ExecutionError",
+    Status.LAUNCH_FAILED: "LaunchFailed",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunReport:
+    """What a runtime saw of one run, in the contract's terms; ``PreparedTask.result`` makes
+    the ``Result`` from it (usage totals, the error, the task's id and labels)."""
+
+    status: Status
+    #: Which runtime ran it, and with what (a ``RuntimeInfo``, or its fields as a dict).
+    runtime: RuntimeInfo | Mapping[str, Any]
+    #: The task's exit code; ``None`` when it did not exit (killed at a deadline, never ran).
+    exit_code: int | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    files_truncated: bool = False
+    #: Seconds from the task's start to its end (or its deadline).
+    duration: float = 0.0
+    cpu_time: float | None = None
+    peak_memory: int | None = None
+    fuel_used: int | None = None
+    #: The limit a ``resource_limit`` run hit.
+    limit: LimitName | None = None
+    #: Why a run that did not exit ended so.
+    message: str = ""
+    #: The error's type where the status alone does not say it (``"InvalidInput"``: the task
+    #: was rejected where it ran).
+    error_type: str | None = None
+
 
 class Executor(ABC):
     """Runs tasks in one runtime. Thread-safe; use as a context manager or call ``close()``."""
@@ -99,6 +180,9 @@ class Executor(ABC):
     #: per executor and limit) that it is ignored, with ``ignored_because``.
     applied_limits: ClassVar[frozenset[str]] = frozenset(Limits.model_fields)
     ignored_because: ClassVar[str] = ""
+    #: The limits every spec document of this runtime names, set or not; its other applied
+    #: limits are named only where set (so a limit added later leaves older hashes as they were).
+    hashed_limits: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Config | None = None, *, cache: ResultCache | None = None) -> None:
         self.config = config if config is not None else Config()
@@ -114,6 +198,45 @@ class Executor(ABC):
         self.cache = cache if cache is not None else open_cache(self.config)
 
     # -- what a runtime implements -------------------------------------------------------
+
+    @classmethod
+    def spec_document(
+        cls, task: Task, limits: Limits, *, program: str, inputs: Mapping[str, bytes]
+    ) -> dict[str, Any]:
+        """The canonical description of ``task`` on this runtime that its spec hash covers
+        (see ``parity_sandbox._hashing``), under the resolved ``limits``, with its program's
+        identity (``program``: a module's sha256, an image's id) and its input files'
+        contents as they were read. Reads nothing.
+
+        The limits named are ``hashed_limits``, set or not, then the other ``applied_limits``
+        that are set; a runtime adds its own fields in ``_spec_fields``.
+        """
+        limits = task.effective_limits(limits)
+        optional = sorted(cls.applied_limits.difference(cls.hashed_limits))
+        names = (*cls.hashed_limits, *(n for n in optional if getattr(limits, n) is not None))
+        module = task.image is None
+        args = task.args if module else task.command  # Docker: None means the image's own
+        document: dict[str, Any] = {
+            "v": HASH_VERSION,
+            "kind": "task",
+            "runtime": cls.runtime_name,
+            "program": {"module_sha256": program} if module else {"image_id": program},
+            "args": None if args is None else list(args),
+            "env": dict(task.env),
+            "stdin_sha256": sha256_hex(task.input),
+            "input_files": {name: sha256_hex(content) for name, content in inputs.items()},
+            "outputs": list(task.outputs),
+            "limits": {name: getattr(limits, name) for name in names},
+            "deterministic": task.deterministic,
+        }
+        document.update(cls._spec_fields(task))
+        return document
+
+    @classmethod
+    def _spec_fields(cls, task: Task) -> dict[str, Any]:
+        """What this runtime adds to a task's spec document: the task's fields that shape
+        its output here and that the generic document does not name."""
+        return {}
 
     def _prepare(self, task: Task) -> PreparedTask:
         """``task`` made ready to run here; raises ``InvalidInput`` for what cannot run.
@@ -405,6 +528,69 @@ class Executor(ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def limits_of(task: Task, config: Config | None = None) -> tuple[str, Limits]:
+    """The runtime ``task`` runs on and its limits there, resolved under ``config`` (default:
+    built-in defaults): defaults, then the configuration, then the task."""
+    settings = config if config is not None else Config()
+    runtime = task.runtime_name or settings.default_runtime
+    return runtime, task.effective_limits(settings.limits_for(runtime).merged(task.limits))
+
+
+def spec_hash(task: Task, config: Config | None = None, *, image_id: str | None = None) -> str:
+    """``task``'s spec hash under ``config``: SHA-256 over a canonical encoding of everything
+    that determines its output (see ``parity_sandbox._hashing`` and
+    ``Executor.spec_document``); its files are read here.
+
+    Args:
+        task: the task.
+        config: the configuration whose limits apply (default: built-in defaults).
+        image_id: for a Docker task, the image's id (``sha256:...``); a task whose ``image``
+            is already an id needs none. ``DockerExecutor.spec_hash`` looks it up.
+
+    Raises:
+        InvalidInput: a Docker task's image is a name (a tag can move), or a file cannot be
+            read.
+        RuntimeUnavailable: the task's runtime cannot be loaded here.
+    """
+    runtime, limits = limits_of(task, config)
+    if task.image is None:
+        program = hashlib.sha256(read_module(task)).hexdigest()
+    elif image_id is not None:
+        program = image_id
+    elif task.image.startswith("sha256:"):
+        program = task.image
+    else:
+        raise InvalidInput(
+            f"image: a spec hash needs the image's id, not the name {task.image!r}; give "
+            "image_id= or use DockerExecutor.spec_hash, which looks it up",
+            field="image",
+        )
+    document = executor_class(runtime).spec_document(
+        task, limits, program=program, inputs=read_inputs(task)
+    )
+    return digest(document)
+
+
+def portable(task: Task, config: Config | None = None, *, image_id: str | None = None) -> Task:
+    """``task`` made self-contained, as a record for another machine to re-run: the module
+    and input files embedded as bytes, the limits resolved under ``config`` (only those its
+    runtime applies), the image by id.
+
+    Raises:
+        InvalidInput: a file cannot be read.
+        RuntimeUnavailable: the task's runtime cannot be loaded here.
+    """
+    runtime, limits = limits_of(task, config)
+    unused = set(Limits.model_fields) - executor_class(runtime).applied_limits
+    limits = limits.model_copy(update=dict.fromkeys(unused))
+    update: dict[str, object] = {"input_files": read_inputs(task), "limits": limits}
+    if task.image is None:
+        update.update(wasm_module=read_module(task), wasm_file=None)
+    elif image_id is not None:
+        update["image"] = image_id
+    return task.model_copy(update=update)
 
 
 def available_memory() -> int:

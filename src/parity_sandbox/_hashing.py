@@ -17,11 +17,16 @@ determines a task's output::
      "stdin_sha256": HEX,
      "input_files": {NAME: HEX},      # the SHA-256 of each file's content
      "outputs": [PATH, ...],
-     "limits": {NAME: NUMBER},        # resolved (defaults, configuration, task), as numbers;
-                                      # wasm: memory, disk, output, timeout, fuel, stack_size;
-                                      # docker: memory, cpu, pids, disk, output, timeout
+     "limits": {NAME: NUMBER},        # resolved (defaults, configuration, task), as numbers:
+                                      # the runtime's hashed_limits, set or not (wasm: memory,
+                                      # disk, output, timeout, fuel, stack_size; docker: memory,
+                                      # cpu, pids, disk, output, timeout), then the other
+                                      # limits it applies, where set
      "deterministic": BOOL,
-     "docker": {"user": ..., "workdir": ..., "oci_runtime": ..., "gpus": ...}}   # docker only
+     ...}                             # the runtime's own fields (Executor._spec_fields); docker:
+                                      # "docker": {"user", "workdir", "oci_runtime", "gpus"}
+
+The document is made by ``Executor.spec_document`` of the task's runtime.
 
 Limits are numbers after parsing, so ``"1g"`` and ``1073741824`` give the same hash; the task's
 ``id`` and ``labels`` do not determine the output and are left out.

@@ -11,7 +11,6 @@ import itertools
 import re
 import threading
 import warnings
-from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -124,11 +123,6 @@ DEFAULT_OPEN_FILES = 4096
 DEFAULT_OUTPUT_FILES = 1000
 #: Unset ``input``: a task may bring input bytes up to this share of its memory limit.
 DEFAULT_INPUT_SHARE = 0.5
-#: Limits each runtime applies beyond those every task resolves to a number; hashed when set.
-OPTIONAL_LIMITS = {
-    "docker": ("open_files", "file_size", "output_files", "input"),
-    "wasm": ("file_size", "output_files", "input"),
-}
 
 
 _validating = threading.local()
@@ -501,71 +495,6 @@ class Task(_Model):
             if self.args:
                 raise ValueError("args are for WebAssembly tasks; a Docker task gives command")
         return self
-
-    def spec_document(
-        self,
-        limits: Limits,
-        *,
-        module_sha256: str | None = None,
-        image_id: str | None = None,
-        inputs: Mapping[str, bytes] | None = None,
-        runtime: str | None = None,
-    ) -> dict[str, Any]:
-        """The canonical description of this task that its spec hash covers (see
-        ``parity_sandbox._hashing``), under the resolved ``limits``. Reads nothing: a module
-        file's ``module_sha256`` and host input files' contents (``inputs``) are the caller's
-        to give (``parity_sandbox.spec_hash`` and ``Executor.prepare`` read them once).
-
-        Raises:
-            InvalidInput: a module file's hash or a host input file's contents were not given.
-        """
-        docker = self.image is not None
-        limits = self.effective_limits(limits)
-        names: tuple[str, ...]
-        if docker:
-            program = {"image_id": image_id or self.image}
-            names = ("memory", "cpu", "pids", "disk", "output", "timeout")
-        else:
-            if module_sha256 is None and self.wasm_module is None:
-                raise InvalidInput(
-                    "wasm_file: give the module's module_sha256 (its file is read by the "
-                    "caller, once)",
-                    field="wasm_file",
-                )
-            program = {"module_sha256": module_sha256 or sha256_hex(self.wasm_module or b"")}
-            names = ("memory", "disk", "output", "timeout", "fuel", "stack_size")
-        # Limits that came later are hashed only where set, so that the hashes of tasks that
-        # leave them at their fixed defaults did not change.
-        optional = OPTIONAL_LIMITS["docker" if docker else "wasm"]
-        names = (*names, *(name for name in optional if getattr(limits, name) is not None))
-        document: dict[str, Any] = {
-            "v": HASH_VERSION,
-            "kind": "task",
-            "runtime": runtime or self.runtime_name or "wasm",
-            "program": program,
-            "args": list(self.command) if self.command is not None else None,
-            "env": dict(self.env),
-            "stdin_sha256": sha256_hex(self.input),
-            "input_files": {
-                name: sha256_hex(content)
-                for name, content in (
-                    inputs if inputs is not None else self.embedded_inputs()
-                ).items()
-            },
-            "outputs": list(self.outputs),
-            "limits": {name: getattr(limits, name) for name in names},
-            "deterministic": self.deterministic,
-        }
-        if docker:
-            document["docker"] = {
-                "user": self.user,
-                "workdir": self.workdir,
-                "oci_runtime": self.oci_runtime,
-                "gpus": self.gpus,
-            }
-        else:
-            document["args"] = list(self.args)
-        return document
 
     def effective_limits(self, limits: Limits) -> Limits:
         """``limits`` as this task runs under them: a deterministic task always has fuel."""

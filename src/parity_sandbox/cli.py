@@ -43,8 +43,8 @@ from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import load_config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._executor import Executor
+from parity_sandbox._executor import portable as make_portable
 from parity_sandbox._fs import write_files
-from parity_sandbox._inputs import portable as make_portable
 from parity_sandbox._models import MAX_STDIN_BYTES, Limits, Result, Status, Task
 from parity_sandbox._record import Record
 from parity_sandbox._record import verify as verify_record

@@ -8,14 +8,19 @@ contract with one ``Executor`` subclass and one registry line, and nothing else.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from parity_sandbox import Executor, PreparedTask, Result, RuntimeInfo, Status
+from parity_sandbox import Executor, PreparedTask, Result, RunReport, RuntimeInfo, Status, Task
 
 
 class FakeExecutor(Executor):
     runtime_name = "fake"
     applied_limits = frozenset({"memory", "timeout", "output", "input"})
     ignored_because = "the fake runtime runs nothing"
+
+    @classmethod
+    def _spec_fields(cls, task: Task) -> dict[str, Any]:
+        return {"fake": {"echo": True}}  # what this runtime adds to a task's spec document
 
     def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
         task = prepared.task
@@ -24,12 +29,12 @@ class FakeExecutor(Executor):
             task.input,
             ",".join(sorted(prepared.inputs)).encode(),
         )
-        return Result(
+        runtime = RuntimeInfo(name="fake", version="1", module_sha256=prepared.program)
+        report = RunReport(
             status=Status.SUCCEEDED,
+            runtime=runtime,
             exit_code=0,
             stdout=said,
             files={"out/said": said},
-            runtime=RuntimeInfo(name="fake", version="1", module_sha256=prepared.program),
-            task_id=task.id,
-            labels=task.labels,
         )
+        return prepared.result(report)

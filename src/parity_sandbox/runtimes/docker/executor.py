@@ -109,6 +109,14 @@ class DockerExecutor(Executor):
         "stack_size",
     }
     ignored_because: ClassVar[str] = "they are WebAssembly limits"
+    hashed_limits: ClassVar[tuple[str, ...]] = (
+        "memory",
+        "cpu",
+        "pids",
+        "disk",
+        "output",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -204,8 +212,7 @@ class DockerExecutor(Executor):
                 "task: prepared by another runtime's executor; prepare it with this one",
                 field="task",
             )
-        run_plan, image = prepared.form
-        return Run(self, prepared.task, run_plan, image, cancel).run()
+        return Run(self, prepared, cancel).run()
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -247,6 +254,18 @@ class DockerExecutor(Executor):
         return self._version
 
     # -- before a task runs -----------------------------------------------------------------
+
+    @classmethod
+    def _spec_fields(cls, task: Task) -> dict[str, Any]:
+        """The container's user, working directory, OCI runtime and GPUs shape its output."""
+        return {
+            "docker": {
+                "user": task.user,
+                "workdir": task.workdir,
+                "oci_runtime": task.oci_runtime,
+                "gpus": task.gpus,
+            }
+        }
 
     def _prepare(self, task: Task) -> PreparedTask:
         """The task's container plan; its image resolved to an id (a tag moved later changes

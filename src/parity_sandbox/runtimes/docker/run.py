@@ -12,17 +12,9 @@ from typing import TYPE_CHECKING
 import docker.errors
 
 from parity_sandbox._exceptions import RuntimeUnavailable
-from parity_sandbox._executor import Cancelled
+from parity_sandbox._executor import Cancelled, PreparedTask, RunReport
 from parity_sandbox._fs import OutputCaps
-from parity_sandbox._models import (
-    ErrorInfo,
-    LimitName,
-    ResourceUsage,
-    Result,
-    RuntimeInfo,
-    Status,
-    Task,
-)
+from parity_sandbox._models import LimitName, Result, RuntimeInfo, Status
 from parity_sandbox.runtimes.docker import host
 from parity_sandbox.runtimes.docker.daemon import (
     API_TIMEOUT,
@@ -58,20 +50,18 @@ class Run:
     def __init__(
         self,
         executor: DockerExecutor,
-        task: Task,
-        run_plan: Plan,
-        image: ImageInfo,
+        prepared: PreparedTask,
         cancel: threading.Event | None,
     ) -> None:
         self.executor = executor
         self.api = executor._api
-        self.task = task
-        self.plan = run_plan
-        self.image = image
+        self.prepared = prepared
+        self.plan: Plan = prepared.form[0]
+        self.image: ImageInfo = prepared.form[1]
         self.cancel = cancel
         self.container: str | None = None
-        self.run_id = run_plan.create["labels"][host.RUN_ID]
-        self.demux = Demux(run_plan.output_cap, secrets.token_bytes(SECRET_BYTES))
+        self.run_id = self.plan.create["labels"][host.RUN_ID]
+        self.demux = Demux(self.plan.output_cap, secrets.token_bytes(SECRET_BYTES))
         #: Set once init has been told (or decided) to exit with the task's status.
         self.exiting = False
         #: Whether the container came warm from the pool.
@@ -181,8 +171,7 @@ class Run:
             message = f"the task ran past its timeout of {self.plan.timeout:g} s and was killed"
             if usage.pids_exhausted:
                 message += " (it had also hit its process limit)"
-            error = ErrorInfo(type="ExecutionTimeout", message=message)
-            return self._result(Status.TIMEOUT, None, usage, error=error)
+            return self._result(Status.TIMEOUT, None, usage, message=message)
         if ended == "done" and self.demux.launch_failure is not None:
             self.exiting = True
             return self._launch_failed(*self.demux.launch_failure, usage)
@@ -198,24 +187,20 @@ class Run:
             collected, oom = None, bool(state.get("OOMKilled")) or usage.oom_killed
         if oom:
             message = "the task ran out of memory and was killed"
-            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", error)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", message)
         # The kernel's answer to a write past RLIMIT_FSIZE (unless the task sent it itself).
         if code == _KILLED_BY_SIGXFSZ:
             limit: LimitName = (
                 "disk" if self.plan.shape.file_size >= self.plan.shape.disk else "file_size"
             )
             message = f"the task wrote a file past its {limit} limit and was killed (SIGXFSZ)"
-            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, limit, error)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, limit, message)
         if usage.pids_exhausted and code != 0:
             message = "the task hit its process limit"
-            error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "pids", error)
+            return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "pids", message)
         if collected is None:
             message = f"the container ended without its init (exit status {code})"
-            error = ErrorInfo(type="ExecutionError", message=message)
-            return self._result(Status.ERROR, code, usage, error=error)
+            return self._result(Status.ERROR, code, usage, message=message)
         status = Status.SUCCEEDED if code == 0 else Status.FAILED
         return self._result(status, code, usage, collected)
 
@@ -223,13 +208,12 @@ class Run:
         """The command never started: not found or not executable, or no working directory."""
         reason = os.strerror(errno) if errno else "unknown error"
         if stage == "workdir":
-            message = f"cannot enter the working directory {self.task.workdir}: {reason}"
+            message = f"cannot enter the working directory {self.prepared.task.workdir}: {reason}"
         elif stage == "fork":
             message = f"cannot start a process for the task: {reason}"
         else:
             message = f"cannot run {self.plan.argv0!r}: {reason}"
-        error = ErrorInfo(type="LaunchFailed", message=message)
-        return self._result(Status.LAUNCH_FAILED, None, usage, error=error)
+        return self._result(Status.LAUNCH_FAILED, None, usage, message=message)
 
     def _no_room_for_gvisor(self) -> Result:
         """runsc was killed while it started: gVisor's own kernel did not fit in the limit."""
@@ -238,8 +222,9 @@ class Run:
             f"gVisor could not start within the memory limit of {memory >> 20} MiB (its own "
             "kernel needs about 16 MiB of it); raise limits.memory"
         )
-        error = ErrorInfo(type="ResourceLimitExceeded", message=message)
-        return self._result(Status.RESOURCE_LIMIT, None, host.CgroupUsage(), None, "memory", error)
+        return self._result(
+            Status.RESOURCE_LIMIT, None, host.CgroupUsage(), None, "memory", message
+        )
 
     def _collect(self) -> Collected:
         assert self.container is not None
@@ -275,28 +260,13 @@ class Run:
         usage: host.CgroupUsage,
         collected: Collected | None = None,
         limit: LimitName | None = None,
-        error: ErrorInfo | None = None,
+        message: str = "",
     ) -> Result:
         """The result; stdout and stderr without init's trailer."""
         stdout, stdout_cut = self.demux.output(STDOUT)
         stderr, stderr_cut = self.demux.output(STDERR)
-        return Result(
+        report = RunReport(
             status=status,
-            exit_code=code,
-            stdout=stdout,
-            stderr=stderr,
-            stdout_truncated=stdout_cut,
-            stderr_truncated=stderr_cut,
-            files=collected.files if collected else {},
-            files_truncated=collected.truncated if collected else False,
-            duration=self.duration,
-            usage=ResourceUsage.measured(
-                wall_time=self.duration,
-                cpu_time=usage.cpu_time,
-                peak_memory=usage.peak_memory,
-                output_bytes=len(stdout) + len(stderr) + (collected.total if collected else 0),
-                input_bytes=self.plan.input_bytes,
-            ),
             runtime=RuntimeInfo(
                 name="docker",
                 version=self.executor.daemon_version,
@@ -305,11 +275,20 @@ class Run:
                 oci_runtime=self.plan.runtime,
                 warm=self.warm,
             ),
+            exit_code=code,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=stdout_cut,
+            stderr_truncated=stderr_cut,
+            files=collected.files if collected else {},
+            files_truncated=collected.truncated if collected else False,
+            duration=self.duration,
+            cpu_time=usage.cpu_time,
+            peak_memory=usage.peak_memory,
             limit=limit,
-            error=error,
-            task_id=self.task.id,
-            labels=self.task.labels,
+            message=message,
         )
+        return self.prepared.result(report)
 
 
 def _feed(raw: socket.socket, data: bytes, timeout: float) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from parity_sandbox._executor import PreparedTask
 from parity_sandbox._models import Task
 from parity_sandbox.runtimes.wasm.pool import Worker
 from parity_sandbox.runtimes.wasm.protocol import RunRequest
@@ -36,13 +37,17 @@ class Flight:
     """One task in flight on one worker."""
 
     index: int
-    task: Task
+    prepared: PreparedTask
     request: RunRequest
     module: bytes = field(repr=False)
     worker: Worker
     deadline: float = 0.0
     finished: bool = False
     expired: bool = False
+
+    @property
+    def task(self) -> Task:
+        return self.prepared.task
 
     @property
     def need(self) -> int:

@@ -24,11 +24,18 @@ from collections import deque
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
-from parity_sandbox._executor import Cancelled, Executor, PreparedTask, available_memory
+from parity_sandbox._executor import (
+    Cancelled,
+    Executor,
+    PreparedTask,
+    RunReport,
+    available_memory,
+)
 from parity_sandbox._fs import (
     OutputCaps,
     collect_outputs,
@@ -37,8 +44,8 @@ from parity_sandbox._fs import (
 from parity_sandbox._hashing import digest
 from parity_sandbox._inputs import read_inputs
 from parity_sandbox._models import (
+    LimitName,
     Limits,
-    ResourceUsage,
     Result,
     Status,
     Task,
@@ -99,11 +106,6 @@ _STATUS = {
     "error": Status.ERROR,
     "requeue": Status.ERROR,
 }
-_ERROR_TYPE = {
-    Status.TIMEOUT: "ExecutionTimeout",
-    Status.RESOURCE_LIMIT: "ResourceLimitExceeded",
-    Status.ERROR: "ExecutionError",
-}
 
 
 @functools.lru_cache(maxsize=16)
@@ -133,6 +135,7 @@ class WasmExecutor(Executor):
 
     runtime_name = "wasm"
     applied_limits = frozenset(Limits.model_fields) - {"cpu", "pids", "open_files"}
+    hashed_limits = ("memory", "disk", "output", "timeout", "fuel", "stack_size")
     ignored_because = (
         "a WebAssembly task is one thread, starts no processes and opens only what WASI "
         "preopens (use fuel to bound its CPU)"
@@ -209,7 +212,7 @@ class WasmExecutor(Executor):
     def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
         request, module = self._form(prepared)
         flight = self._dispatch(
-            Flight(0, prepared.task, request, module, self._pool.acquire(cancel)), cancel
+            Flight(0, prepared, request, module, self._pool.acquire(cancel)), cancel
         )
         worker = flight.worker
         try:
@@ -308,7 +311,9 @@ class WasmExecutor(Executor):
             while retry or not exhausted:
                 if retry:
                     flight = retry.popleft()
-                    return Flight(flight.index, flight.task, flight.request, flight.module, worker)
+                    return Flight(
+                        flight.index, flight.prepared, flight.request, flight.module, worker
+                    )
                 item = next(source, None)
                 if item is None:
                     exhausted = True
@@ -324,7 +329,7 @@ class WasmExecutor(Executor):
                                 update={"task_id": task.id, "labels": task.labels}
                             )
                             continue
-                    return Flight(index, task, *self._form(prepared), worker)
+                    return Flight(index, prepared, *self._form(prepared), worker)
                 except SandboxError as exc:
                     done[index] = self._error_result(task, exc)
             return None
@@ -448,7 +453,7 @@ class WasmExecutor(Executor):
         module, sha = self._modules.load(task)
         seed = spec = None
         if task.deterministic or task.cacheable:
-            spec = digest(task.spec_document(resolved, module_sha256=sha, inputs=files))
+            spec = digest(self.spec_document(task, resolved, program=sha, inputs=files))
         if task.deterministic:
             # Seeded from the task itself: the same task sees the same clocks and random bytes.
             assert spec is not None
@@ -578,49 +583,35 @@ class WasmExecutor(Executor):
         self._deadlines.finish(flight)
         if flight.expired or reply.outcome in ("error", "timeout") or flight.worker.exited:
             flight.worker.dead = True
-        return self._to_result(flight.task, reply, flight.request, flight.worker.version)
+        return self._to_result(flight, reply)
 
-    def _to_result(self, task: Task, reply: RunReply, request: RunRequest, version: str) -> Result:
+    def _to_result(self, flight: Flight, reply: RunReply) -> Result:
         status = _STATUS.get(reply.outcome)
         if status is None:
             status = Status.SUCCEEDED if reply.exit_code == 0 else Status.FAILED
-        error_type = _ERROR_TYPE.get(status)
-        if reply.outcome == "invalid":
-            error_type = "InvalidInput"
-        # model_validate on a plain dict is pydantic's fastest path, faster than model_construct.
-        return Result.model_validate(
-            {
-                "status": status,
-                "exit_code": reply.exit_code,
-                "stdout": reply.stdout,
-                "stderr": reply.stderr,
-                "stdout_truncated": reply.stdout_truncated,
-                "stderr_truncated": reply.stderr_truncated,
-                "files": reply.files,
-                "files_truncated": reply.files_truncated,
-                "duration": reply.duration,
-                "usage": ResourceUsage.measured(
-                    wall_time=reply.duration,
-                    cpu_time=reply.cpu_time,
-                    peak_memory=reply.peak_memory,
-                    fuel_used=reply.fuel_used,
-                    output_bytes=len(reply.stdout)
-                    + len(reply.stderr)
-                    + sum(map(len, reply.files.values())),
-                    input_bytes=len(request.stdin) + sum(map(len, request.input_files.values())),
-                ),
-                "runtime": {
-                    "name": "wasm",
-                    "version": f"wasmtime {version}",
-                    "module_sha256": request.module_sha256,
-                },
-                "spec_hash": request.spec_hash,
-                "limit": reply.limit,
-                "error": {"type": error_type, "message": reply.message} if error_type else None,
-                "task_id": task.id,
-                "labels": task.labels,
-            }
+        report = RunReport(
+            status=status,
+            runtime={
+                "name": "wasm",
+                "version": f"wasmtime {flight.worker.version}",
+                "module_sha256": flight.request.module_sha256,
+            },
+            exit_code=reply.exit_code,
+            stdout=reply.stdout,
+            stderr=reply.stderr,
+            stdout_truncated=reply.stdout_truncated,
+            stderr_truncated=reply.stderr_truncated,
+            files=reply.files,
+            files_truncated=reply.files_truncated,
+            duration=reply.duration,
+            cpu_time=reply.cpu_time,
+            peak_memory=reply.peak_memory,
+            fuel_used=reply.fuel_used,
+            limit=cast("LimitName | None", reply.limit),  # Result's validation checks it
+            message=reply.message,
+            error_type="InvalidInput" if reply.outcome == "invalid" else None,
         )
+        return flight.prepared.result(report)
 
     def _close(self) -> None:
         self._release()
