@@ -52,6 +52,19 @@ def test_spec_hash_is_the_documented_encoding() -> None:
     assert spec_hash(task()) == "bdada29d76ca5af19955b74291eb4d19f8a5519dacb86da28714cf94cc132df4"
 
 
+def test_a_docker_spec_hash_never_drifts() -> None:
+    # Docker's own fields and its always-hashed limits, pinned as they were first released.
+    docker = Task(
+        image="sha256:" + "a" * 64,
+        command=["sh", "-c", "echo"],
+        user="1000",
+        workdir="/work",
+        oci_runtime="runsc",
+        limits={"open_files": 64, "cpu": 1, "pids": 10},
+    )
+    assert spec_hash(docker) == "15ba63c0a736c80ef0a42e0b0dd9eaeac3213c349c928f8885ddbec202181080"
+
+
 def test_spec_hash_is_the_same_in_another_process() -> None:
     code = (
         "from parity_sandbox import Task, spec_hash\n"
