@@ -141,7 +141,7 @@ _ERROR_TYPE = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: made once per run, on the hot path
 class RunReport:
     """What a runtime saw of one run, in the contract's terms; ``PreparedTask.result`` makes
     the ``Result`` from it (usage totals, the error, the task's id and labels)."""

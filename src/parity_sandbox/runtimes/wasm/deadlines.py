@@ -44,18 +44,15 @@ class Flight:
     deadline: float = 0.0
     finished: bool = False
     expired: bool = False
+    #: The host memory this task takes: its memory limit and the input bytes it brings.
+    need: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.need = self.request.limits.memory + self.prepared.input_bytes
 
     @property
     def task(self) -> Task:
         return self.prepared.task
-
-    @property
-    def need(self) -> int:
-        """The host memory this task takes: its memory limit and the input bytes it brings."""
-        request = self.request
-        return (
-            request.limits.memory + len(request.stdin) + sum(map(len, request.input_files.values()))
-        )
 
 
 class Deadlines:

@@ -290,6 +290,9 @@ class WasmExecutor(Executor):
         #: Set when the next task does not fit the memory budget beside those in flight: no
         #: lane opens until a task ends.
         full = False
+        #: The most memory any task of this map took so far: while that much on every lane
+        #: fits the budget, any next task fits too, and nothing need be summed.
+        biggest = 0
 
         def held(skip: Worker | None = None) -> int:
             """Memory of the tasks in flight: a worker runs its lane's tasks one at a time."""
@@ -300,6 +303,10 @@ class WasmExecutor(Executor):
             )
 
         def fits(flight: Flight, lane: deque[Flight]) -> bool:
+            nonlocal biggest
+            biggest = max(biggest, flight.need)
+            if biggest * width <= budget:
+                return True
             others = held(skip=flight.worker)
             if not others:
                 return True  # alone, any task runs: refusing it would stall the batch
