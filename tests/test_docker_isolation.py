@@ -305,7 +305,7 @@ def test_fifty_parallel_tasks_leave_nothing(
         for i in range(50)
     ]
     results = list(docker_executor.map(tasks, max_parallel=50))
-    assert docker_executor.drain(60)
+    assert docker_executor.drain(150)
     assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(50)]
     assert all(r.ok for r in results)
     leftovers = docker_executor._api.containers(

@@ -115,7 +115,7 @@ def test_a_prepared_docker_task_runs_the_image_it_was_prepared_with(
         assert result.spec_hash == prepared.spec_hash == spec_hash(as_prepared, config)
         assert docker_executor.execute(task).stdout == b"Bsecond input"  # the tag, now
     finally:
-        assert docker_executor.drain(30)  # the containers that use the images are gone
+        assert docker_executor.drain(150)  # the containers that use the images are gone
         for image in made:
             with contextlib.suppress(docker.errors.NotFound):
                 docker_executor._api.remove_image(init.derived_tag(image), force=True)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import docker
 import docker.errors
@@ -25,6 +27,11 @@ from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, Sandbox
 API_TIMEOUT = 30
 #: Seconds to wait for the exit status of a container that died on its own.
 EXIT_TIMEOUT = 10
+#: Seconds the daemon gets to pass init the signal that lets it exit.
+NUDGE_TIMEOUT = 5
+#: Seconds a removal the daemon is still carrying out (after our request timed out) is
+#: waited for before the container is left to ``reap``.
+REMOVE_GRACE = 90
 DAEMON_HINT = "start it (dockerd) or point docker.base_url / DOCKER_HOST at a running daemon"
 
 
@@ -99,11 +106,24 @@ def docker_errors(what: str) -> Iterator[None]:
         ) from exc
 
 
-def let_init_exit(api: docker.APIClient, container: str) -> None:
+def let_init_exit(api: docker.APIClient, container: str) -> bool:
     """Tell init, which keeps the container (its cgroup, its tmpfs) for the host until the
-    usage is read and the outputs are copied, that it may exit."""
-    with best_effort():
-        api.kill(container, "SIGUSR1")
+    usage is read and the outputs are copied, that it may exit; ``False`` if that did not
+    happen within ``NUDGE_TIMEOUT`` (then the caller removes the container by force).
+
+    Under load, gVisor can take half a minute to pass a signal into a sandbox that is still
+    tearing down many processes; waiting for that would hold up the removals queued behind.
+    The SDK's ``kill`` takes no timeout, hence the same request made here through its
+    ``requests`` session, with one.
+    """
+    url = f"{api.base_url}/v{api.api_version}/containers/{quote(container, safe='')}/kill"
+    try:
+        with api.post(url, params={"signal": "SIGUSR1"}, timeout=NUDGE_TIMEOUT) as response:
+            response.raise_for_status()
+    except Exception as exc:  # noqa: BLE001 - a nudge: forced removal follows
+        close_failed_connects(exc)
+        return False
+    return True
 
 
 def remove_container(api: docker.APIClient, container: str) -> None:
@@ -119,10 +139,30 @@ def remove_container(api: docker.APIClient, container: str) -> None:
             if not attempt and "is not running" in str(exc):
                 continue  # it stopped while Docker killed it: now a stopped container
             warn_leftover(container, exc)
+        except requests.exceptions.ReadTimeout as exc:
+            # The daemon took the request and goes on with it (a gVisor sandbox can take
+            # half a minute to die after a fork bomb): wait for it to finish.
+            if not _gone_within(api, container, REMOVE_GRACE):
+                warn_leftover(container, exc)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             close_failed_connects(exc)
             warn_leftover(container, exc)
         return
+
+
+def _gone_within(api: docker.APIClient, container: str, seconds: float) -> bool:
+    """Whether ``container`` no longer exists, waiting up to ``seconds`` for that."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            api.inspect_container(container)
+        except docker.errors.NotFound:
+            return True
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            close_failed_connects(exc)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
 
 
 def warn_leftover(container: str, exc: Exception) -> None:

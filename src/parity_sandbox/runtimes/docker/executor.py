@@ -446,9 +446,9 @@ class DockerExecutor(Executor):
 
         def remove() -> None:
             try:
-                let_init_exit(self._api, container)
-                with contextlib.suppress(docker.errors.APIError):
-                    self._api.wait(container, timeout=EXIT_TIMEOUT)
+                if let_init_exit(self._api, container):
+                    with contextlib.suppress(docker.errors.APIError):
+                        self._api.wait(container, timeout=EXIT_TIMEOUT)
                 remove_container(self._api, container)
             finally:
                 self._untrack(run_id)

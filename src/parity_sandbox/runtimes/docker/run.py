@@ -245,10 +245,9 @@ class Run:
 
     def _remove(self) -> None:
         assert self.container is not None
-        if self.exiting:
-            # Letting init exit and removing a stopped container is much faster than a forced
-            # removal, which kills and then waits.
-            let_init_exit(self.api, self.container)
+        # Letting init exit and removing a stopped container is much faster than a forced
+        # removal, which kills and then waits.
+        if self.exiting and let_init_exit(self.api, self.container):
             with best_effort():
                 self.api.wait(self.container, timeout=EXIT_TIMEOUT)
         remove_container(self.api, self.container)
