@@ -408,6 +408,9 @@ class Executor(ABC):
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             cancel.set()
+            # Nobody awaits it any more: take its end (``Cancelled``) so asyncio does not
+            # report an exception that was never retrieved.
+            future.add_done_callback(_retrieved)
             raise
 
     def map(
@@ -528,6 +531,11 @@ class Executor(ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _retrieved(future: asyncio.Future[Result]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def limits_of(task: Task, config: Config | None = None) -> tuple[str, Limits]:
