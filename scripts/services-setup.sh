@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
 # Install the servers the tests start for themselves (on loopback, on a free port): Redis, for
-# the Redis backend of the result cache. Nothing is started here; safe to run again.
+# the Redis backend of the result cache, and PostgreSQL (Debian's `postgresql`, whose server
+# binaries live in /usr/lib/postgresql/VERSION/bin; tests/postgres.py runs them as the
+# `postgres` user in a temp dir of its own). Nothing of ours is started here, and the "main"
+# cluster that Debian's package may create and start on install is stopped again: the tests
+# never use it. Safe to run again.
 set -euo pipefail
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-if ! command -v redis-server >/dev/null; then
-    echo "services-setup: installing redis-server" >&2
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "services-setup: installing ${missing[*]}" >&2
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-        redis-server >/dev/null
+        "${missing[@]}" >/dev/null
+fi
+if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null; then
+    # Columns: version, cluster name, port, status, ... (an unstarted cluster says "down").
+    pg_lsclusters --no-header | while read -r version cluster _ status _; do
+        if [[ $status == online* ]]; then
+            echo "services-setup: stopping Debian's cluster $version/$cluster" >&2
+            $sudo pg_ctlcluster "$version" "$cluster" stop
+        fi
+    done
 fi
