@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         PoolProfile,
         PoolSettings,
         RuntimeSettings,
+        ServiceSettings,
         WasmSettings,
         load_config,
     )
@@ -78,6 +79,7 @@ _WHERE: dict[str, str] = {
     "ResourceUsage": "parity_sandbox._models",
     "Result": "parity_sandbox._models",
     "RuntimeSettings": "parity_sandbox._config",
+    "ServiceSettings": "parity_sandbox._config",
     "ResultCache": "parity_sandbox._cache",
     "RuntimeInfo": "parity_sandbox._models",
     "RuntimeUnavailable": "parity_sandbox._exceptions",
@@ -129,6 +131,7 @@ __all__ = [
     "RuntimeSettings",
     "RuntimeUnavailable",
     "SandboxError",
+    "ServiceSettings",
     "SqliteCache",
     "Status",
     "Task",

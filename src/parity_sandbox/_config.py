@@ -234,6 +234,49 @@ class CacheSettings(_Model):
         return self
 
 
+class ServiceSettings(_Model):
+    """The ``service`` section: ``parity-sandbox serve`` (the HTTP API, extra ``[service]``)."""
+
+    #: Where it listens; loopback unless the operator says otherwise.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: The store: ``sqlite:///PATH`` (default: ``<state_dir>/service.sqlite3``) or
+    #: ``postgresql+psycopg://USER@HOST/DB``.
+    database_url: str | None = None
+    #: Where a SQLite store and the server's lock live (default:
+    #: ``$XDG_STATE_HOME/parity-sandbox``, else ``~/.local/state/parity-sandbox``).
+    state_dir: Path | None = None
+    #: The largest request body; a larger one is refused (413) before it is read whole.
+    max_body: Size = 64 << 20
+    #: The longest ``?wait=`` a request may ask for.
+    max_wait: Seconds = 60.0
+    #: Tasks queued and running, all keys together; beyond it, 503 with ``Retry-After``.
+    max_queued: int = Field(default=10_000, ge=1, le=10_000_000)
+    #: Tasks queued and running per key, unless the key says otherwise (429 beyond it).
+    max_active_per_key: int = Field(default=1_000, ge=1, le=10_000_000)
+    #: Tasks run at once, all runtimes together (default: what the runtimes sustain).
+    concurrency: int | None = Field(default=None, ge=1, le=4096)
+    #: What becomes of a task that was running when its server died: run it again (``retry``,
+    #: up to ``max_attempts`` runs in all) or mark it ``lost``.
+    on_restart: Literal["retry", "lost"] = "retry"
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+    def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
+        """``state_dir``, or ``$XDG_STATE_HOME/parity-sandbox`` (``~/.local/state`` by default)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        env = os.environ if environ is None else environ
+        home = Path(env.get("HOME") or Path.home())
+        base = env.get("XDG_STATE_HOME") or str(home / ".local" / "state")
+        return Path(base) / "parity-sandbox"
+
+    def resolved_database_url(self, environ: Mapping[str, str] | None = None) -> str:
+        """``database_url``, or the SQLite file in the state directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_state_dir(environ) / 'service.sqlite3'}"
+
+
 class Config(_LimitSettings):
     """Effective configuration of an executor.
 
@@ -245,6 +288,7 @@ class Config(_LimitSettings):
     docker: DockerSettings = Field(default_factory=DockerSettings)
     wasm: WasmSettings = Field(default_factory=WasmSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
     #: Where compiled modules are kept between processes (default: the user cache dir).
     cache_dir: Path | None = None
     #: The sections of runtimes registered beside the package's own (``sandbox: {NAME:
@@ -333,6 +377,8 @@ class Config(_LimitSettings):
             document[runtime] = section
         document["cache"] = self.cache.model_dump(mode="json")
         document["cache"]["path"] = str(self.result_cache_path())
+        document["service"] = self.service.model_dump(mode="json")
+        document["service"]["state_dir"] = str(self.service.resolved_state_dir())
         return {"sandbox": document}
 
     def result_cache_path(self, environ: Mapping[str, str] | None = None) -> Path:
@@ -344,6 +390,7 @@ _SECTIONS: dict[str, type[_Model]] = {
     "docker": DockerSettings,
     "wasm": WasmSettings,
     "cache": CacheSettings,
+    "service": ServiceSettings,
 }
 
 
@@ -369,7 +416,8 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
             raise InvalidInput(
                 f"environment variable {name} names no configuration key; top-level keys: "
                 f"{', '.join(sorted(top_keys))}; section keys: PARITY_SANDBOX_WASM_<KEY>, "
-                "PARITY_SANDBOX_DOCKER_<KEY>, PARITY_SANDBOX_CACHE_<KEY>",
+                "PARITY_SANDBOX_DOCKER_<KEY>, PARITY_SANDBOX_CACHE_<KEY>, "
+                "PARITY_SANDBOX_SERVICE_<KEY>",
                 field=name,
             )
     return overrides, origin

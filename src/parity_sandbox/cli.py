@@ -66,6 +66,8 @@ image_app = typer.Typer(help="Manage Docker images offline.", no_args_is_help=Tr
 app.add_typer(image_app, name="image")
 cache_app = typer.Typer(help="Inspect or empty the result cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+keys_app = typer.Typer(help="Manage the service's API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _out = Console(highlight=False, soft_wrap=True)
@@ -582,6 +584,112 @@ def doctor(config: ConfigOption = None) -> None:
             markup=False,
         )
         raise typer.Exit(1)
+
+
+SERVICE_HINT = "the service needs the [service] extra: pip install 'parity-sandbox[service]'"
+
+
+@contextlib.contextmanager
+def _service_store(config: Path | None) -> Iterator[Any]:
+    """The service's store, opened and migrated (for ``keys``)."""
+    try:
+        from parity_sandbox.service.server import open_store
+    except ImportError as exc:
+        _err.print(f"parity-sandbox: {SERVICE_HINT} ({exc})", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        store = open_store(load_config(config))
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: service.host).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (default: service.port).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run the HTTP API (extra [service]) until SIGINT or SIGTERM."""
+    try:
+        from parity_sandbox.service.server import serve as run_server
+    except ImportError as exc:
+        _err.print(f"parity-sandbox: {SERVICE_HINT} ({exc})", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        settings = load_config(config)
+        if port is not None and not 0 <= port <= 65535:
+            raise InvalidInput("--port: 0 to 65535", field="--port")
+        run_server(settings, host=host, port=port)
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A name for the key (its owner, its use).")],
+    admin: Annotated[bool, typer.Option(help="The key sees every key's tasks.")] = False,
+    max_active: Annotated[
+        int | None,
+        typer.Option(help="Tasks queued and running at once (default: the service's)."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Make an API key and print it, once: the store keeps only its hash."""
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        raise _fail(InvalidInput("NAME: 1 to 64 printable characters", field="name"), False)
+    if max_active is not None and max_active < 1:
+        raise _fail(InvalidInput("--max-active: at least 1", field="--max-active"), False)
+    with _service_store(config) as store:
+        if any(key.name == name for key in store.list_keys()):
+            raise _fail(InvalidInput(f"a key named {name!r} exists", field="name"), False)
+        secret = store.create_key(name, admin=admin, max_active=max_active)
+    _out.print(secret, markup=False)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOption = None) -> None:
+    """List the keys (never the keys themselves)."""
+    import datetime
+
+    table = Table(title="API keys")
+    for column in ("name", "admin", "max active", "created", "revoked"):
+        table.add_column(column)
+
+    def when(stamp: float | None) -> str:
+        if stamp is None:
+            return ""
+        return datetime.datetime.fromtimestamp(stamp, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+    with _service_store(config) as store:
+        for key in store.list_keys():
+            table.add_row(
+                key.name,
+                "yes" if key.admin else "",
+                str(key.max_active or ""),
+                when(key.created_at),
+                when(key.revoked_at),
+            )
+    _out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="The key's name.")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke a key: its next request is refused (401)."""
+    with _service_store(config) as store:
+        if not store.revoke_key(name):
+            raise _fail(InvalidInput(f"no live key named {name!r}", field="name"), False)
+    _out.print(f"revoked {name}", markup=False)
 
 
 def _one_line_warning(

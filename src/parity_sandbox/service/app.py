@@ -1,0 +1,414 @@
+"""The HTTP API: tasks in, results out, per API key; a thin adapter over the store and the
+dispatcher.
+
+Every error is ``application/problem+json`` (RFC 9457) naming the field or the reason; a
+client's request never gets a traceback or a 500. A key sees only its own tasks: another
+key's task id is answered exactly as an unknown one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import parity_sandbox
+from parity_sandbox import runtimes
+from parity_sandbox._config import Config
+from parity_sandbox._exceptions import InvalidInput, SandboxError
+from parity_sandbox._record import _task_document, task_from_document
+from parity_sandbox.runtimes import executor_class
+from parity_sandbox.service.dispatch import Dispatcher
+from parity_sandbox.service.store import STATES, Conflict, Key, QuotaExceeded, Store, TaskRow
+
+log = logging.getLogger("parity_sandbox.service")
+
+PROBLEM = "application/problem+json"
+#: The most tasks one page of ``GET /v1/tasks`` lists.
+MAX_PAGE = 1000
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_MAX_URL = 2048
+
+
+class Problem(Exception):
+    """An answer other than success: its status, a title, and what to fix."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.field = field
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.field is not None:
+            body["field"] = self.field
+        return JSONResponse(body, self.status, headers=self.headers, media_type=PROBLEM)
+
+
+def _not_found() -> Problem:
+    return Problem(404, "Not Found", "no such task")
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
+
+
+def task_view(row: TaskRow, *, with_result: bool = True) -> dict[str, Any]:
+    """A task as the API shows it; ``result`` is the ``Result`` as ``Result.to_json`` writes
+    it (bytes in base64), so clients rebuild it exactly."""
+    view: dict[str, Any] = {
+        "id": row.id,
+        "state": row.state,
+        "runtime": row.runtime,
+        "attempts": row.attempts,
+        "created_at": _iso(row.created_at),
+        "started_at": _iso(row.started_at),
+        "ended_at": _iso(row.ended_at),
+        "reason": row.reason,
+    }
+    if with_result:
+        view["result"] = json.loads(row.result) if row.result is not None else None
+    return view
+
+
+async def authenticated(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Key:
+    """The key the request carries, or 401 (none, unknown or revoked: the same answer)."""
+    secret = x_api_key
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        secret = value.strip() if scheme.lower() == "bearer" else None
+    key = None
+    if secret and len(secret) <= 256:
+        store: Store = request.app.state.store
+        key = await run_in_threadpool(store.authenticate, secret)
+    if key is None:
+        raise Problem(
+            401,
+            "Unauthorized",
+            "send a live API key: Authorization: Bearer KEY (or X-API-Key: KEY)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return key
+
+
+KeyDep = Annotated[Key, Depends(authenticated)]
+
+
+def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
+    """The API over ``store``, running tasks with ``dispatcher`` (started with the app)."""
+    settings = config.service
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await dispatcher.start()
+        try:
+            yield
+        finally:
+            await dispatcher.stop()
+
+    app = FastAPI(
+        title="parity-sandbox",
+        version=parity_sandbox.__version__,
+        description="Run untrusted tasks in WebAssembly or Docker sandboxes.",
+        lifespan=lifespan,
+    )
+    app.state.store = store
+
+    @app.exception_handler(Problem)
+    async def _problem(_request: Request, exc: Problem) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems, first = [], None
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"][1:]) or str(error["loc"][0])
+            first = first or where
+            problems.append(f"{where}: {error['msg']}")
+        return Problem(422, "Invalid Request", "; ".join(problems), field=first).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "Error")
+        return Problem(exc.status_code, title, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _defect(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return Problem(500, "Internal Error", "the server failed; see its log").response()
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """Ready when the store answers and the default runtime runs tasks."""
+        store_ok = await run_in_threadpool(store.ping)
+        ready = store_ok and dispatcher.ready
+        body = {"status": "ready" if ready else "not ready", "store": store_ok}
+        body["runtime"] = dispatcher.ready
+        return JSONResponse(body, 200 if ready else 503)
+
+    diagnosed: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    @app.get("/v1/runtimes", tags=["runtimes"])
+    async def list_runtimes(_key: KeyDep) -> dict[str, Any]:
+        """What ``parity-sandbox doctor`` says of each runtime (checked at most every 30 s)."""
+        found = []
+        for name in runtimes.names():
+            stamp, entry = diagnosed.get(name, (0.0, {}))
+            if time.monotonic() - stamp > 30:
+                try:
+                    ok, detail = await run_in_threadpool(executor_class(name).diagnose, config)
+                except SandboxError as exc:  # a runtime that cannot even be loaded
+                    ok, detail = False, exc.message
+                entry = {"name": name, "ok": ok, "detail": detail}
+                diagnosed[name] = (time.monotonic(), entry)
+            found.append(entry)
+        return {"default": config.default_runtime, "runtimes": found}
+
+    @app.post("/v1/tasks", status_code=202, tags=["tasks"])
+    async def submit(
+        request: Request,
+        key: KeyDep,
+        wait: Annotated[
+            float | None, Query(ge=0, description="seconds to wait for the result")
+        ] = None,
+        idempotency_key: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Queue a task (its ``Task`` fields in record form: bytes in base64), with an
+        optional ``callback_url``. ``202`` and ``Location`` once it is stored; with
+        ``?wait=SECONDS``, ``200`` and the result if it ends in time."""
+        if wait is not None and wait > settings.max_wait:
+            raise Problem(
+                422,
+                "Invalid Request",
+                f"wait: at most {settings.max_wait:g} seconds",
+                field="wait",
+            )
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise Problem(
+                422,
+                "Invalid Request",
+                "Idempotency-Key: 1 to 255 printable ASCII characters",
+                field="Idempotency-Key",
+            )
+        body = await _read_body(request, settings.max_body)
+        runtime, record, callback_url = _parse_task(body, config)
+        try:
+            row, created = await run_in_threadpool(
+                lambda: store.add_task(
+                    key,
+                    runtime=runtime,
+                    task=record,
+                    callback_url=callback_url,
+                    idempotency_key=idempotency_key,
+                    body_sha256=hashlib.sha256(body).hexdigest(),
+                    max_active=key.max_active or settings.max_active_per_key,
+                    max_queued=settings.max_queued,
+                )
+            )
+        except Conflict:
+            raise Problem(
+                409,
+                "Conflict",
+                "Idempotency-Key: used before with another body",
+                field="Idempotency-Key",
+            ) from None
+        except QuotaExceeded as exc:
+            if exc.scope == "key":
+                raise Problem(
+                    429,
+                    "Too Many Requests",
+                    f"this key has {exc.limit} tasks queued or running, its most",
+                    headers={"Retry-After": "1"},
+                ) from None
+            raise Problem(
+                503,
+                "Service Unavailable",
+                f"the queue is full ({exc.limit} tasks)",
+                headers={"Retry-After": "5"},
+            ) from None
+        if created:
+            dispatcher.wake()
+        if wait:
+            await dispatcher.wait(row.id, wait)
+            now = await run_in_threadpool(store.task, row.id, key)
+            row = now if now is not None else row
+        location = f"/v1/tasks/{row.id}"
+        ended = row.state not in ("queued", "running")
+        return JSONResponse(
+            task_view(row), 200 if ended and wait else 202, headers={"Location": location}
+        )
+
+    @app.get("/v1/tasks", tags=["tasks"])
+    async def list_tasks(
+        key: KeyDep,
+        state: Annotated[str | None, Query(description="only tasks in this state")] = None,
+        cursor: Annotated[str | None, Query(description="next_cursor of the last page")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    ) -> dict[str, Any]:
+        """The key's tasks (an admin key's: everyone's) in the order they were accepted."""
+        if state is not None and state not in STATES:
+            raise Problem(
+                422,
+                "Invalid Request",
+                f"state: one of {', '.join(sorted(STATES))}",
+                field="state",
+            )
+        after = 0
+        if cursor is not None:
+            if not cursor.isdigit() or len(cursor) > 18:
+                raise Problem(
+                    422, "Invalid Request", "cursor: a next_cursor this API gave", field="cursor"
+                )
+            after = int(cursor)
+        rows = await run_in_threadpool(
+            lambda: store.list_tasks(key, state=state, after=after, limit=limit)
+        )
+        return {
+            "tasks": [task_view(row, with_result=False) for row in rows],
+            "next_cursor": str(rows[-1].seq) if len(rows) == limit else None,
+        }
+
+    @app.get("/v1/tasks/{task_id}", tags=["tasks"])
+    async def get_task(task_id: str, key: KeyDep) -> dict[str, Any]:
+        """The task, and its result once it ended."""
+        row = await run_in_threadpool(store.task, task_id, key)
+        if row is None:
+            raise _not_found()
+        return task_view(row)
+
+    @app.get("/v1/tasks/{task_id}/files/{path:path}", tags=["tasks"])
+    async def get_file(task_id: str, path: str, key: KeyDep) -> Response:
+        """One output file of an ended task, as ``Result.files`` holds it."""
+        row = await run_in_threadpool(store.task, task_id, key)
+        if row is None:
+            raise _not_found()
+        files = json.loads(row.result).get("files", {}) if row.result else {}
+        if path not in files:
+            raise Problem(404, "Not Found", f"the task has no output file {path!r}")
+        return Response(
+            base64.b64decode(files[path]),
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": "attachment"},
+        )
+
+    @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"])
+    async def cancel(task_id: str, key: KeyDep) -> dict[str, Any]:
+        """A queued task never runs; a running one is stopped. An ended one stays as it is."""
+        row = await run_in_threadpool(store.cancel, task_id, key)
+        if row is None:
+            raise _not_found()
+        if row.state == "running":
+            dispatcher.cancel(task_id)
+            await dispatcher.wait(task_id, 10.0)
+            now = await run_in_threadpool(store.task, task_id, key)
+            row = now if now is not None else row
+        return task_view(row)
+
+    @app.delete("/v1/tasks/{task_id}", status_code=204, tags=["tasks"])
+    async def delete(task_id: str, key: KeyDep) -> Response:
+        """Forget a task and its result; a running task must be cancelled first."""
+        done = await run_in_threadpool(store.delete, task_id, key)
+        if done is None:
+            raise _not_found()
+        if not done:
+            raise Problem(409, "Conflict", "the task is running; cancel it first")
+        return Response(status_code=204)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) as soon as it is known to be over ``limit``."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise Problem(413, "Content Too Large", f"the body is over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "Content Too Large", f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_task(body: bytes, config: Config) -> tuple[str, bytes, str | None]:
+    """The task's runtime, record form and callback URL; ``Problem`` 422 naming the field."""
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise Problem(422, "Invalid Request", f"the body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise Problem(422, "Invalid Request", "the body is a JSON object: a task's fields")
+    callback_url = document.pop("callback_url", None)
+    if callback_url is not None:
+        parts = urlsplit(callback_url) if isinstance(callback_url, str) else None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or len(callback_url) > _MAX_URL
+        ):
+            raise Problem(
+                422,
+                "Invalid Request",
+                "callback_url: an http or https URL of at most 2048 characters",
+                field="callback_url",
+            )
+    if document.get("wasm_file") is not None:
+        raise Problem(
+            422,
+            "Invalid Request",
+            "wasm_file: a path on the server is not yours to name; send the module's bytes "
+            "as wasm_module (base64)",
+            field="wasm_file",
+        )
+    try:
+        task = task_from_document(document)
+    except InvalidInput as exc:
+        raise Problem(422, "Invalid Request", exc.message, field=exc.field) from None
+    except (ValueError, TypeError) as exc:  # bad base64
+        raise Problem(422, "Invalid Request", f"not base64: {exc}") from None
+    runtime = task.runtime_name or config.default_runtime
+    record = json.dumps(_task_document(task), separators=(",", ":")).encode()
+    return runtime, record, callback_url
