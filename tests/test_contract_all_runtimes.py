@@ -1,5 +1,6 @@
 """The executor contract, run against every registered runtime: WASM, Docker under runc and
-under runsc, and the fake runtime of ``tests/plugins`` (registered with one line)."""
+under runsc, the fake runtime of ``tests/plugins`` (registered with one line), and the remote
+executor over a real service."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from parity_sandbox import (
     Task,
     runtimes,
 )
+from service_server import Service
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -50,12 +52,26 @@ def _docker(oci: str) -> Callable[[Config], Executor]:
     return make
 
 
+@pytest.fixture(scope="module")
+def contract_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service for the remote executor's run of the contract."""
+    pytest.importorskip("fastapi")
+    server = Service(tmp_path_factory.mktemp("state"), tmp_path_factory.mktemp("cache"))
+    server.make_key("contract")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(
     params=[
         "wasm",
         pytest.param("docker-runc", marks=pytest.mark.docker),
         pytest.param("docker-runsc", marks=pytest.mark.docker),
         "fake",
+        "remote",
     ]
 )
 def subject(
@@ -80,6 +96,13 @@ def subject(
             lambda **f: Task(image=TEST_IMAGE, command=["cat"], oci_runtime=oci, **f),
             lambda said: said,
         )
+    elif name == "remote":
+        from parity_sandbox import RemoteExecutor
+
+        server = request.getfixturevalue("contract_service")
+        executor = RemoteExecutor(server.url, server.keys["contract"], config=config)
+        echo = wasm.echo_stdin
+        yield Subject(executor, lambda **f: Task(wasm_file=echo, **f), lambda said: said)
     else:
         monkeypatch.syspath_prepend(str(PLUGINS))
         runtimes.register("fake", "fake_runtime:FakeExecutor")

@@ -33,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},
     {"runtimes.docker.executor", "runtimes.wasm.executor", "_record"},
-    {"_batch", "service.dispatch"},
+    {"_batch", "service.dispatch", "remote"},
     {"cli", "service.app"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}

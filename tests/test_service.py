@@ -7,103 +7,21 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from conftest import TEST_IMAGE, WasmFixtures
+from postgres import PostgresServer
+from service_server import CLI, Service
 
 pytest.importorskip("fastapi")
-
-CLI = [sys.executable, "-m", "parity_sandbox.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Service:
-    """A server process and what it needs: its state directory, its keys, its address."""
-
-    state: Path
-    cache: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    keys: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("PARITY_SANDBOX_")}
-        environ["PARITY_SANDBOX_SERVICE_STATE_DIR"] = str(self.state)
-        environ["XDG_CACHE_HOME"] = str(self.cache)
-        environ["PARITY_SANDBOX_TIMEOUT"] = "10s"
-        return environ
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [*CLI, *args], capture_output=True, env=self.env, timeout=60, check=False
-        )
-
-    def make_key(self, name: str, *extra: str) -> str:
-        done = self.cli("keys", "create", name, *extra)
-        assert done.returncode == 0, done.stderr
-        self.keys[name] = done.stdout.decode().strip()
-        return self.keys[name]
-
-    def start(self) -> None:
-        log = (self.state / "serve.log").open("ab")
-        with log:
-            self.process = subprocess.Popen(
-                [*CLI, "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"the server did not become ready: {self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def log(self) -> str:
-        path = self.state / "serve.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def client(self, key: str | None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -381,3 +299,154 @@ def test_a_docker_task_runs_through_the_api(service: Service) -> None:
     result = result_of(view)
     assert result["exit_code"] == 3 and base64.b64decode(result["stdout"]) == b"from docker\n"
     assert result["runtime"]["name"] == "docker"
+
+
+def test_the_remote_executor_raises_what_a_local_one_raises(
+    service: Service, wasm: WasmFixtures
+) -> None:
+    from parity_sandbox import (
+        ExecutionTimeout,
+        InvalidInput,
+        RemoteExecutor,
+        RuntimeUnavailable,
+        Task,
+    )
+
+    with RemoteExecutor(service.url, service.keys["alice"]) as remote:
+        with pytest.raises(ExecutionTimeout) as timed_out:
+            remote.execute(Task(wasm_file=wasm.print_then_loop, limits={"timeout": "1s"}))
+        assert timed_out.value.result is not None
+        assert timed_out.value.result.stdout == b"started\n"  # the partial output
+        with pytest.raises(InvalidInput, match="memory"):
+            remote.execute(Task(wasm_file=wasm.hello, limits={"memory": "5g"}))
+        assert remote.execute(Task(wasm_file=wasm.hello)).stdout == b"hello\n"
+    with (
+        RemoteExecutor(service.url, "psk_wrong") as stranger,
+        pytest.raises(RuntimeUnavailable, match="refused the API key"),
+    ):
+        stranger.execute(Task(wasm_file=wasm.hello))
+
+
+def test_the_cli_runs_on_a_service(service: Service, wasm: WasmFixtures, tmp_path: Path) -> None:
+    env = {**service.env, "PARITY_SANDBOX_API_KEY": service.keys["alice"]}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*CLI, *args], capture_output=True, env=env, timeout=120, check=False)
+
+    done = cli("run", "--remote", service.url, str(wasm.exit_code), "--", "7")
+    assert (done.returncode, done.stderr) == (7, b"bye\n"), done.stderr
+    lines = tmp_path / "tasks.jsonl"
+    lines.write_text(
+        "\n".join(
+            json.dumps(module_task(wasm.echo_stdin, stdin=base64.b64encode(b"%d" % n).decode()))
+            for n in range(3)
+        )
+        + "\n"
+    )
+    done = cli("run-batch", "--remote", service.url, str(lines))
+    assert done.returncode == 0, done.stderr
+    said = [base64.b64decode(json.loads(line)["stdout"]) for line in done.stdout.splitlines()]
+    assert said == [b"0", b"1", b"2"]
+    env.pop("PARITY_SANDBOX_API_KEY")
+    done = cli("run", "--remote", service.url, str(wasm.hello))
+    assert done.returncode != 0 and b"API key" in done.stderr and b"Traceback" not in done.stderr
+
+
+def test_two_servers_share_a_postgresql_store_and_survive_a_kill(
+    tmp_path: Path, wasm: WasmFixtures, postgres_server: PostgresServer
+) -> None:
+    """Two servers on one store each take their share; when one is killed, the other runs
+    what it held (once its lease ran out) and everything ends exactly once."""
+    servers = [Service(tmp_path / f"state{n}", tmp_path / "cache") for n in range(2)]
+    for server in servers:
+        server.state.mkdir()
+        server.extra_env = {
+            "PARITY_SANDBOX_SERVICE_DATABASE_URL": postgres_server.url,
+            "PARITY_SANDBOX_SERVICE_LEASE": "2s",
+            "PARITY_SANDBOX_SERVICE_CONCURRENCY": "2",
+        }
+    key = servers[0].make_key("grace")
+    for server in servers:
+        server.start()
+    try:
+        with servers[0].client(key) as client:
+            sleepers = [
+                client.post("/v1/tasks", json=module_task(wasm.sleep, args=["2"])).json()
+                for _ in range(4)
+            ]
+            echoes = [
+                client.post(
+                    "/v1/tasks",
+                    json=module_task(wasm.echo_stdin, stdin=base64.b64encode(b"%d" % n).decode()),
+                ).json()
+                for n in range(30)
+            ]
+            deadline = time.monotonic() + 20
+            while not all(
+                client.get(f"/v1/tasks/{t['id']}").json()["state"] != "queued" for t in sleepers
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        servers[1].stop(signal.SIGKILL)  # with whatever it held
+        with servers[0].client(key) as client:
+            views = [
+                client.get(f"/v1/tasks/{task['id']}", params={"wait": 60}).json()
+                for task in [*sleepers, *echoes]
+            ]
+        assert [view["state"] for view in views] == ["succeeded"] * 34, views
+        said = [base64.b64decode(result_of(view)["stdout"]) for view in views[4:]]
+        assert said == [b"%d" % n for n in range(30)]
+        assert {view["attempts"] for view in views} <= {1, 2}
+        assert any(view["attempts"] == 2 for view in views[:4])  # the killed one's, again
+    finally:
+        for server in servers:
+            server.stop()
+        engine = sa.create_engine(postgres_server.url)  # leave the session's database empty
+        try:
+            with engine.begin() as connection:
+                connection.exec_driver_sql("DROP TABLE tasks, keys, alembic_version")
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.docker
+def test_a_killed_servers_containers_are_reaped_and_its_task_runs_again(
+    tmp_path: Path, docker_executor: Any
+) -> None:
+    from parity_sandbox.runtimes.docker import host as docker_host
+
+    server = Service(tmp_path / "state", tmp_path / "cache")
+    server.state.mkdir()
+    key = server.make_key("heidi")
+    server.start()
+    assert server.process is not None
+    pid = server.process.pid
+    task = {"image": TEST_IMAGE, "command": ["sh", "-c", "sleep 3; echo done"]}
+    try:
+        with server.client(key) as client:
+            view = client.post("/v1/tasks", json=task).json()
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/tasks/{view['id']}").json()["state"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        api = docker_executor._api
+        managed = {"label": f"{docker_host.MANAGED}=true"}
+
+        def theirs() -> list[str]:
+            found = api.containers(all=True, filters=managed)
+            return [c["Id"] for c in found if f":{pid}:" in c["Labels"][docker_host.OWNER]]
+
+        deadline = time.monotonic() + 30
+        while not theirs():  # the task's container exists before it is sent
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.stop(signal.SIGKILL)
+        assert theirs()  # left behind by the kill
+        server.start()
+        with server.client(key) as client:
+            done = client.get(f"/v1/tasks/{view['id']}", params={"wait": 60}).json()
+        assert done["state"] == "succeeded" and done["attempts"] == 2, done
+        assert base64.b64decode(result_of(done)["stdout"]) == b"done\n"
+        assert theirs() == []  # reaped by the new server
+    finally:
+        server.stop()

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         Task,
     )
     from parity_sandbox._record import Record, Verification, verify
+    from parity_sandbox.remote import RemoteExecutor
     from parity_sandbox.runtimes.docker.executor import DockerExecutor
     from parity_sandbox.runtimes.wasm.executor import WasmExecutor
 
@@ -74,6 +75,7 @@ _WHERE: dict[str, str] = {
     "PreparedTask": "parity_sandbox._executor",
     "RunReport": "parity_sandbox._executor",
     "Record": "parity_sandbox._record",
+    "RemoteExecutor": "parity_sandbox.remote",
     "RedisCache": "parity_sandbox._cache",
     "ResourceLimitExceeded": "parity_sandbox._exceptions",
     "ResourceUsage": "parity_sandbox._models",
@@ -122,6 +124,7 @@ __all__ = [
     "PreparedTask",
     "Record",
     "RedisCache",
+    "RemoteExecutor",
     "ResourceLimitExceeded",
     "ResourceUsage",
     "Result",

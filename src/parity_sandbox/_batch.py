@@ -11,7 +11,7 @@ from __future__ import annotations
 import binascii
 import json
 import os
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
@@ -56,10 +56,13 @@ def run_batch(
     *,
     max_parallel: int | None = None,
     memory_budget: int | None = None,
+    make_executor: Callable[[str], Executor] | None = None,
 ) -> Generator[Result, None, None]:
     """Run ``tasks`` (each on the runtime it names, else the default), yielding results in
-    order; each runtime's executor is made on first use and closed at the end."""
+    order; each runtime's executor is made on first use (by ``make_executor(runtime)``, by
+    default the runtime's own class) and closed at the end."""
     executors: dict[str, Executor] = {}
+    make = make_executor or (lambda name: executor_class(name)(config))
 
     def placed(
         items: Iterable[Task | InvalidInput],
@@ -71,7 +74,7 @@ def run_batch(
             name = item.runtime_name or config.default_runtime
             try:
                 if name not in executors:
-                    executors[name] = executor_class(name)(config)
+                    executors[name] = make(name)
             except SandboxError as exc:
                 yield None, exc
                 continue

@@ -260,6 +260,16 @@ class ServiceSettings(_Model):
     #: up to ``max_attempts`` runs in all) or mark it ``lost``.
     on_restart: Literal["retry", "lost"] = "retry"
     max_attempts: int = Field(default=3, ge=1, le=100)
+    #: How long a server holds a running task without renewing it; a task whose server has
+    #: not renewed it for this long (it died) is recovered by another server.
+    lease: Seconds = 30.0
+
+    @field_validator("lease")
+    @classmethod
+    def _lease(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("at least 1 s: a server renews its leases every sixth of it")
+        return value
 
     def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
         """``state_dir``, or ``$XDG_STATE_HOME/parity-sandbox`` (``~/.local/state`` by default)."""
@@ -394,13 +404,18 @@ _SECTIONS: dict[str, type[_Model]] = {
 }
 
 
+#: ``PARITY_SANDBOX_*`` variables that are not configuration keys: the config file's path, more
+#: runtimes, and the API key of ``RemoteExecutor`` (a secret, never shown by ``config show``).
+_NOT_CONFIG = frozenset({CONFIG_ENV, runtimes.RUNTIMES_ENV, "PARITY_SANDBOX_API_KEY"})
+
+
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Config keys set by ``PARITY_SANDBOX_*`` variables, and which variable set each."""
     overrides: dict[str, Any] = {}
     origin: dict[str, str] = {}
     top_keys = set(Config.model_fields) - set(_SECTIONS) - {"runtimes"}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, runtimes.RUNTIMES_ENV):
+        if not name.startswith(ENV_PREFIX) or name in _NOT_CONFIG:
             continue
         key = name.removeprefix(ENV_PREFIX).lower()
         section, _, sub = key.partition("_")

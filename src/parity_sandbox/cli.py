@@ -40,8 +40,8 @@ from rich.table import Table
 from parity_sandbox._batch import read_tasks
 from parity_sandbox._batch import run_batch as run_batch_results
 from parity_sandbox._cache import ResultCache, open_cache
-from parity_sandbox._config import load_config
-from parity_sandbox._exceptions import InvalidInput, SandboxError
+from parity_sandbox._config import Config, load_config
+from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Executor
 from parity_sandbox._executor import portable as make_portable
 from parity_sandbox._fs import write_files
@@ -202,6 +202,12 @@ def run(
     runtime: Annotated[
         str | None, typer.Option(help="Runtime: wasm or docker (default: from config).")
     ] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on a parity-sandbox service at this URL (key: $PARITY_SANDBOX_API_KEY)."
+        ),
+    ] = None,
     image: Annotated[
         str | None,
         typer.Option(help="Docker image to run (implies --runtime docker); CMD ARGS after --."),
@@ -324,7 +330,7 @@ def run(
             if docker_only:
                 raise InvalidInput(f"{', '.join(docker_only)}: only for Docker tasks (--image)")
             task = Task(wasm_file=Path(target), args=tuple(args or ()), runtime=runtime, **common)
-        with executor_class(runtime or settings.default_runtime)(settings) as executor:
+        with _executor_for(runtime or settings.default_runtime, settings, remote) as executor:
             try:
                 result = executor.execute(task)
             except SandboxError as exc:
@@ -361,6 +367,12 @@ def run_batch(
     warm_pool: Annotated[
         bool, typer.Option("--warm-pool", help="Start Docker containers ahead of the tasks.")
     ] = False,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on a parity-sandbox service at this URL (key: $PARITY_SANDBOX_API_KEY)."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Run a file of tasks; write one JSON Result per line, in the order of the tasks.
@@ -391,7 +403,12 @@ def run_batch(
             console=_err,
             transient=False,
         )
-        batch = run_batch_results(read_tasks(source), settings, max_parallel=parallel)
+        batch = run_batch_results(
+            read_tasks(source),
+            settings,
+            max_parallel=parallel,
+            make_executor=lambda name: _executor_for(name, settings, remote),
+        )
         try:
             with progress:
                 bar = progress.add_task("tasks", total=total, failed=0)
@@ -416,6 +433,17 @@ def run_batch(
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(code)
+
+
+def _executor_for(runtime: str, settings: Config, remote: str | None) -> Executor:
+    """The executor a command runs on: the runtime's here, or a service's (``--remote``)."""
+    if remote is None:
+        return executor_class(runtime)(settings)
+    try:
+        from parity_sandbox.remote import RemoteExecutor
+    except ImportError as exc:
+        raise RuntimeUnavailable(str(exc)) from None
+    return RemoteExecutor(remote, config=settings)
 
 
 def _save_record(executor: Executor, task: Task, result: Result, path: Path) -> None:

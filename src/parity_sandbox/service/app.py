@@ -213,17 +213,14 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             float | None, Query(ge=0, description="seconds to wait for the result")
         ] = None,
         idempotency_key: Annotated[str | None, Header()] = None,
+        use_cache: Annotated[
+            bool, Query(description="false: run it even if the result cache has its result")
+        ] = True,
     ) -> JSONResponse:
         """Queue a task (its ``Task`` fields in record form: bytes in base64), with an
         optional ``callback_url``. ``202`` and ``Location`` once it is stored; with
         ``?wait=SECONDS``, ``200`` and the result if it ends in time."""
-        if wait is not None and wait > settings.max_wait:
-            raise Problem(
-                422,
-                "Invalid Request",
-                f"wait: at most {settings.max_wait:g} seconds",
-                field="wait",
-            )
+        _check_wait(wait, settings.max_wait)
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise Problem(
                 422,
@@ -244,6 +241,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                     body_sha256=hashlib.sha256(body).hexdigest(),
                     max_active=key.max_active or settings.max_active_per_key,
                     max_queued=settings.max_queued,
+                    use_cache=use_cache,
                 )
             )
         except Conflict:
@@ -310,11 +308,23 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         }
 
     @app.get("/v1/tasks/{task_id}", tags=["tasks"])
-    async def get_task(task_id: str, key: KeyDep) -> dict[str, Any]:
-        """The task, and its result once it ended."""
+    async def get_task(
+        task_id: str,
+        key: KeyDep,
+        wait: Annotated[
+            float | None, Query(ge=0, description="seconds to wait for the task to end")
+        ] = None,
+    ) -> dict[str, Any]:
+        """The task, and its result once it ended; ``?wait=SECONDS`` answers when it ends
+        or when the time is up, whichever comes first."""
+        _check_wait(wait, settings.max_wait)
         row = await run_in_threadpool(store.task, task_id, key)
         if row is None:
             raise _not_found()
+        if wait and row.state in ("queued", "running"):
+            await dispatcher.wait(task_id, wait)
+            now = await run_in_threadpool(store.task, task_id, key)
+            row = now if now is not None else row
         return task_view(row)
 
     @app.get("/v1/tasks/{task_id}/files/{path:path}", tags=["tasks"])
@@ -356,6 +366,11 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         return Response(status_code=204)
 
     return app
+
+
+def _check_wait(wait: float | None, most: float) -> None:
+    if wait is not None and wait > most:
+        raise Problem(422, "Invalid Request", f"wait: at most {most:g} seconds", field="wait")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

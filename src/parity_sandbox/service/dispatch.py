@@ -16,13 +16,14 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from parity_sandbox import runtimes
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import SandboxError
 from parity_sandbox._executor import Executor
 from parity_sandbox._models import Result, Status
 from parity_sandbox._record import task_from_document
 from parity_sandbox.runtimes import executor_class
-from parity_sandbox.service.store import LEASE, Store, TaskRow
+from parity_sandbox.service.store import Store, TaskRow
 
 log = logging.getLogger("parity_sandbox.service")
 
@@ -61,6 +62,11 @@ class Dispatcher:
             self.ready = True
         except SandboxError as exc:
             log.warning("the %s runtime is not usable: %s", self.config.default_runtime, exc)
+        if "docker" in runtimes.names() and "docker" not in self._executors:
+            # A Docker executor removes, as it starts, the containers of dead processes: a
+            # server killed while it ran Docker tasks leaves some.
+            with contextlib.suppress(SandboxError):
+                await self._executor("docker")
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim"),
             asyncio.create_task(self._lease_loop(), name="lease"),
@@ -130,13 +136,30 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), POLL)
 
     async def _lease_loop(self) -> None:
+        """Renew this server's leases, act on cancellations asked of other servers, and
+        recover the tasks of servers whose leases ran out (they died)."""
+        loop = asyncio.get_running_loop()
+        renewed = recovered = loop.time()
+        settings = self.config.service
         while True:
-            await asyncio.sleep(min(LEASE / 3, 5.0) if self._running else POLL)
+            await asyncio.sleep(POLL)
             try:
-                if self._running:
+                now = loop.time()
+                if self._running and now - renewed >= self.store.lease / 6:
                     await asyncio.to_thread(self.store.renew, self.owner)
+                    renewed = now
                 for task_id in await asyncio.to_thread(self.store.cancel_requested, self.owner):
                     self.cancel(task_id)
+                if now - recovered >= self.store.lease / 3:
+                    recovered = now
+                    counts = await asyncio.to_thread(
+                        lambda: self.store.recover(
+                            retry=settings.on_restart == "retry",
+                            max_attempts=settings.max_attempts,
+                        )
+                    )
+                    if counts["requeued"]:
+                        self.wake()
             except Exception:
                 log.exception("cannot renew leases")
 
@@ -148,7 +171,7 @@ class Dispatcher:
             try:
                 task = task_from_document(json.loads(row.task))
                 executor = await self._executor(row.runtime)
-                result = await executor.execute_async(task)
+                result = await executor.execute_async(task, use_cache=row.use_cache)
             except SandboxError as exc:
                 result = exc.result or Result(
                     status=Status.ERROR,

@@ -21,7 +21,7 @@ log = logging.getLogger("parity_sandbox.service")
 
 def open_store(config: Config) -> Store:
     """The configured store, its schema made or upgraded to this version's."""
-    store = Store(config.service.resolved_database_url())
+    store = Store(config.service.resolved_database_url(), lease=config.service.lease)
     try:
         store.migrate()
     except BaseException:

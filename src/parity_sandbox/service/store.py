@@ -88,6 +88,8 @@ tasks = sa.Table(
     sa.Column("owner", sa.String(128), nullable=True),
     sa.Column("lease_until", sa.Float, nullable=True),
     sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    #: ``False``: run it even where the result cache has its result.
+    sa.Column("use_cache", sa.Boolean, nullable=False, server_default=sa.true()),
     #: Why it ended without a result (cancelled, lost).
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -127,6 +129,7 @@ class TaskRow:
     idempotency_key: str | None
     body_sha256: str
     attempts: int
+    use_cache: bool
     owner: str | None
     reason: str | None
     created_at: float
@@ -164,8 +167,10 @@ _TASK_COLUMNS = [tasks.c[name] for name in TaskRow.__dataclass_fields__]
 class Store:
     """Keys and tasks in one database; thread-safe (one connection per operation)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, lease: float = LEASE) -> None:
         self.url = sa.make_url(url)
+        #: Seconds a server holds a running task without renewing it.
+        self.lease = lease
         self.sqlite = self.url.get_backend_name() == "sqlite"
         if self.sqlite and self.url.database:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -266,6 +271,7 @@ class Store:
         body_sha256: str,
         max_active: int,
         max_queued: int,
+        use_cache: bool = True,
     ) -> tuple[TaskRow, bool]:
         """Queue a task (committed when this returns); ``(row, False)`` for a repeated
         ``Idempotency-Key`` with the same body.
@@ -305,6 +311,7 @@ class Store:
                 "idempotency_key": idempotency_key,
                 "body_sha256": body_sha256,
                 "attempts": 0,
+                "use_cache": use_cache,
                 "owner": None,
                 "lease_until": None,
                 "cancel_requested": False,
@@ -365,7 +372,7 @@ class Store:
                 .values(
                     state="running",
                     owner=owner,
-                    lease_until=now + LEASE,
+                    lease_until=now + self.lease,
                     attempts=tasks.c.attempts + 1,
                     started_at=now,
                 )
@@ -383,7 +390,7 @@ class Store:
             connection.execute(
                 tasks.update()
                 .where(tasks.c.owner == owner, tasks.c.state == "running")
-                .values(lease_until=time.time() + LEASE)
+                .values(lease_until=time.time() + self.lease)
             )
 
     def finish(
