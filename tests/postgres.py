@@ -338,3 +338,17 @@ def postgres_server() -> Iterator[PostgresServer]:
         pytest.skip(f"no PostgreSQL: {exc}")
     with server:
         yield server
+
+
+def empty_database(url: str) -> None:
+    """Drop everything in the database at ``url`` (its ``public`` schema), for the next test
+    that uses the session's server."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP SCHEMA public CASCADE")
+            connection.exec_driver_sql("CREATE SCHEMA public")
+    finally:
+        engine.dispose()

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
         "service",  # the HTTP service (extra [service]); its package imports nothing
         "service.store",
     },
-    {"_fs", "runtimes", "runtimes.docker.daemon"},
+    {"_fs", "runtimes", "runtimes.docker.daemon", "service.views"},
     {"runtimes.wasm.protocol", "runtimes.docker.streams"},
     {"runtimes.wasm.worker", "_models"},
     {"_config", "runtimes.wasm.modules"},
@@ -33,6 +33,7 @@ LAYERS: list[set[str]] = [
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},
     {"runtimes.docker.executor", "runtimes.wasm.executor", "_record"},
+    {"service.webhooks"},
     {"_batch", "service.dispatch", "remote"},
     {"cli", "service.app"},
 ]

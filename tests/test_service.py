@@ -15,10 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from conftest import TEST_IMAGE, WasmFixtures
-from postgres import PostgresServer
+from postgres import PostgresServer, empty_database
 from service_server import CLI, Service
 
 pytest.importorskip("fastapi")
@@ -401,12 +400,7 @@ def test_two_servers_share_a_postgresql_store_and_survive_a_kill(
     finally:
         for server in servers:
             server.stop()
-        engine = sa.create_engine(postgres_server.url)  # leave the session's database empty
-        try:
-            with engine.begin() as connection:
-                connection.exec_driver_sql("DROP TABLE tasks, keys, alembic_version")
-        finally:
-            engine.dispose()
+        empty_database(postgres_server.url)  # for the next test on the server
 
 
 @pytest.mark.docker

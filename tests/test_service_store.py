@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("alembic")
 
 from parity_sandbox.service.store import Conflict, Key, QuotaExceeded, Store
-from postgres import PostgresServer
+from postgres import PostgresServer, empty_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -28,11 +28,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     try:
         yield made
     finally:
-        if not made.sqlite:  # the session's database: leave it empty for the next test
-            with made.engine.begin() as connection:
-                connection.exec_driver_sql("DROP TABLE tasks; DROP TABLE keys;")
-                connection.exec_driver_sql("DROP TABLE alembic_version")
         made.close()
+        if not made.sqlite:  # the session's database: leave it empty for the next test
+            empty_database(url)
 
 
 def key_of(store: Store, name: str, **extra: object) -> Key:

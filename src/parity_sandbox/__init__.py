@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         RuntimeSettings,
         ServiceSettings,
         WasmSettings,
+        WebhookSettings,
         load_config,
     )
     from parity_sandbox._exceptions import (
@@ -82,6 +83,7 @@ _WHERE: dict[str, str] = {
     "Result": "parity_sandbox._models",
     "RuntimeSettings": "parity_sandbox._config",
     "ServiceSettings": "parity_sandbox._config",
+    "WebhookSettings": "parity_sandbox._config",
     "ResultCache": "parity_sandbox._cache",
     "RuntimeInfo": "parity_sandbox._models",
     "RuntimeUnavailable": "parity_sandbox._exceptions",
@@ -143,6 +145,7 @@ __all__ = [
     "Verification",
     "WasmExecutor",
     "WasmSettings",
+    "WebhookSettings",
     "__version__",
     "load_config",
     "open_cache",

@@ -234,6 +234,20 @@ class CacheSettings(_Model):
         return self
 
 
+class WebhookSettings(_Model):
+    """``service.webhooks``: how an ended task's result is posted to its ``callback_url``."""
+
+    #: Deliver to addresses that are loopback, private, link-local or otherwise not public
+    #: (refused by default: a callback must not make the server probe its own network).
+    allow_private: bool = False
+    #: Attempts before a delivery is given up (each failure waits twice as long as the last).
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    #: The wait after the first failure.
+    retry_base: Seconds = 1.0
+    #: How long one attempt may take.
+    timeout: Seconds = 10.0
+
+
 class ServiceSettings(_Model):
     """The ``service`` section: ``parity-sandbox serve`` (the HTTP API, extra ``[service]``)."""
 
@@ -263,6 +277,7 @@ class ServiceSettings(_Model):
     #: How long a server holds a running task without renewing it; a task whose server has
     #: not renewed it for this long (it died) is recovered by another server.
     lease: Seconds = 30.0
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @field_validator("lease")
     @classmethod

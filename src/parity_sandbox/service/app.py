@@ -16,7 +16,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -33,7 +32,9 @@ from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._record import _task_document, task_from_document
 from parity_sandbox.runtimes import executor_class
 from parity_sandbox.service.dispatch import Dispatcher
-from parity_sandbox.service.store import STATES, Conflict, Key, QuotaExceeded, Store, TaskRow
+from parity_sandbox.service.store import STATES, Conflict, Key, QuotaExceeded, Store
+from parity_sandbox.service.views import task_view
+from parity_sandbox.service.webhooks import public_address_problem
 
 log = logging.getLogger("parity_sandbox.service")
 
@@ -77,30 +78,6 @@ class Problem(Exception):
 
 def _not_found() -> Problem:
     return Problem(404, "Not Found", "no such task")
-
-
-def _iso(stamp: float | None) -> str | None:
-    if stamp is None:
-        return None
-    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
-
-
-def task_view(row: TaskRow, *, with_result: bool = True) -> dict[str, Any]:
-    """A task as the API shows it; ``result`` is the ``Result`` as ``Result.to_json`` writes
-    it (bytes in base64), so clients rebuild it exactly."""
-    view: dict[str, Any] = {
-        "id": row.id,
-        "state": row.state,
-        "runtime": row.runtime,
-        "attempts": row.attempts,
-        "created_at": _iso(row.created_at),
-        "started_at": _iso(row.started_at),
-        "ended_at": _iso(row.ended_at),
-        "reason": row.reason,
-    }
-    if with_result:
-        view["result"] = json.loads(row.result) if row.result is not None else None
-    return view
 
 
 async def authenticated(
@@ -230,6 +207,16 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             )
         body = await _read_body(request, settings.max_body)
         runtime, record, callback_url = _parse_task(body, config)
+        if callback_url is not None and not settings.webhooks.allow_private:
+            problem = await run_in_threadpool(public_address_problem, callback_url)
+            if problem is not None:
+                raise Problem(
+                    422,
+                    "Invalid Request",
+                    f"callback_url: {problem} (an operator may allow that: "
+                    "service.webhooks.allow_private)",
+                    field="callback_url",
+                )
         try:
             row, created = await run_in_threadpool(
                 lambda: store.add_task(
@@ -276,6 +263,27 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         return JSONResponse(
             task_view(row), 200 if ended and wait else 202, headers={"Location": location}
         )
+
+    @app.get("/v1/keys/me", tags=["keys"])
+    async def key_me(key: KeyDep) -> dict[str, Any]:
+        """The key that makes the request: its name, rights, and the secret that signs its
+        webhooks (``X-Parity-Signature``)."""
+        return {
+            "name": key.name,
+            "admin": key.admin,
+            "max_active": key.max_active or settings.max_active_per_key,
+            "webhook_secret": key.webhook_secret,
+        }
+
+    @app.get("/v1/tasks/{task_id}/deliveries", tags=["tasks"])
+    async def task_deliveries(task_id: str, key: KeyDep) -> dict[str, Any]:
+        """The webhook deliveries of a task: state, attempts, last error."""
+        row = await run_in_threadpool(store.task, task_id, key)
+        if row is None:
+            raise _not_found()
+        found = await run_in_threadpool(store.deliveries_of, task_id)
+        shown = ("url", "state", "attempts", "last_error")
+        return {"deliveries": [{name: item[name] for name in shown} for item in found]}
 
     @app.get("/v1/tasks", tags=["tasks"])
     async def list_tasks(

@@ -24,6 +24,7 @@ from parity_sandbox._models import Result, Status
 from parity_sandbox._record import task_from_document
 from parity_sandbox.runtimes import executor_class
 from parity_sandbox.service.store import Store, TaskRow
+from parity_sandbox.service.webhooks import Deliverer
 
 log = logging.getLogger("parity_sandbox.service")
 
@@ -47,6 +48,9 @@ class Dispatcher:
         #: Task id -> [event set when it ends here, requests waiting on it].
         self._waiters: dict[str, tuple[asyncio.Event, list[int]]] = {}
         self._wake = asyncio.Event()
+        #: Set when a task ends here: its webhook may be due.
+        self._deliveries_due = asyncio.Event()
+        self._deliverer: Deliverer | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._threads = ThreadPoolExecutor(self.capacity + 4, "parity-sandbox-service")
@@ -67,9 +71,11 @@ class Dispatcher:
             # server killed while it ran Docker tasks leaves some.
             with contextlib.suppress(SandboxError):
                 await self._executor("docker")
+        self._deliverer = Deliverer(self.store, self.config.service.webhooks)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim"),
             asyncio.create_task(self._lease_loop(), name="lease"),
+            asyncio.create_task(self._deliverer.run(self._deliveries_due), name="webhooks"),
         ]
 
     async def stop(self) -> None:
@@ -79,6 +85,8 @@ class Dispatcher:
         for task in [*self._loops, *self._running.values()]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._running.values(), return_exceptions=True)
+        if self._deliverer is not None:
+            await self._deliverer.close()
         for executor in self._executors.values():
             await asyncio.to_thread(executor.close)
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -195,6 +203,7 @@ class Dispatcher:
             waiting = self._waiters.get(row.id)
             if waiting is not None:
                 waiting[0].set()
+            self._deliveries_due.set()
 
     async def _executor(self, runtime: str) -> Executor:
         """The executor of ``runtime``, made on first use (in a thread: Docker's start is

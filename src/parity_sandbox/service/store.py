@@ -101,6 +101,36 @@ tasks = sa.Table(
 )
 
 
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("task_id", sa.String(32), nullable=False),
+    sa.Column("key_id", sa.String(32), sa.ForeignKey("keys.id"), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    #: ``pending`` (``next_at`` says when), ``delivered``, or ``failed`` (out of attempts).
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_at", sa.Float, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float, nullable=True),
+    sa.Index("ix_deliveries_state_next", "state", "next_at"),
+)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook to send: the ended task ``task_id``, to ``url``, signed with the key's
+    secret."""
+
+    seq: int
+    task_id: str
+    url: str
+    attempts: int
+    webhook_secret: str
+
+
 @dataclass(frozen=True)
 class Key:
     """An API key as the store knows it (never the key itself)."""
@@ -416,6 +446,8 @@ class Store:
                     lease_until=None,
                 )
             )
+            if done.rowcount == 1:
+                _queue_deliveries(connection, tasks.c.id == task_id)
         return done.rowcount == 1
 
     def cancel(self, task_id: str, key: Key) -> TaskRow | None:
@@ -425,7 +457,7 @@ class Store:
         if row is None:
             return None
         with self._begin() as connection:
-            connection.execute(
+            cancelled = connection.execute(
                 tasks.update()
                 .where(tasks.c.id == task_id, tasks.c.state == "queued")
                 .values(
@@ -434,6 +466,8 @@ class Store:
                     ended_at=time.time(),
                 )
             )
+            if cancelled.rowcount == 1:
+                _queue_deliveries(connection, tasks.c.id == task_id)
             connection.execute(
                 tasks.update()
                 .where(tasks.c.id == task_id, tasks.c.state == "running")
@@ -482,17 +516,21 @@ class Store:
                     .where(tasks.c.cancel_requested.is_(False))
                     .values(state="queued", owner=None, lease_until=None)
                 ).rowcount
-            counts["lost"] = connection.execute(
-                tasks.update()
-                .where(orphaned)
-                .values(
-                    state="lost",
-                    owner=None,
-                    lease_until=None,
-                    ended_at=now,
-                    reason="its server stopped while it ran",
+            lost = [row.id for row in connection.execute(sa.select(tasks.c.id).where(orphaned))]
+            if lost:
+                connection.execute(
+                    tasks.update()
+                    .where(tasks.c.id.in_(lost))
+                    .values(
+                        state="lost",
+                        owner=None,
+                        lease_until=None,
+                        ended_at=now,
+                        reason="its server stopped while it ran",
+                    )
                 )
-            ).rowcount
+                _queue_deliveries(connection, tasks.c.id.in_(lost))
+            counts["lost"] = len(lost)
         return counts
 
     def active(self) -> int:
@@ -503,6 +541,104 @@ class Store:
                     sa.select(sa.func.count()).where(tasks.c.state.in_(("queued", "running")))
                 ).scalar_one()
             )
+
+    # -- webhooks ----------------------------------------------------------------------------
+
+    def due_deliveries(self, limit: int, hold: float) -> list[Delivery]:
+        """Take up to ``limit`` pending deliveries that are due, for ``hold`` seconds (another
+        server does not take them meanwhile; a server that dies releases them so)."""
+        now = time.time()
+        with self._begin() as connection:
+            picked = (
+                sa.select(deliveries.c.seq)
+                .where(deliveries.c.state == "pending", deliveries.c.next_at <= now)
+                .order_by(deliveries.c.next_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            seqs = [row.seq for row in connection.execute(picked)]
+            if not seqs:
+                return []
+            connection.execute(
+                deliveries.update().where(deliveries.c.seq.in_(seqs)).values(next_at=now + hold)
+            )
+            rows = connection.execute(
+                sa.select(
+                    deliveries.c.seq,
+                    deliveries.c.task_id,
+                    deliveries.c.url,
+                    deliveries.c.attempts,
+                    keys.c.webhook_secret,
+                )
+                .join(keys, keys.c.id == deliveries.c.key_id)
+                .where(deliveries.c.seq.in_(seqs))
+                .order_by(deliveries.c.seq)
+            ).all()
+        return [
+            Delivery(
+                seq=row.seq,
+                task_id=row.task_id,
+                url=row.url,
+                attempts=row.attempts,
+                webhook_secret=row.webhook_secret,
+            )
+            for row in rows
+        ]
+
+    def delivery_done(self, seq: int, *, error: str | None, retry_in: float | None) -> None:
+        """Record an attempt: delivered (``error`` is ``None``), to be tried again in
+        ``retry_in`` seconds, or failed for good (``retry_in`` is ``None``)."""
+        now = time.time()
+        values: dict[str, Any] = {"attempts": deliveries.c.attempts + 1, "last_error": error}
+        if error is None:
+            values.update(state="delivered", delivered_at=now)
+        elif retry_in is None:
+            values.update(state="failed")
+        else:
+            values.update(next_at=now + retry_in)
+        with self._begin() as connection:
+            connection.execute(deliveries.update().where(deliveries.c.seq == seq).values(values))
+
+    def deliveries_of(self, task_id: str) -> list[dict[str, Any]]:
+        """The deliveries of a task, oldest first."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(deliveries)
+                .where(deliveries.c.task_id == task_id)
+                .order_by(deliveries.c.seq)
+            ).all()
+        return [dict(row._mapping) for row in rows]
+
+    def task_any(self, task_id: str) -> TaskRow | None:
+        """The task ``task_id``, whoever owns it (for the server's own use)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(*_TASK_COLUMNS).where(tasks.c.id == task_id)).first()
+        return None if row is None else _task(row)
+
+
+def _queue_deliveries(connection: Connection, which: Any) -> None:
+    """Queue a webhook for each task ``which`` selects that has a callback URL, in the
+    transaction that ended it: an ended task's webhook is never forgotten."""
+    now = time.time()
+    rows = connection.execute(
+        sa.select(tasks.c.id, tasks.c.key_id, tasks.c.callback_url).where(
+            which, tasks.c.callback_url.is_not(None)
+        )
+    ).all()
+    for row in rows:
+        connection.execute(
+            deliveries.insert().values(
+                task_id=row.id,
+                key_id=row.key_id,
+                url=row.callback_url,
+                state="pending",
+                attempts=0,
+                next_at=now,
+                last_error=None,
+                created_at=now,
+                delivered_at=None,
+            )
+        )
 
 
 class QuotaExceeded(Exception):
