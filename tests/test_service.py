@@ -4,6 +4,7 @@ keys made with the CLI, requests through httpx, tasks run by the real runtimes."
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -444,3 +445,71 @@ def test_a_killed_servers_containers_are_reaped_and_its_task_runs_again(
         assert theirs() == []  # reaped by the new server
     finally:
         server.stop()
+
+
+def test_a_batch_is_stored_whole_and_answered_in_order(
+    service: Service, wasm: WasmFixtures
+) -> None:
+    tasks = [
+        module_task(wasm.echo_stdin, stdin=base64.b64encode(b"%d" % n).decode()) for n in range(25)
+    ]
+    with service.client(service.keys["bob"]) as client:
+        response = client.post("/v1/batches?wait=30", json={"tasks": tasks})
+        assert response.status_code == 200, response.text
+        views = response.json()["tasks"]
+        said = [base64.b64decode(result_of(view)["stdout"]) for view in views]
+        assert said == [b"%d" % n for n in range(25)]
+        # one bad task: the whole batch is refused, naming it, and nothing is stored
+        before = len(client.get("/v1/tasks", params={"limit": 1000}).json()["tasks"])
+        bad = [*tasks[:3], {"wasm_module": tasks[0]["wasm_module"], "limits": {"memory": "x"}}]
+        is_problem(client.post("/v1/batches", json={"tasks": bad}), 422, "tasks[3].limits.memory")
+        is_problem(client.post("/v1/batches", json={"tasks": []}), 422, "tasks")
+        is_problem(client.post("/v1/batches", json={"tasks": [1]}), 422, "tasks[0]")
+        after = len(client.get("/v1/tasks", params={"limit": 1000}).json()["tasks"])
+        assert after == before
+
+
+def test_a_module_is_sent_once_and_named_by_its_hash(service: Service, wasm: WasmFixtures) -> None:
+    module = wasm.echo_stdin.read_bytes()
+    digest = hashlib.sha256(module).hexdigest()
+    with service.client(service.keys["alice"]) as alice:
+        assert alice.put(f"/v1/modules/{digest}", content=module).status_code == 201
+        assert alice.put(f"/v1/modules/{digest}", content=module).status_code == 200
+        assert alice.get(f"/v1/modules/{digest}").content == module
+        stdin = base64.b64encode(b"by hash").decode()
+        task = {"wasm_module_sha256": digest, "stdin": stdin}
+        view = alice.post("/v1/tasks?wait=20", json=task).json()
+        assert base64.b64decode(result_of(view)["stdout"]) == b"by hash"
+        # bytes that do not match their hash, a bad hash, not a module: refused
+        wrong = hashlib.sha256(b"other").hexdigest()
+        is_problem(alice.put(f"/v1/modules/{wrong}", content=module), 422, "sha256")
+        is_problem(alice.put("/v1/modules/xyz", content=module), 422, "sha256")
+        text = b"not wasm"
+        is_problem(alice.put(f"/v1/modules/{hashlib.sha256(text).hexdigest()}", content=text), 422)
+    with service.client(service.keys["bob"]) as bob:  # another tenant's module: unknown
+        is_problem(bob.get(f"/v1/modules/{digest}"), 404)
+        is_problem(
+            bob.post("/v1/tasks", json={"wasm_module_sha256": digest}), 422, "wasm_module_sha256"
+        )
+
+
+def test_events_follow_a_task_to_its_end(service: Service, wasm: WasmFixtures) -> None:
+    with service.client(service.keys["alice"]) as client:
+        view = client.post("/v1/tasks", json=module_task(wasm.sleep, args=["1"])).json()
+        events = []
+        with client.stream("GET", f"/v1/tasks/{view['id']}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            name = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+        states = [data["state"] for name, data in events]
+        assert states[-1] == "succeeded" and events[-1][0] == "end"
+        assert (
+            "running" in states
+            and base64.b64decode(result_of(events[-1][1])["stdout"]) == b"woke\n"
+        )
+    with service.client(service.keys["bob"]) as bob:
+        is_problem(bob.get(f"/v1/tasks/{view['id']}/events"), 404)

@@ -8,6 +8,7 @@ key's task id is answered exactly as an unknown one.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -16,12 +17,13 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,7 +34,7 @@ from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._record import _task_document, task_from_document
 from parity_sandbox.runtimes import executor_class
 from parity_sandbox.service.dispatch import Dispatcher
-from parity_sandbox.service.store import STATES, Conflict, Key, QuotaExceeded, Store
+from parity_sandbox.service.store import STATES, Conflict, Key, NewTask, QuotaExceeded, Store
 from parity_sandbox.service.views import task_view
 from parity_sandbox.service.webhooks import public_address_problem
 
@@ -43,6 +45,11 @@ PROBLEM = "application/problem+json"
 MAX_PAGE = 1000
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _MAX_URL = 2048
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: The most tasks one ``POST /v1/batches`` carries.
+MAX_BATCH = 1000
+#: Seconds between looks at a task whose events a client follows.
+POLL_EVENTS = 0.5
 
 
 class Problem(Exception):
@@ -150,6 +157,27 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         log.exception("unexpected error")
         return Problem(500, "Internal Error", "the server failed; see its log").response()
 
+    async def find_modules(key: Key, documents: list[Any]) -> dict[str, bytes]:
+        found = {}
+        for digest in _module_hashes(documents):
+            module = await run_in_threadpool(store.module, key, digest)
+            if module is not None:
+                found[digest] = module
+        return found
+
+    async def check_callback(url: str | None, where: str) -> None:
+        if url is None or settings.webhooks.allow_private:
+            return
+        problem = await run_in_threadpool(public_address_problem, url)
+        if problem is not None:
+            raise Problem(
+                422,
+                "Invalid Request",
+                f"{where}callback_url: {problem} (an operator may allow that: "
+                "service.webhooks.allow_private)",
+                field=f"{where}callback_url",
+            )
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """The process answers."""
@@ -206,17 +234,11 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 field="Idempotency-Key",
             )
         body = await _read_body(request, settings.max_body)
-        runtime, record, callback_url = _parse_task(body, config)
-        if callback_url is not None and not settings.webhooks.allow_private:
-            problem = await run_in_threadpool(public_address_problem, callback_url)
-            if problem is not None:
-                raise Problem(
-                    422,
-                    "Invalid Request",
-                    f"callback_url: {problem} (an operator may allow that: "
-                    "service.webhooks.allow_private)",
-                    field="callback_url",
-                )
+        document = _json_body(body)
+        found = await find_modules(key, [document])
+        parsed = _parse_task(document, config, found)
+        await check_callback(parsed.callback_url, "")
+        runtime, record, callback_url = parsed.runtime, parsed.record, parsed.callback_url
         try:
             row, created = await run_in_threadpool(
                 lambda: store.add_task(
@@ -239,19 +261,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 field="Idempotency-Key",
             ) from None
         except QuotaExceeded as exc:
-            if exc.scope == "key":
-                raise Problem(
-                    429,
-                    "Too Many Requests",
-                    f"this key has {exc.limit} tasks queued or running, its most",
-                    headers={"Retry-After": "1"},
-                ) from None
-            raise Problem(
-                503,
-                "Service Unavailable",
-                f"the queue is full ({exc.limit} tasks)",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise _quota_problem(exc) from None
         if created:
             dispatcher.wake()
         if wait:
@@ -262,6 +272,143 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         ended = row.state not in ("queued", "running")
         return JSONResponse(
             task_view(row), 200 if ended and wait else 202, headers={"Location": location}
+        )
+
+    @app.post("/v1/batches", status_code=202, tags=["tasks"])
+    async def submit_batch(
+        request: Request,
+        key: KeyDep,
+        wait: Annotated[
+            float | None, Query(ge=0, description="seconds to wait for all the results")
+        ] = None,
+        use_cache: Annotated[bool, Query()] = True,
+    ) -> JSONResponse:
+        """Queue many tasks at once (``{"tasks": [...]}``, at most ``MAX_BATCH``): all are
+        stored, or none (a bad one is 422 naming ``tasks[i].field``). The tasks come back
+        in order; with ``?wait=SECONDS``, with their results if they end in time."""
+        _check_wait(wait, settings.max_wait)
+        body = await _read_body(request, settings.max_body)
+        document = _json_body(body)
+        items = document.get("tasks") if isinstance(document, dict) else None
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+            raise Problem(
+                422,
+                "Invalid Request",
+                f"tasks: a list of 1 to {MAX_BATCH} tasks",
+                field="tasks",
+            )
+        found = await find_modules(key, items)
+        parsed = [
+            _parse_task(item, config, found, f"tasks[{index}].") for index, item in enumerate(items)
+        ]
+        for index, item in enumerate(parsed):
+            await check_callback(item.callback_url, f"tasks[{index}].")
+        new = [
+            NewTask(
+                runtime=item.runtime,
+                task=item.record,
+                callback_url=item.callback_url,
+                body_sha256=hashlib.sha256(item.record).hexdigest(),
+                use_cache=use_cache,
+            )
+            for item in parsed
+        ]
+        try:
+            rows = await run_in_threadpool(
+                lambda: store.add_tasks(
+                    key,
+                    new,
+                    max_active=key.max_active or settings.max_active_per_key,
+                    max_queued=settings.max_queued,
+                )
+            )
+        except QuotaExceeded as exc:
+            raise _quota_problem(exc) from None
+        dispatcher.wake()
+        if wait:
+            deadline = asyncio.get_running_loop().time() + wait
+            for row in rows:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await dispatcher.wait(row.id, left)
+            now = await run_in_threadpool(store.tasks_by_id, [row.id for row in rows])
+            rows = [now.get(row.id, row) for row in rows]
+        ended = all(row.state not in ("queued", "running") for row in rows)
+        return JSONResponse(
+            {"tasks": [task_view(row) for row in rows]}, 200 if wait and ended else 202
+        )
+
+    @app.put("/v1/modules/{sha256}", tags=["modules"])
+    async def put_module(sha256: str, request: Request, key: KeyDep) -> JSONResponse:
+        """Keep a WebAssembly module (the raw bytes as the body) under its SHA-256, so that
+        tasks name it by ``wasm_module_sha256`` instead of carrying it."""
+        if not _SHA256.fullmatch(sha256):
+            raise Problem(422, "Invalid Request", "sha256: 64 lowercase hex digits", field="sha256")
+        module = await _read_body(request, settings.max_body)
+        if hashlib.sha256(module).hexdigest() != sha256:
+            raise Problem(
+                422,
+                "Invalid Request",
+                "the module's bytes do not have the SHA-256 its path names",
+                field="sha256",
+            )
+        if module[:4] != b"\0asm":
+            raise Problem(422, "Invalid Request", "not a WebAssembly module", field="body")
+        created = await run_in_threadpool(store.put_module, key, sha256, module)
+        return JSONResponse(
+            {"sha256": sha256, "size": len(module)},
+            201 if created else 200,
+            headers={"Location": f"/v1/modules/{sha256}"},
+        )
+
+    @app.get("/v1/modules/{sha256}", tags=["modules"])
+    async def get_module(sha256: str, key: KeyDep) -> Response:
+        """A module this key sent."""
+        module = (
+            await run_in_threadpool(store.module, key, sha256)
+            if _SHA256.fullmatch(sha256)
+            else None
+        )
+        if module is None:
+            raise Problem(404, "Not Found", "no such module")
+        return Response(module, media_type="application/wasm")
+
+    @app.get("/v1/tasks/{task_id}/events", tags=["tasks"])
+    async def task_events(task_id: str, key: KeyDep) -> StreamingResponse:
+        """Server-sent events of the task's states (``event: state``), then its end
+        (``event: end``, the task with its result); a comment every 15 s keeps it open."""
+        row = await run_in_threadpool(store.task, task_id, key)
+        if row is None:
+            raise _not_found()
+
+        async def events() -> AsyncIterator[bytes]:
+            last, quiet = None, 0.0
+            while True:
+                now = await run_in_threadpool(store.task, task_id, key)
+                if now is None:
+                    yield b"event: end\ndata: null\n\n"
+                    return
+                if now.state != last:
+                    last = now.state
+                    quiet = 0.0
+                    if now.state in ("queued", "running"):
+                        data = json.dumps({"id": now.id, "state": now.state})
+                        yield f"event: state\ndata: {data}\n\n".encode()
+                    else:
+                        data = json.dumps(task_view(now), separators=(",", ":"))
+                        yield f"event: end\ndata: {data}\n\n".encode()
+                        return
+                await dispatcher.wait(task_id, POLL_EVENTS)
+                quiet += POLL_EVENTS
+                if quiet >= 15:
+                    quiet = 0.0
+                    yield b": still there\n\n"
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
     @app.get("/v1/keys/me", tags=["keys"])
@@ -376,6 +523,22 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     return app
 
 
+def _quota_problem(exc: QuotaExceeded) -> Problem:
+    if exc.scope == "key":
+        return Problem(
+            429,
+            "Too Many Requests",
+            f"this key may have {exc.limit} tasks queued or running at once",
+            headers={"Retry-After": "1"},
+        )
+    return Problem(
+        503,
+        "Service Unavailable",
+        f"the queue is full ({exc.limit} tasks)",
+        headers={"Retry-After": "5"},
+    )
+
+
 def _check_wait(wait: float | None, most: float) -> None:
     if wait is not None and wait > most:
         raise Problem(422, "Invalid Request", f"wait: at most {most:g} seconds", field="wait")
@@ -395,14 +558,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_task(body: bytes, config: Config) -> tuple[str, bytes, str | None]:
-    """The task's runtime, record form and callback URL; ``Problem`` 422 naming the field."""
+def _json_body(body: bytes) -> Any:
     try:
-        document = json.loads(body)
+        return json.loads(body)
     except ValueError as exc:
         raise Problem(422, "Invalid Request", f"the body is not JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A task from a request: its runtime, its record form, its callback URL."""
+
+    runtime: str
+    record: bytes
+    callback_url: str | None
+
+
+def _parse_task(
+    document: Any, config: Config, modules: dict[str, bytes], where: str = ""
+) -> Parsed:
+    """A task from its record form (plus ``callback_url``, and ``wasm_module_sha256`` for a
+    module sent before: ``modules`` holds those found); ``Problem`` 422 naming the field
+    (``where`` prefixes it: ``tasks[3].``)."""
+
+    def invalid(detail: str, field: str | None) -> Problem:
+        named = f"{where}{field}" if field else (where.rstrip(".") or None)
+        return Problem(422, "Invalid Request", f"{where}{detail}", field=named)
+
     if not isinstance(document, dict):
-        raise Problem(422, "Invalid Request", "the body is a JSON object: a task's fields")
+        raise invalid("a task is a JSON object: the Task's fields", None)
+    document = dict(document)
     callback_url = document.pop("callback_url", None)
     if callback_url is not None:
         parts = urlsplit(callback_url) if isinstance(callback_url, str) else None
@@ -412,26 +597,42 @@ def _parse_task(body: bytes, config: Config) -> tuple[str, bytes, str | None]:
             or not parts.hostname
             or len(callback_url) > _MAX_URL
         ):
-            raise Problem(
-                422,
-                "Invalid Request",
-                "callback_url: an http or https URL of at most 2048 characters",
-                field="callback_url",
+            raise invalid(
+                "callback_url: an http or https URL of at most 2048 characters", "callback_url"
             )
+    digest = document.pop("wasm_module_sha256", None)
+    if digest is not None:
+        module = modules.get(digest) if isinstance(digest, str) else None
+        if module is None:
+            raise invalid(
+                "wasm_module_sha256: no module of yours has that hash; PUT it to "
+                "/v1/modules/{sha256} first",
+                "wasm_module_sha256",
+            )
+        if document.get("wasm_module") is not None:
+            raise invalid("give wasm_module or wasm_module_sha256, not both", "wasm_module")
+        document["wasm_module"] = base64.b64encode(module).decode()
     if document.get("wasm_file") is not None:
-        raise Problem(
-            422,
-            "Invalid Request",
+        raise invalid(
             "wasm_file: a path on the server is not yours to name; send the module's bytes "
-            "as wasm_module (base64)",
-            field="wasm_file",
+            "as wasm_module (base64), or its hash as wasm_module_sha256",
+            "wasm_file",
         )
     try:
         task = task_from_document(document)
     except InvalidInput as exc:
-        raise Problem(422, "Invalid Request", exc.message, field=exc.field) from None
+        raise invalid(exc.message, exc.field) from None
     except (ValueError, TypeError) as exc:  # bad base64
-        raise Problem(422, "Invalid Request", f"not base64: {exc}") from None
+        raise invalid(f"not base64: {exc}", None) from None
     runtime = task.runtime_name or config.default_runtime
     record = json.dumps(_task_document(task), separators=(",", ":")).encode()
-    return runtime, record, callback_url
+    return Parsed(runtime, record, callback_url)
+
+
+def _module_hashes(documents: list[Any]) -> set[str]:
+    """The ``wasm_module_sha256`` the tasks name."""
+    return {
+        document["wasm_module_sha256"]
+        for document in documents
+        if isinstance(document, dict) and isinstance(document.get("wasm_module_sha256"), str)
+    }

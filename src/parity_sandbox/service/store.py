@@ -119,6 +119,27 @@ deliveries = sa.Table(
 )
 
 
+modules = sa.Table(
+    "modules",
+    metadata,
+    sa.Column("key_id", sa.String(32), sa.ForeignKey("keys.id"), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("module", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task to queue: what ``add_tasks`` stores for each."""
+
+    runtime: str
+    task: bytes
+    callback_url: str | None
+    body_sha256: str
+    use_cache: bool = True
+
+
 @dataclass(frozen=True)
 class Delivery:
     """A webhook to send: the ended task ``task_id``, to ``url``, signed with the key's
@@ -365,6 +386,12 @@ class Store:
             row = connection.execute(query).first()
         return None if row is None else _task(row)
 
+    def tasks_by_id(self, ids: list[str]) -> dict[str, TaskRow]:
+        """The tasks ``ids`` names (whoever owns them: the caller checked), by id."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(sa.select(*_TASK_COLUMNS).where(tasks.c.id.in_(ids))).all()
+        return {row.id: _task(row) for row in rows}
+
     def state(self, task_id: str) -> str | None:
         """The task's state, whoever owns it; ``None`` if there is no such task."""
         with self.engine.connect() as connection:
@@ -541,6 +568,86 @@ class Store:
                     sa.select(sa.func.count()).where(tasks.c.state.in_(("queued", "running")))
                 ).scalar_one()
             )
+
+    def add_tasks(
+        self, key: Key, items: list[NewTask], *, max_active: int, max_queued: int
+    ) -> list[TaskRow]:
+        """Queue ``items`` all together, or none (one transaction, one quota check).
+
+        Raises:
+            QuotaExceeded: they do not all fit in the key's or the service's quota.
+        """
+        now = time.time()
+        with self._begin() as connection:
+            active = tasks.c.state.in_(("queued", "running"))
+            mine = connection.execute(
+                sa.select(sa.func.count()).where(active, tasks.c.key_id == key.id)
+            ).scalar_one()
+            if mine + len(items) > max_active:
+                raise QuotaExceeded("key", max_active)
+            everyone = connection.execute(sa.select(sa.func.count()).where(active)).scalar_one()
+            if everyone + len(items) > max_queued:
+                raise QuotaExceeded("service", max_queued)
+            ids = [uuid.uuid4().hex for _ in items]
+            connection.execute(
+                tasks.insert(),
+                [
+                    {
+                        "id": task_id,
+                        "key_id": key.id,
+                        "state": "queued",
+                        "runtime": item.runtime,
+                        "task": item.task,
+                        "result": None,
+                        "callback_url": item.callback_url,
+                        "idempotency_key": None,
+                        "body_sha256": item.body_sha256,
+                        "attempts": 0,
+                        "use_cache": item.use_cache,
+                        "owner": None,
+                        "lease_until": None,
+                        "cancel_requested": False,
+                        "reason": None,
+                        "created_at": now,
+                        "started_at": None,
+                        "ended_at": None,
+                    }
+                    for task_id, item in zip(ids, items, strict=True)
+                ],
+            )
+            rows = connection.execute(
+                sa.select(*_TASK_COLUMNS).where(tasks.c.id.in_(ids)).order_by(tasks.c.seq)
+            ).all()
+        return [_task(row) for row in rows]
+
+    # -- modules -----------------------------------------------------------------------------
+
+    def put_module(self, key: Key, sha256: str, module: bytes) -> bool:
+        """Keep ``module`` for ``key`` under its hash; ``False`` if it was there already."""
+        with self._begin() as connection:
+            there = connection.execute(
+                sa.select(modules.c.sha256).where(
+                    modules.c.key_id == key.id, modules.c.sha256 == sha256
+                )
+            ).first()
+            if there is not None:
+                return False
+            connection.execute(
+                modules.insert().values(
+                    key_id=key.id, sha256=sha256, module=module, created_at=time.time()
+                )
+            )
+        return True
+
+    def module(self, key: Key, sha256: str) -> bytes | None:
+        """``key``'s module with hash ``sha256``, if it sent one."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(modules.c.module).where(
+                    modules.c.key_id == key.id, modules.c.sha256 == sha256
+                )
+            ).first()
+        return None if row is None else bytes(row.module)
 
     # -- webhooks ----------------------------------------------------------------------------
 
