@@ -513,3 +513,36 @@ def test_events_follow_a_task_to_its_end(service: Service, wasm: WasmFixtures) -
         )
     with service.client(service.keys["bob"]) as bob:
         is_problem(bob.get(f"/v1/tasks/{view['id']}/events"), 404)
+
+
+def test_a_key_is_held_to_its_caps_and_its_daily_cpu_budget(
+    service: Service, wasm: WasmFixtures
+) -> None:
+    key = service.make_key(
+        "kim",
+        "--max-memory",
+        "64m",
+        "--max-timeout",
+        "5s",
+        "--runtime",
+        "wasm",
+        "--cpu-seconds-per-day",
+        "0.000001",
+    )
+    with service.client(key) as client:
+        over = module_task(wasm.hello, limits={"memory": "128m"})
+        is_problem(client.post("/v1/tasks", json=over), 403, "limits.memory")
+        # unset, the timeout is the service's default (10 s here): above the cap of 5 s
+        capped = module_task(wasm.hello, limits={"memory": "64m"})
+        is_problem(client.post("/v1/tasks", json=capped), 403, "limits.timeout")
+        docker = {"image": TEST_IMAGE, "command": ["true"]}
+        is_problem(client.post("/v1/tasks", json=docker), 403, "runtime")
+        ok = module_task(wasm.hello, limits={"memory": "64m", "timeout": "1s"})
+        batch = {"tasks": [ok, over]}
+        is_problem(client.post("/v1/batches", json=batch), 403, "tasks[1].limits.memory")
+        within = module_task(wasm.hello, limits={"memory": "64m", "timeout": "5s"})
+        first = client.post("/v1/tasks?wait=20", json=within)
+        assert first.status_code == 200 and first.json()["state"] == "succeeded"
+        spent = client.post("/v1/tasks", json=within)  # today's CPU seconds are used up
+        is_problem(spent, 429)
+        assert 0 < int(spent.headers["retry-after"]) <= 86401

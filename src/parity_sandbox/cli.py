@@ -668,6 +668,28 @@ def keys_create(
         int | None,
         typer.Option(help="Tasks queued and running at once (default: the service's)."),
     ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Cap on a task's memory, e.g. 512m.")
+    ] = None,
+    max_timeout: Annotated[
+        str | None, typer.Option(help="Cap on a task's timeout, e.g. 60s.")
+    ] = None,
+    max_cpus: Annotated[
+        str | None, typer.Option(help="Cap on a task's CPU limit in cores.")
+    ] = None,
+    max_disk: Annotated[
+        str | None, typer.Option(help="Cap on a task's disk limit, e.g. 1g.")
+    ] = None,
+    runtimes: Annotated[
+        list[str] | None, typer.Option("--runtime", help="A runtime it may use (repeatable).")
+    ] = None,
+    images: Annotated[
+        list[str] | None,
+        typer.Option("--image", help="An image pattern (fnmatch) it may run (repeatable)."),
+    ] = None,
+    cpu_seconds_per_day: Annotated[
+        float | None, typer.Option(help="CPU seconds its tasks may use per UTC day.")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Make an API key and print it, once: the store keeps only its hash."""
@@ -675,10 +697,34 @@ def keys_create(
         raise _fail(InvalidInput("NAME: 1 to 64 printable characters", field="name"), False)
     if max_active is not None and max_active < 1:
         raise _fail(InvalidInput("--max-active: at least 1", field="--max-active"), False)
+    try:
+        capped = Limits(memory=max_memory, timeout=max_timeout, cpu=max_cpus, disk=max_disk)
+        if cpu_seconds_per_day is not None and cpu_seconds_per_day <= 0:
+            raise InvalidInput("--cpu-seconds-per-day: more than 0", field="--cpu-seconds-per-day")
+        unknown = sorted(set(runtimes or ()) - set(runtime_names()))
+        if unknown:
+            raise InvalidInput(f"--runtime: no runtime {', '.join(unknown)}", field="--runtime")
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    caps: dict[str, Any] = {
+        name: getattr(capped, name)
+        for name in ("memory", "timeout", "cpu", "disk")
+        if getattr(capped, name) is not None
+    }
+    if runtimes:
+        caps["runtimes"] = sorted(set(runtimes))
+    if images:
+        caps["images"] = list(images)
     with _service_store(config) as store:
         if any(key.name == name for key in store.list_keys()):
             raise _fail(InvalidInput(f"a key named {name!r} exists", field="name"), False)
-        secret = store.create_key(name, admin=admin, max_active=max_active)
+        secret = store.create_key(
+            name,
+            admin=admin,
+            max_active=max_active,
+            caps=caps,
+            cpu_seconds_per_day=cpu_seconds_per_day,
+        )
     _out.print(secret, markup=False)
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -31,7 +32,9 @@ import parity_sandbox
 from parity_sandbox import runtimes
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
+from parity_sandbox._models import Task
 from parity_sandbox._record import _task_document, task_from_document
+from parity_sandbox._units import format_size
 from parity_sandbox.runtimes import executor_class
 from parity_sandbox.service.dispatch import Dispatcher
 from parity_sandbox.service.store import STATES, Conflict, Key, NewTask, QuotaExceeded, Store
@@ -165,6 +168,22 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 found[digest] = module
         return found
 
+    async def check_budget(key: Key) -> None:
+        """429 until the next UTC day once the key's tasks used its CPU seconds for today."""
+        budget = key.cpu_seconds_per_day
+        if budget is None:
+            return
+        now = time.time()
+        day = now - now % 86400
+        used = await run_in_threadpool(store.cpu_seconds_since, key, day)
+        if used >= budget:
+            raise Problem(
+                429,
+                "Too Many Requests",
+                f"this key used {used:.1f} of its {budget:g} CPU seconds for today (UTC)",
+                headers={"Retry-After": str(int(day + 86400 - now) + 1)},
+            )
+
     async def check_callback(url: str | None, where: str) -> None:
         if url is None or settings.webhooks.allow_private:
             return
@@ -237,6 +256,8 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         document = _json_body(body)
         found = await find_modules(key, [document])
         parsed = _parse_task(document, config, found)
+        _check_caps(key, parsed, config)
+        await check_budget(key)
         await check_callback(parsed.callback_url, "")
         runtime, record, callback_url = parsed.runtime, parsed.record, parsed.callback_url
         try:
@@ -302,7 +323,9 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             _parse_task(item, config, found, f"tasks[{index}].") for index, item in enumerate(items)
         ]
         for index, item in enumerate(parsed):
+            _check_caps(key, item, config, f"tasks[{index}].")
             await check_callback(item.callback_url, f"tasks[{index}].")
+        await check_budget(key)
         new = [
             NewTask(
                 runtime=item.runtime,
@@ -572,6 +595,7 @@ class Parsed:
     runtime: str
     record: bytes
     callback_url: str | None
+    task: Task
 
 
 def _parse_task(
@@ -626,7 +650,42 @@ def _parse_task(
         raise invalid(f"not base64: {exc}", None) from None
     runtime = task.runtime_name or config.default_runtime
     record = json.dumps(_task_document(task), separators=(",", ":")).encode()
-    return Parsed(runtime, record, callback_url)
+    return Parsed(runtime, record, callback_url, task)
+
+
+_shown: dict[str, Any] = {
+    "memory": lambda value: format_size(int(value)),
+    "disk": lambda value: format_size(int(value)),
+    "timeout": lambda value: f"{value:g} s",
+    "cpu": lambda value: f"{value:g} cores",
+}
+
+
+def _check_caps(key: Key, parsed: Parsed, config: Config, where: str = "") -> None:
+    """403 naming the field if the task asks for more than its key may (a runtime, an image,
+    a limit above the key's cap): asking again does not help, unlike a 429."""
+    caps, task = key.caps, parsed.task
+
+    def refuse(detail: str, field: str) -> Problem:
+        return Problem(403, "Forbidden", f"{where}{detail}", field=f"{where}{field}")
+
+    allowed = caps.get("runtimes")
+    if allowed and parsed.runtime not in allowed:
+        raise refuse(
+            f"runtime: this key may use {', '.join(allowed)}, not {parsed.runtime}", "runtime"
+        )
+    images = caps.get("images")
+    if task.image is not None and images and not any(fnmatch(task.image, p) for p in images):
+        raise refuse(f"image: this key may run only {', '.join(images)}", "image")
+    limits = task.effective_limits(config.limits_for(parsed.runtime).merged(task.limits))
+    for name in ("memory", "timeout", "cpu", "disk"):
+        cap, value = caps.get(name), getattr(limits, name)
+        if cap is not None and value is not None and value > cap:
+            shown = _shown[name]
+            raise refuse(
+                f"limits.{name}: {shown(value)} is above this key's cap of {shown(cap)}",
+                f"limits.{name}",
+            )
 
 
 def _module_hashes(documents: list[Any]) -> set[str]:

@@ -174,7 +174,7 @@ class Dispatcher:
     # -- one task --------------------------------------------------------------------------
 
     async def _run(self, row: TaskRow) -> None:
-        state, blob, reason = "error", None, None
+        state, blob, reason, cpu = "error", None, None, None
         try:
             try:
                 task = task_from_document(json.loads(row.task))
@@ -186,6 +186,7 @@ class Dispatcher:
                     error={"type": type(exc).__name__, "message": exc.message},
                 )
             state, blob = result.status.value, result.to_json().encode()
+            cpu = result.usage.cpu_time
         except asyncio.CancelledError:
             if self._stopping:
                 raise  # the row stays running: recovered when a server starts
@@ -198,7 +199,7 @@ class Dispatcher:
                 self._running.pop(row.id, None)
                 self._wake.set()  # a slot is free
         try:
-            await asyncio.to_thread(self.store.finish, row.id, self.owner, state, blob, reason)
+            await asyncio.to_thread(self.store.finish, row.id, self.owner, state, blob, reason, cpu)
         finally:
             waiting = self._waiters.get(row.id)
             if waiting is not None:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,10 @@ keys = sa.Table(
     sa.Column("webhook_secret", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
+    #: What its tasks may ask for (JSON: memory, timeout, cpu, disk, runtimes, images).
+    sa.Column("caps", sa.Text, nullable=True),
+    #: CPU seconds its tasks may use per UTC day (``None``: no budget).
+    sa.Column("cpu_seconds_per_day", sa.Float, nullable=True),
 )
 
 tasks = sa.Table(
@@ -95,9 +100,12 @@ tasks = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("ended_at", sa.Float, nullable=True),
+    #: CPU seconds the run used, from its result (what the daily budget counts).
+    sa.Column("cpu_seconds", sa.Float, nullable=True),
     sa.UniqueConstraint("key_id", "idempotency_key", name="uq_tasks_key_idempotency"),
     sa.Index("ix_tasks_state_seq", "state", "seq"),
     sa.Index("ix_tasks_key_seq", "key_id", "seq"),
+    sa.Index("ix_tasks_key_ended", "key_id", "ended_at"),
 )
 
 
@@ -163,6 +171,9 @@ class Key:
     webhook_secret: str
     created_at: float
     revoked_at: float | None
+    #: What its tasks may ask for: memory, timeout, cpu, disk (numbers), runtimes, images.
+    caps: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds_per_day: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,8 @@ def _key(row: Any) -> Key:
         webhook_secret=row.webhook_secret,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        caps=json.loads(row.caps) if row.caps else {},
+        cpu_seconds_per_day=row.cpu_seconds_per_day,
     )
 
 
@@ -267,7 +280,15 @@ class Store:
 
     # -- keys ------------------------------------------------------------------------------
 
-    def create_key(self, name: str, *, admin: bool = False, max_active: int | None = None) -> str:
+    def create_key(
+        self,
+        name: str,
+        *,
+        admin: bool = False,
+        max_active: int | None = None,
+        caps: dict[str, Any] | None = None,
+        cpu_seconds_per_day: float | None = None,
+    ) -> str:
         """Make a key named ``name``; returns the key, which is never shown again."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         with self._begin() as connection:
@@ -281,6 +302,8 @@ class Store:
                     webhook_secret=secrets.token_hex(32),
                     created_at=time.time(),
                     revoked_at=None,
+                    caps=json.dumps(caps) if caps else None,
+                    cpu_seconds_per_day=cpu_seconds_per_day,
                 )
             )
         return secret
@@ -457,6 +480,7 @@ class Store:
         state: str,
         result: bytes | None,
         reason: str | None = None,
+        cpu_seconds: float | None = None,
     ) -> bool:
         """End a task ``owner`` runs; ``False`` (and nothing changes) if it does not run it
         any more (recovered after a lost lease, or ended already)."""
@@ -471,6 +495,7 @@ class Store:
                     reason=reason,
                     ended_at=time.time(),
                     lease_until=None,
+                    cpu_seconds=cpu_seconds,
                 )
             )
             if done.rowcount == 1:
@@ -568,6 +593,16 @@ class Store:
                     sa.select(sa.func.count()).where(tasks.c.state.in_(("queued", "running")))
                 ).scalar_one()
             )
+
+    def cpu_seconds_since(self, key: Key, since: float) -> float:
+        """CPU seconds ``key``'s tasks that ended after ``since`` used."""
+        with self.engine.connect() as connection:
+            used = connection.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(tasks.c.cpu_seconds), 0.0)).where(
+                    tasks.c.key_id == key.id, tasks.c.ended_at >= since
+                )
+            ).scalar_one()
+        return float(used)
 
     def add_tasks(
         self, key: Key, items: list[NewTask], *, max_active: int, max_queued: int
