@@ -107,12 +107,14 @@ def task_from_document(document: dict[str, Any]) -> Task:
     """A task from its record form (bytes and input files as base64; never a host path for an
     input file). Raises ``InvalidInput`` (from ``Task``) or ``ValueError`` (bad base64)."""
     fields = dict(document)
-    for name in (*_BYTES_FIELDS, "stdin"):  # ``stdin``: the alias of ``input``
+    for name in (*_BYTES_FIELDS, "stdin", "Input"):  # the aliases of ``input``
         if fields.get(name) is not None:
             fields[name] = base64.b64decode(fields[name], validate=True)
+    input_files = fields.get("input_files") or {}
+    if not isinstance(input_files, dict):
+        raise InvalidInput("input_files: an object of name -> base64", field="input_files")
     fields["input_files"] = {
-        name: base64.b64decode(content, validate=True)
-        for name, content in (fields.get("input_files") or {}).items()
+        name: base64.b64decode(content, validate=True) for name, content in input_files.items()
     }
     return Task(**fields)
 

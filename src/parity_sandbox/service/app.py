@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from http import HTTPStatus
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -44,6 +45,72 @@ from parity_sandbox.service.webhooks import public_address_problem
 log = logging.getLogger("parity_sandbox.service")
 
 PROBLEM = "application/problem+json"
+#: An ``application/problem+json`` body (RFC 9457), as ``Problem.response`` writes it.
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "field": {"type": "string"},
+    },
+}
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for the problems a route answers with (documented, so clients and
+    schema-driven tests know them)."""
+    return {
+        code: {
+            "description": HTTPStatus(code).phrase,
+            "content": {PROBLEM: {"schema": _PROBLEM_SCHEMA}},
+        }
+        for code in codes
+    }
+
+
+#: A task as ``POST /v1/tasks`` takes it: the record form of ``Task`` (bytes in base64).
+_TASK_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "wasm_module": {"type": "string", "contentEncoding": "base64"},
+        "wasm_module_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "image": {"type": "string"},
+        "args": {"type": "array", "items": {"type": "string"}},
+        "command": {"type": "array", "items": {"type": "string"}},
+        "env": {"type": "object", "additionalProperties": {"type": "string"}},
+        "stdin": {"type": "string", "contentEncoding": "base64"},
+        "input_files": {
+            "type": "object",
+            "additionalProperties": {"type": "string", "contentEncoding": "base64"},
+        },
+        "outputs": {"type": "array", "items": {"type": "string"}},
+        "limits": {"type": "object"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "id": {"type": "string"},
+        "runtime": {"type": "string"},
+        "deterministic": {"type": "boolean"},
+        "cacheable": {"type": "boolean"},
+        "callback_url": {"type": "string", "format": "uri", "maxLength": 2048},
+    },
+}
+
+
+def _body(media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+
+
+def _binary(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": description,
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    }
+
+
 #: The most tasks one page of ``GET /v1/tasks`` lists.
 MAX_PAGE = 1000
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -153,7 +220,8 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "Error")
-        return Problem(exc.status_code, title, str(exc.detail)).response()
+        headers = dict(exc.headers or {})  # 405's Allow
+        return Problem(exc.status_code, title, str(exc.detail), headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _defect(_request: Request, exc: Exception) -> JSONResponse:
@@ -202,7 +270,11 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         """The process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        responses={503: {"description": "Not ready", "content": {"application/json": {}}}},
+    )
     async def readyz() -> JSONResponse:
         """Ready when the store answers and the default runtime runs tasks."""
         store_ok = await run_in_threadpool(store.ping)
@@ -213,7 +285,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
 
     diagnosed: dict[str, tuple[float, dict[str, Any]]] = {}
 
-    @app.get("/v1/runtimes", tags=["runtimes"])
+    @app.get("/v1/runtimes", tags=["runtimes"], responses=_problems(401, 422))
     async def list_runtimes(_key: KeyDep) -> dict[str, Any]:
         """What ``parity-sandbox doctor`` says of each runtime (checked at most every 30 s)."""
         found = []
@@ -229,14 +301,24 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             found.append(entry)
         return {"default": config.default_runtime, "runtimes": found}
 
-    @app.post("/v1/tasks", status_code=202, tags=["tasks"])
+    @app.post(
+        "/v1/tasks",
+        status_code=202,
+        tags=["tasks"],
+        openapi_extra=_body("application/json", _TASK_BODY),
+        responses={
+            200: {"description": "It ended within wait", "content": {"application/json": {}}},
+            **_problems(401, 403, 409, 413, 422, 429, 503),
+        },
+    )
     async def submit(
         request: Request,
         key: KeyDep,
-        wait: Annotated[
-            float | None, Query(ge=0, description="seconds to wait for the result")
-        ] = None,
-        idempotency_key: Annotated[str | None, Header()] = None,
+        # A default, not Annotated: annotations are strings here, and settings is a local.
+        wait: float | None = Query(
+            None, ge=0, le=settings.max_wait, description="seconds to wait for the result"
+        ),
+        idempotency_key: Annotated[str | None, Header(pattern=r"^[\x21-\x7e]{1,255}$")] = None,
         use_cache: Annotated[
             bool, Query(description="false: run it even if the result cache has its result")
         ] = True,
@@ -295,13 +377,31 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             task_view(row), 200 if ended and wait else 202, headers={"Location": location}
         )
 
-    @app.post("/v1/batches", status_code=202, tags=["tasks"])
+    @app.post(
+        "/v1/batches",
+        status_code=202,
+        tags=["tasks"],
+        openapi_extra=_body(
+            "application/json",
+            {
+                "type": "object",
+                "required": ["tasks"],
+                "properties": {
+                    "tasks": {"type": "array", "items": _TASK_BODY, "minItems": 1, "maxItems": 1000}
+                },
+            },
+        ),
+        responses={
+            200: {"description": "All ended within wait", "content": {"application/json": {}}},
+            **_problems(401, 403, 413, 422, 429, 503),
+        },
+    )
     async def submit_batch(
         request: Request,
         key: KeyDep,
-        wait: Annotated[
-            float | None, Query(ge=0, description="seconds to wait for all the results")
-        ] = None,
+        wait: float | None = Query(
+            None, ge=0, le=settings.max_wait, description="seconds to wait for all the results"
+        ),
         use_cache: Annotated[bool, Query()] = True,
     ) -> JSONResponse:
         """Queue many tasks at once (``{"tasks": [...]}``, at most ``MAX_BATCH``): all are
@@ -362,8 +462,18 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             {"tasks": [task_view(row) for row in rows]}, 200 if wait and ended else 202
         )
 
-    @app.put("/v1/modules/{sha256}", tags=["modules"])
-    async def put_module(sha256: str, request: Request, key: KeyDep) -> JSONResponse:
+    @app.put(
+        "/v1/modules/{sha256}",
+        tags=["modules"],
+        openapi_extra=_body("application/octet-stream", {"type": "string", "format": "binary"}),
+        responses={
+            201: {"description": "Stored", "content": {"application/json": {}}},
+            **_problems(401, 413, 422),
+        },
+    )
+    async def put_module(
+        sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")], request: Request, key: KeyDep
+    ) -> JSONResponse:
         """Keep a WebAssembly module (the raw bytes as the body) under its SHA-256, so that
         tasks name it by ``wasm_module_sha256`` instead of carrying it."""
         if not _SHA256.fullmatch(sha256):
@@ -385,7 +495,12 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             headers={"Location": f"/v1/modules/{sha256}"},
         )
 
-    @app.get("/v1/modules/{sha256}", tags=["modules"])
+    @app.get(
+        "/v1/modules/{sha256}",
+        tags=["modules"],
+        response_class=Response,
+        responses={**_binary("application/wasm", "The module"), **_problems(401, 404, 422)},
+    )
     async def get_module(sha256: str, key: KeyDep) -> Response:
         """A module this key sent."""
         module = (
@@ -397,7 +512,15 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             raise Problem(404, "Not Found", "no such module")
         return Response(module, media_type="application/wasm")
 
-    @app.get("/v1/tasks/{task_id}/events", tags=["tasks"])
+    @app.get(
+        "/v1/tasks/{task_id}/events",
+        tags=["tasks"],
+        response_class=StreamingResponse,
+        responses={
+            200: {"description": "Server-sent events", "content": {"text/event-stream": {}}},
+            **_problems(401, 404, 422),
+        },
+    )
     async def task_events(task_id: str, key: KeyDep) -> StreamingResponse:
         """Server-sent events of the task's states (``event: state``), then its end
         (``event: end``, the task with its result); a comment every 15 s keeps it open."""
@@ -434,7 +557,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
-    @app.get("/v1/keys/me", tags=["keys"])
+    @app.get("/v1/keys/me", tags=["keys"], responses=_problems(401, 422))
     async def key_me(key: KeyDep) -> dict[str, Any]:
         """The key that makes the request: its name, rights, and the secret that signs its
         webhooks (``X-Parity-Signature``)."""
@@ -445,7 +568,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             "webhook_secret": key.webhook_secret,
         }
 
-    @app.get("/v1/tasks/{task_id}/deliveries", tags=["tasks"])
+    @app.get("/v1/tasks/{task_id}/deliveries", tags=["tasks"], responses=_problems(401, 404, 422))
     async def task_deliveries(task_id: str, key: KeyDep) -> dict[str, Any]:
         """The webhook deliveries of a task: state, attempts, last error."""
         row = await run_in_threadpool(store.task, task_id, key)
@@ -455,11 +578,18 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         shown = ("url", "state", "attempts", "last_error")
         return {"deliveries": [{name: item[name] for name in shown} for item in found]}
 
-    @app.get("/v1/tasks", tags=["tasks"])
+    @app.get("/v1/tasks", tags=["tasks"], responses=_problems(401, 422))
     async def list_tasks(
         key: KeyDep,
-        state: Annotated[str | None, Query(description="only tasks in this state")] = None,
-        cursor: Annotated[str | None, Query(description="next_cursor of the last page")] = None,
+        state: Annotated[
+            str | None,
+            Query(
+                pattern=f"^({'|'.join(sorted(STATES))})$", description="only tasks in this state"
+            ),
+        ] = None,
+        cursor: Annotated[
+            str | None, Query(pattern=r"^[0-9]{1,18}$", description="next_cursor of the last page")
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     ) -> dict[str, Any]:
         """The key's tasks (an admin key's: everyone's) in the order they were accepted."""
@@ -472,7 +602,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             )
         after = 0
         if cursor is not None:
-            if not cursor.isdigit() or len(cursor) > 18:
+            if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
                 raise Problem(
                     422, "Invalid Request", "cursor: a next_cursor this API gave", field="cursor"
                 )
@@ -485,13 +615,13 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             "next_cursor": str(rows[-1].seq) if len(rows) == limit else None,
         }
 
-    @app.get("/v1/tasks/{task_id}", tags=["tasks"])
+    @app.get("/v1/tasks/{task_id}", tags=["tasks"], responses=_problems(401, 404, 422))
     async def get_task(
         task_id: str,
         key: KeyDep,
-        wait: Annotated[
-            float | None, Query(ge=0, description="seconds to wait for the task to end")
-        ] = None,
+        wait: float | None = Query(
+            None, ge=0, le=settings.max_wait, description="seconds to wait for the task to end"
+        ),
     ) -> dict[str, Any]:
         """The task, and its result once it ended; ``?wait=SECONDS`` answers when it ends
         or when the time is up, whichever comes first."""
@@ -505,7 +635,12 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             row = now if now is not None else row
         return task_view(row)
 
-    @app.get("/v1/tasks/{task_id}/files/{path:path}", tags=["tasks"])
+    @app.get(
+        "/v1/tasks/{task_id}/files/{path:path}",
+        tags=["tasks"],
+        response_class=Response,
+        responses={**_binary("application/octet-stream", "The file"), **_problems(401, 404, 422)},
+    )
     async def get_file(task_id: str, path: str, key: KeyDep) -> Response:
         """One output file of an ended task, as ``Result.files`` holds it."""
         row = await run_in_threadpool(store.task, task_id, key)
@@ -520,7 +655,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             headers={"Content-Disposition": "attachment"},
         )
 
-    @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"])
+    @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], responses=_problems(401, 404, 422))
     async def cancel(task_id: str, key: KeyDep) -> dict[str, Any]:
         """A queued task never runs; a running one is stopped. An ended one stays as it is."""
         row = await run_in_threadpool(store.cancel, task_id, key)
@@ -533,7 +668,12 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             row = now if now is not None else row
         return task_view(row)
 
-    @app.delete("/v1/tasks/{task_id}", status_code=204, tags=["tasks"])
+    @app.delete(
+        "/v1/tasks/{task_id}",
+        status_code=204,
+        tags=["tasks"],
+        responses=_problems(401, 404, 409, 422),
+    )
     async def delete(task_id: str, key: KeyDep) -> Response:
         """Forget a task and its result; a running task must be cancelled first."""
         done = await run_in_threadpool(store.delete, task_id, key)
@@ -584,7 +724,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _json_body(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise Problem(422, "Invalid Request", f"the body is not JSON: {exc}") from None
 
 
@@ -614,7 +754,10 @@ def _parse_task(
     document = dict(document)
     callback_url = document.pop("callback_url", None)
     if callback_url is not None:
-        parts = urlsplit(callback_url) if isinstance(callback_url, str) else None
+        try:
+            parts = urlsplit(callback_url) if isinstance(callback_url, str) else None
+        except ValueError:  # "http://[::1", "http://[abc]/"
+            parts = None
         if (
             parts is None
             or parts.scheme not in ("http", "https")

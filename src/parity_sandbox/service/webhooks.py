@@ -45,7 +45,7 @@ def public_address_problem(url: str) -> str | None:
         return "the URL names no host"
     try:
         found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: an empty or 64+ character label
         return f"its host {host!r} does not resolve: {exc}"
     for *_, address in found:
         ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
