@@ -128,6 +128,8 @@ class Dispatcher:
 
     async def _claim_loop(self) -> None:
         while True:
+            # Cleared before the claim: a task queued while it runs wakes the next round.
+            self._wake.clear()
             free = self.capacity - len(self._running)
             rows: list[TaskRow] = []
             if free > 0:
@@ -139,7 +141,6 @@ class Dispatcher:
                 self._running[row.id] = asyncio.create_task(self._run(row), name=row.id)
             if rows and len(rows) == free:
                 continue  # more may be queued
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL)
 
@@ -177,6 +178,7 @@ class Dispatcher:
         state, blob, reason, cpu = "error", None, None, None
         try:
             try:
+                assert row.task is not None  # claim reads it
                 task = task_from_document(json.loads(row.task))
                 executor = await self._executor(row.runtime)
                 result = await executor.execute_async(task, use_cache=row.use_cache)

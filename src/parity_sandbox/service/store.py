@@ -16,10 +16,12 @@ lease the owner renews; a row whose lease ran out belongs to a dead server and i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -106,6 +108,7 @@ tasks = sa.Table(
     sa.Index("ix_tasks_state_seq", "state", "seq"),
     sa.Index("ix_tasks_key_seq", "key_id", "seq"),
     sa.Index("ix_tasks_key_ended", "key_id", "ended_at"),
+    sa.Index("ix_tasks_key_state", "key_id", "state"),
 )
 
 
@@ -185,7 +188,8 @@ class TaskRow:
     key_id: str
     state: str
     runtime: str
-    task: bytes
+    #: The task's record form; ``None`` where it was not read (only runs need it).
+    task: bytes | None
     result: bytes | None
     callback_url: str | None
     idempotency_key: str | None
@@ -222,10 +226,15 @@ def _key(row: Any) -> Key:
 
 
 def _task(row: Any) -> TaskRow:
-    return TaskRow(**{name: getattr(row, name) for name in TaskRow.__dataclass_fields__})
+    fields: dict[str, Any] = {
+        name: getattr(row, name, None) for name in TaskRow.__dataclass_fields__
+    }
+    return TaskRow(**fields)
 
 
 _TASK_COLUMNS = [tasks.c[name] for name in TaskRow.__dataclass_fields__]
+#: A task without its record form (which can be large, and which only a run needs).
+_VIEW_COLUMNS = [column for column in _TASK_COLUMNS if column.name != "task"]
 
 
 class Store:
@@ -236,6 +245,9 @@ class Store:
         #: Seconds a server holds a running task without renewing it.
         self.lease = lease
         self.sqlite = self.url.get_backend_name() == "sqlite"
+        self._writing: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if self.sqlite else contextlib.nullcontext()
+        )
         if self.sqlite and self.url.database:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.engine: Engine = sa.create_engine(
@@ -265,10 +277,17 @@ class Store:
     def _begin(self) -> Iterator[Connection]:
         """A write transaction; on SQLite it takes the write lock at once (``BEGIN
         IMMEDIATE``): a reader that upgrades to a writer later could fail with SQLITE_BUSY."""
-        with self.engine.connect() as connection:
+        # One writer at a time in this process: SQLite has one write lock, and writers that
+        # wait for it in its busy handler sleep and retry instead of queueing.
+        with self._writing, self.engine.connect() as connection:
             connection.execution_options(immediate=True)
             with connection.begin():
                 yield connection
+
+    def _any(self, query: sa.Select[Any]) -> bool:
+        """Whether ``query`` finds a row (a read: no write lock)."""
+        with self.engine.connect() as connection:
+            return connection.execute(query.limit(1)).first() is not None
 
     def ping(self) -> bool:
         try:
@@ -357,7 +376,7 @@ class Store:
         with self._begin() as connection:
             if idempotency_key is not None:
                 row = connection.execute(
-                    sa.select(*_TASK_COLUMNS).where(
+                    sa.select(*_VIEW_COLUMNS).where(
                         tasks.c.key_id == key.id, tasks.c.idempotency_key == idempotency_key
                     )
                 ).first()
@@ -396,13 +415,13 @@ class Store:
             }
             connection.execute(tasks.insert().values(**values))
             row = connection.execute(
-                sa.select(*_TASK_COLUMNS).where(tasks.c.id == values["id"])
+                sa.select(*_VIEW_COLUMNS).where(tasks.c.id == values["id"])
             ).one()
             return _task(row), True
 
     def task(self, task_id: str, key: Key) -> TaskRow | None:
         """The task ``task_id`` if ``key`` may see it (its own, or any for an admin key)."""
-        query = sa.select(*_TASK_COLUMNS).where(tasks.c.id == task_id)
+        query = sa.select(*_VIEW_COLUMNS).where(tasks.c.id == task_id)
         if not key.admin:
             query = query.where(tasks.c.key_id == key.id)
         with self.engine.connect() as connection:
@@ -412,7 +431,7 @@ class Store:
     def tasks_by_id(self, ids: list[str]) -> dict[str, TaskRow]:
         """The tasks ``ids`` names (whoever owns them: the caller checked), by id."""
         with self.engine.connect() as connection:
-            rows = connection.execute(sa.select(*_TASK_COLUMNS).where(tasks.c.id.in_(ids))).all()
+            rows = connection.execute(sa.select(*_VIEW_COLUMNS).where(tasks.c.id.in_(ids))).all()
         return {row.id: _task(row) for row in rows}
 
     def state(self, task_id: str) -> str | None:
@@ -423,7 +442,7 @@ class Store:
 
     def list_tasks(self, key: Key, *, state: str | None, after: int, limit: int) -> list[TaskRow]:
         """``key``'s tasks (an admin's: all) in order of acceptance, after cursor ``after``."""
-        query = sa.select(*_TASK_COLUMNS).where(tasks.c.seq > after)
+        query = sa.select(*_VIEW_COLUMNS).where(tasks.c.seq > after)
         if not key.admin:
             query = query.where(tasks.c.key_id == key.id)
         if state is not None:
@@ -434,6 +453,8 @@ class Store:
 
     def claim(self, owner: str, count: int) -> list[TaskRow]:
         """Take up to ``count`` queued tasks, oldest first, for ``owner`` to run."""
+        if not self._any(sa.select(tasks.c.seq).where(tasks.c.state == "queued")):
+            return []  # seen without the write lock
         now = time.time()
         with self._begin() as connection:
             picked = (
@@ -651,7 +672,7 @@ class Store:
                 ],
             )
             rows = connection.execute(
-                sa.select(*_TASK_COLUMNS).where(tasks.c.id.in_(ids)).order_by(tasks.c.seq)
+                sa.select(*_VIEW_COLUMNS).where(tasks.c.id.in_(ids)).order_by(tasks.c.seq)
             ).all()
         return [_task(row) for row in rows]
 
@@ -690,6 +711,9 @@ class Store:
         """Take up to ``limit`` pending deliveries that are due, for ``hold`` seconds (another
         server does not take them meanwhile; a server that dies releases them so)."""
         now = time.time()
+        due = (deliveries.c.state == "pending") & (deliveries.c.next_at <= now)
+        if not self._any(sa.select(deliveries.c.seq).where(due)):
+            return []  # seen without the write lock
         with self._begin() as connection:
             picked = (
                 sa.select(deliveries.c.seq)
@@ -754,7 +778,7 @@ class Store:
     def task_any(self, task_id: str) -> TaskRow | None:
         """The task ``task_id``, whoever owns it (for the server's own use)."""
         with self.engine.connect() as connection:
-            row = connection.execute(sa.select(*_TASK_COLUMNS).where(tasks.c.id == task_id)).first()
+            row = connection.execute(sa.select(*_VIEW_COLUMNS).where(tasks.c.id == task_id)).first()
         return None if row is None else _task(row)
 
 

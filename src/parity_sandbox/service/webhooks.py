@@ -71,11 +71,11 @@ class Deliverer:
 
     async def run(self, wake: asyncio.Event) -> None:
         while True:
+            wake.clear()  # before the look: a task that ends meanwhile wakes the next one
             due = await asyncio.to_thread(self.store.due_deliveries, 16, self.settings.timeout + 30)
             if due:
                 await asyncio.gather(*(self._deliver(delivery) for delivery in due))
                 continue
-            wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), 0.5)
 
