@@ -38,7 +38,15 @@ from parity_sandbox._record import _task_document, task_from_document
 from parity_sandbox._units import format_size
 from parity_sandbox.runtimes import executor_class
 from parity_sandbox.service.dispatch import Dispatcher
-from parity_sandbox.service.store import STATES, Conflict, Key, NewTask, QuotaExceeded, Store
+from parity_sandbox.service.store import (
+    STATES,
+    Conflict,
+    Key,
+    NewTask,
+    QuotaExceeded,
+    Store,
+    TaskRow,
+)
 from parity_sandbox.service.views import task_view
 from parity_sandbox.service.webhooks import public_address_problem
 
@@ -236,6 +244,12 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 found[digest] = module
         return found
 
+    async def waited(row: TaskRow, key: Key, seconds: float) -> TaskRow:
+        """The task once it has ended, or as it is after ``seconds``."""
+        await dispatcher.wait(row.id, seconds)
+        now = await run_in_threadpool(store.task, row.id, key)
+        return now if now is not None else row
+
     async def check_budget(key: Key) -> None:
         """429 until the next UTC day once the key's tasks used its CPU seconds for today."""
         budget = key.cpu_seconds_per_day
@@ -368,9 +382,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         if created:
             dispatcher.wake()
         if wait:
-            await dispatcher.wait(row.id, wait)
-            now = await run_in_threadpool(store.task, row.id, key)
-            row = now if now is not None else row
+            row = await waited(row, key, wait)
         location = f"/v1/tasks/{row.id}"
         ended = row.state not in ("queued", "running")
         return JSONResponse(
@@ -630,9 +642,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         if row is None:
             raise _not_found()
         if wait and row.state in ("queued", "running"):
-            await dispatcher.wait(task_id, wait)
-            now = await run_in_threadpool(store.task, task_id, key)
-            row = now if now is not None else row
+            row = await waited(row, key, wait)
         return task_view(row)
 
     @app.get(
@@ -663,9 +673,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             raise _not_found()
         if row.state == "running":
             dispatcher.cancel(task_id)
-            await dispatcher.wait(task_id, 10.0)
-            now = await run_in_threadpool(store.task, task_id, key)
-            row = now if now is not None else row
+            row = await waited(row, key, 10.0)
         return task_view(row)
 
     @app.delete(
