@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from parity_sandbox.runtimes.docker.executor import DockerExecutor
 
 _CHUNK = 1 << 16
+#: The exit status of a container killed by SIGKILL (128 + 9).
+_KILLED_BY_SIGKILL = 128 + 9
 #: The status init reports for a task killed by SIGXFSZ (128 + 25).
 _KILLED_BY_SIGXFSZ = 128 + 25
 #: Stdin up to this size is written before reading output (socket buffers hold it).
@@ -185,6 +187,15 @@ class Run:
                 code = int(self.api.wait(self.container, timeout=EXIT_TIMEOUT)["StatusCode"])
                 state = self.api.inspect_container(self.container)["State"]
             collected, oom = None, bool(state.get("OOMKilled")) or usage.oom_killed
+            if (
+                usage.oom_killed is None
+                and code == _KILLED_BY_SIGKILL
+                and self.plan.runtime == "runsc"
+            ):
+                # An OOM kill takes a gVisor sandbox whole, and its cgroup can be gone before
+                # it is read (Docker does not flag runsc's OOM kills): nothing else SIGKILLs
+                # it here (the deadline, cancel and close were handled above).
+                oom = True
         if oom:
             message = "the task ran out of memory and was killed"
             return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "memory", message)
