@@ -3,14 +3,17 @@ the CLI, a free port on loopback; started, killed and restarted as a test needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -94,6 +97,12 @@ class Service:
     def log(self) -> str:
         path = self.state / "serve.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def database_rows(self, query: str) -> list[tuple[Any, ...]]:
+        """Rows of ``query`` on the server's SQLite store (read-only, beside the server)."""
+        uri = f"file:{self.state / 'service.sqlite3'}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+            return connection.execute(query).fetchall()
 
     def client(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -469,10 +469,17 @@ def test_a_batch_is_stored_whole_and_answered_in_order(
         assert after == before
 
 
+def unique_module(path: Path) -> bytes:
+    """The module at ``path`` with a custom section of random bytes: a module no test sent."""
+    payload = b"\x05nonce" + os.urandom(16)
+    return path.read_bytes() + b"\x00" + bytes([len(payload)]) + payload
+
+
 def test_a_module_is_sent_once_and_named_by_its_hash(service: Service, wasm: WasmFixtures) -> None:
-    module = wasm.echo_stdin.read_bytes()
+    module = unique_module(wasm.echo_stdin)
     digest = hashlib.sha256(module).hexdigest()
     with service.client(service.keys["alice"]) as alice:
+        is_problem(alice.get(f"/v1/modules/{digest}"), 404)
         assert alice.put(f"/v1/modules/{digest}", content=module).status_code == 201
         assert alice.put(f"/v1/modules/{digest}", content=module).status_code == 200
         assert alice.get(f"/v1/modules/{digest}").content == module
@@ -491,6 +498,28 @@ def test_a_module_is_sent_once_and_named_by_its_hash(service: Service, wasm: Was
         is_problem(
             bob.post("/v1/tasks", json={"wasm_module_sha256": digest}), 422, "wasm_module_sha256"
         )
+
+
+def test_a_module_sent_in_a_task_is_kept_once_by_its_hash(
+    service: Service, wasm: WasmFixtures
+) -> None:
+    module = unique_module(wasm.echo_stdin)
+    digest = hashlib.sha256(module).hexdigest()
+    task = {"wasm_module": base64.b64encode(module).decode(), "stdin": "aGk="}
+    with service.client(service.keys["alice"]) as alice:
+        queued = [alice.post("/v1/tasks", json=task).json() for _ in range(3)]
+        for view in queued:
+            ended = alice.get(f"/v1/tasks/{view['id']}", params={"wait": 20}).json()
+            assert base64.b64decode(result_of(ended)["stdout"]) == b"hi"
+        # the task rows name it by hash; the key can fetch it, and send tasks by its hash
+        assert alice.get(f"/v1/modules/{digest}").content == module
+        assert alice.put(f"/v1/modules/{digest}", content=module).status_code == 200
+        by_hash = alice.post("/v1/tasks?wait=20", json={"wasm_module_sha256": digest}).json()
+        assert by_hash["state"] == "succeeded"
+    with service.client(service.keys["bob"]) as bob:  # still alice's alone
+        is_problem(bob.get(f"/v1/modules/{digest}"), 404)
+    rows = service.database_rows("SELECT length(task) FROM tasks")
+    assert rows and max(row[0] for row in rows) < len(module)
 
 
 def test_events_follow_a_task_to_its_end(service: Service, wasm: WasmFixtures) -> None:

@@ -12,6 +12,7 @@ compares result hashes::
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,11 @@ class Record:
         return cls.from_json(data)
 
 
+def _unb64(text: str | bytes) -> bytes:
+    """Base64 to bytes, refusing anything but the alphabet and its padding (``ValueError``)."""
+    return binascii.a2b_base64(text, strict_mode=True)
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -103,19 +109,19 @@ def _task_document(task: Task) -> dict[str, Any]:
     return document
 
 
-def task_from_document(document: dict[str, Any]) -> Task:
+def task_from_document(document: dict[str, Any], **raw: bytes) -> Task:
     """A task from its record form (bytes and input files as base64; never a host path for an
-    input file). Raises ``InvalidInput`` (from ``Task``) or ``ValueError`` (bad base64)."""
+    input file); ``raw`` gives fields as bytes already. Raises ``InvalidInput`` (from
+    ``Task``) or ``ValueError`` (bad base64)."""
     fields = dict(document)
     for name in (*_BYTES_FIELDS, "stdin", "Input"):  # the aliases of ``input``
         if fields.get(name) is not None:
-            fields[name] = base64.b64decode(fields[name], validate=True)
+            fields[name] = _unb64(fields[name])
+    fields.update(raw)
     input_files = fields.get("input_files") or {}
     if not isinstance(input_files, dict):
         raise InvalidInput("input_files: an object of name -> base64", field="input_files")
-    fields["input_files"] = {
-        name: base64.b64decode(content, validate=True) for name, content in input_files.items()
-    }
+    fields["input_files"] = {name: _unb64(content) for name, content in input_files.items()}
     return Task(**fields)
 
 

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import parity_sandbox
@@ -178,7 +177,7 @@ async def authenticated(
     key = None
     if secret and len(secret) <= 256:
         store: Store = request.app.state.store
-        key = await run_in_threadpool(store.authenticate, secret)
+        key = await store.run(store.authenticate, secret)
     if key is None:
         raise Problem(
             401,
@@ -239,15 +238,19 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     async def find_modules(key: Key, documents: list[Any]) -> dict[str, bytes]:
         found = {}
         for digest in _module_hashes(documents):
-            module = await run_in_threadpool(store.module, key, digest)
+            module = store.cached_module(key.id, digest)
+            if module is None:
+                module = await store.run(store.module, key, digest)
             if module is not None:
                 found[digest] = module
         return found
 
     async def waited(row: TaskRow, key: Key, seconds: float) -> TaskRow:
         """The task once it has ended, or as it is after ``seconds``."""
-        await dispatcher.wait(row.id, seconds)
-        now = await run_in_threadpool(store.task, row.id, key)
+        ended = await dispatcher.wait(row.id, seconds)
+        if ended is not None:
+            return ended
+        now = await store.run(store.task, row.id, key)
         return now if now is not None else row
 
     async def check_budget(key: Key) -> None:
@@ -257,7 +260,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             return
         now = time.time()
         day = now - now % 86400
-        used = await run_in_threadpool(store.cpu_seconds_since, key, day)
+        used = await store.run(store.cpu_seconds_since, key, day)
         if used >= budget:
             raise Problem(
                 429,
@@ -269,7 +272,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     async def check_callback(url: str | None, where: str) -> None:
         if url is None or settings.webhooks.allow_private:
             return
-        problem = await run_in_threadpool(public_address_problem, url)
+        problem = await asyncio.to_thread(public_address_problem, url)
         if problem is not None:
             raise Problem(
                 422,
@@ -291,7 +294,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     )
     async def readyz() -> JSONResponse:
         """Ready when the store answers and the default runtime runs tasks."""
-        store_ok = await run_in_threadpool(store.ping)
+        store_ok = await store.run(store.ping)
         ready = store_ok and dispatcher.ready
         body = {"status": "ready" if ready else "not ready", "store": store_ok}
         body["runtime"] = dispatcher.ready
@@ -307,7 +310,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             stamp, entry = diagnosed.get(name, (0.0, {}))
             if time.monotonic() - stamp > 30:
                 try:
-                    ok, detail = await run_in_threadpool(executor_class(name).diagnose, config)
+                    ok, detail = await asyncio.to_thread(executor_class(name).diagnose, config)
                 except SandboxError as exc:  # a runtime that cannot even be loaded
                     ok, detail = False, exc.message
                 entry = {"name": name, "ok": ok, "detail": detail}
@@ -356,20 +359,26 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         await check_budget(key)
         await check_callback(parsed.callback_url, "")
         runtime, record, callback_url = parsed.runtime, parsed.record, parsed.callback_url
+        # A free slot here: the task is stored running here and handed over as parsed.
+        slots = dispatcher.take_slots(1)
         try:
-            row, created = await run_in_threadpool(
-                lambda: store.add_task(
-                    key,
-                    runtime=runtime,
-                    task=record,
-                    callback_url=callback_url,
-                    idempotency_key=idempotency_key,
-                    body_sha256=hashlib.sha256(body).hexdigest(),
-                    max_active=key.max_active or settings.max_active_per_key,
-                    max_queued=settings.max_queued,
-                    use_cache=use_cache,
-                )
+            row, created = await store.run(
+                store.add_task,
+                key,
+                runtime=runtime,
+                task=record,
+                callback_url=callback_url,
+                idempotency_key=idempotency_key,
+                body_sha256=hashlib.sha256(body).hexdigest(),
+                max_active=key.max_active or settings.max_active_per_key,
+                max_queued=settings.max_queued,
+                use_cache=use_cache,
+                module=parsed.module,
+                run_as=dispatcher.owner if slots else None,
             )
+            if created and row.state == "running":
+                dispatcher.run_here(row, parsed.task)
+                slots = 0
         except Conflict:
             raise Problem(
                 409,
@@ -379,7 +388,9 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             ) from None
         except QuotaExceeded as exc:
             raise _quota_problem(exc) from None
-        if created:
+        finally:
+            dispatcher.give_back(slots)
+        if created and row.state == "queued":
             dispatcher.wake()
         if wait:
             row = await waited(row, key, wait)
@@ -445,30 +456,45 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 callback_url=item.callback_url,
                 body_sha256=hashlib.sha256(item.record).hexdigest(),
                 use_cache=use_cache,
+                module=item.module,
             )
             for item in parsed
         ]
+        slots = dispatcher.take_slots(len(new))
         try:
-            rows = await run_in_threadpool(
-                lambda: store.add_tasks(
-                    key,
-                    new,
-                    max_active=key.max_active or settings.max_active_per_key,
-                    max_queued=settings.max_queued,
-                )
+            rows = await store.run(
+                store.add_tasks,
+                key,
+                new,
+                max_active=key.max_active or settings.max_active_per_key,
+                max_queued=settings.max_queued,
+                run_as=dispatcher.owner,
+                run_count=slots,
             )
+            for row, item in zip(rows, parsed, strict=True):
+                if row.state == "running":
+                    dispatcher.run_here(row, item.task)
+                    slots -= 1
         except QuotaExceeded as exc:
             raise _quota_problem(exc) from None
-        dispatcher.wake()
+        finally:
+            dispatcher.give_back(slots)
+        if any(row.state == "queued" for row in rows):
+            dispatcher.wake()
         if wait:
             deadline = asyncio.get_running_loop().time() + wait
+            finished: dict[str, TaskRow] = {}
             for row in rows:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
-                await dispatcher.wait(row.id, left)
-            now = await run_in_threadpool(store.tasks_by_id, [row.id for row in rows])
-            rows = [now.get(row.id, row) for row in rows]
+                end = await dispatcher.wait(row.id, left)
+                if end is not None:
+                    finished[row.id] = end
+            unknown = [row.id for row in rows if row.id not in finished]
+            if unknown:
+                finished.update(await store.run(store.tasks_by_id, unknown))
+            rows = [finished.get(row.id, row) for row in rows]
         ended = all(row.state not in ("queued", "running") for row in rows)
         return JSONResponse(
             {"tasks": [task_view(row) for row in rows]}, 200 if wait and ended else 202
@@ -500,7 +526,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             )
         if module[:4] != b"\0asm":
             raise Problem(422, "Invalid Request", "not a WebAssembly module", field="body")
-        created = await run_in_threadpool(store.put_module, key, sha256, module)
+        created = await store.run(store.put_module, key, sha256, module)
         return JSONResponse(
             {"sha256": sha256, "size": len(module)},
             201 if created else 200,
@@ -515,11 +541,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     )
     async def get_module(sha256: str, key: KeyDep) -> Response:
         """A module this key sent."""
-        module = (
-            await run_in_threadpool(store.module, key, sha256)
-            if _SHA256.fullmatch(sha256)
-            else None
-        )
+        module = await store.run(store.module, key, sha256) if _SHA256.fullmatch(sha256) else None
         if module is None:
             raise Problem(404, "Not Found", "no such module")
         return Response(module, media_type="application/wasm")
@@ -536,14 +558,14 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     async def task_events(task_id: str, key: KeyDep) -> StreamingResponse:
         """Server-sent events of the task's states (``event: state``), then its end
         (``event: end``, the task with its result); a comment every 15 s keeps it open."""
-        row = await run_in_threadpool(store.task, task_id, key)
+        row = await store.run(store.task, task_id, key)
         if row is None:
             raise _not_found()
 
         async def events() -> AsyncIterator[bytes]:
             last, quiet = None, 0.0
             while True:
-                now = await run_in_threadpool(store.task, task_id, key)
+                now = await store.run(store.task, task_id, key)
                 if now is None:
                     yield b"event: end\ndata: null\n\n"
                     return
@@ -583,10 +605,10 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     @app.get("/v1/tasks/{task_id}/deliveries", tags=["tasks"], responses=_problems(401, 404, 422))
     async def task_deliveries(task_id: str, key: KeyDep) -> dict[str, Any]:
         """The webhook deliveries of a task: state, attempts, last error."""
-        row = await run_in_threadpool(store.task, task_id, key)
+        row = await store.run(store.task, task_id, key)
         if row is None:
             raise _not_found()
-        found = await run_in_threadpool(store.deliveries_of, task_id)
+        found = await store.run(store.deliveries_of, task_id)
         shown = ("url", "state", "attempts", "last_error")
         return {"deliveries": [{name: item[name] for name in shown} for item in found]}
 
@@ -619,9 +641,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                     422, "Invalid Request", "cursor: a next_cursor this API gave", field="cursor"
                 )
             after = int(cursor)
-        rows = await run_in_threadpool(
-            lambda: store.list_tasks(key, state=state, after=after, limit=limit)
-        )
+        rows = await store.run(store.list_tasks, key, state=state, after=after, limit=limit)
         return {
             "tasks": [task_view(row, with_result=False) for row in rows],
             "next_cursor": str(rows[-1].seq) if len(rows) == limit else None,
@@ -638,7 +658,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         """The task, and its result once it ended; ``?wait=SECONDS`` answers when it ends
         or when the time is up, whichever comes first."""
         _check_wait(wait, settings.max_wait)
-        row = await run_in_threadpool(store.task, task_id, key)
+        row = await store.run(store.task, task_id, key)
         if row is None:
             raise _not_found()
         if wait and row.state in ("queued", "running"):
@@ -653,7 +673,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     )
     async def get_file(task_id: str, path: str, key: KeyDep) -> Response:
         """One output file of an ended task, as ``Result.files`` holds it."""
-        row = await run_in_threadpool(store.task, task_id, key)
+        row = await store.run(store.task, task_id, key)
         if row is None:
             raise _not_found()
         files = json.loads(row.result).get("files", {}) if row.result else {}
@@ -668,7 +688,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     @app.post("/v1/tasks/{task_id}/cancel", tags=["tasks"], responses=_problems(401, 404, 422))
     async def cancel(task_id: str, key: KeyDep) -> dict[str, Any]:
         """A queued task never runs; a running one is stopped. An ended one stays as it is."""
-        row = await run_in_threadpool(store.cancel, task_id, key)
+        row = await store.run(store.cancel, task_id, key)
         if row is None:
             raise _not_found()
         if row.state == "running":
@@ -684,7 +704,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     )
     async def delete(task_id: str, key: KeyDep) -> Response:
         """Forget a task and its result; a running task must be cancelled first."""
-        done = await run_in_threadpool(store.delete, task_id, key)
+        done = await store.run(store.delete, task_id, key)
         if done is None:
             raise _not_found()
         if not done:
@@ -738,12 +758,14 @@ def _json_body(body: bytes) -> Any:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A task from a request: its runtime, its record form, its callback URL."""
+    """A task from a request: its runtime, its record form (which names a module by hash),
+    its callback URL, the task, and its module (sha256, bytes) to keep for the key."""
 
     runtime: str
     record: bytes
     callback_url: str | None
     task: Task
+    module: tuple[str, bytes] | None
 
 
 def _parse_task(
@@ -776,6 +798,7 @@ def _parse_task(
                 "callback_url: an http or https URL of at most 2048 characters", "callback_url"
             )
     digest = document.pop("wasm_module_sha256", None)
+    module = None
     if digest is not None:
         module = modules.get(digest) if isinstance(digest, str) else None
         if module is None:
@@ -786,7 +809,6 @@ def _parse_task(
             )
         if document.get("wasm_module") is not None:
             raise invalid("give wasm_module or wasm_module_sha256, not both", "wasm_module")
-        document["wasm_module"] = base64.b64encode(module).decode()
     if document.get("wasm_file") is not None:
         raise invalid(
             "wasm_file: a path on the server is not yours to name; send the module's bytes "
@@ -794,14 +816,27 @@ def _parse_task(
             "wasm_file",
         )
     try:
-        task = task_from_document(document)
+        task = (
+            task_from_document(document)
+            if module is None
+            else task_from_document(document, wasm_module=module)
+        )
     except InvalidInput as exc:
         raise invalid(exc.message, exc.field) from None
     except (ValueError, TypeError) as exc:  # bad base64
         raise invalid(f"not base64: {exc}", None) from None
     runtime = task.runtime_name or config.default_runtime
-    record = json.dumps(_task_document(task), separators=(",", ":")).encode()
-    return Parsed(runtime, record, callback_url, task)
+    # The record names the module by hash: the store keeps each module once per key.
+    kept = None
+    record_form = _task_document(task.model_copy(update={"wasm_module": None}))
+    del record_form["wasm_module"]
+    if task.wasm_module is not None:
+        if digest is None:
+            digest = hashlib.sha256(task.wasm_module).hexdigest()
+        kept = (digest, task.wasm_module)
+        record_form["wasm_module_sha256"] = digest
+    record = json.dumps(record_form, separators=(",", ":")).encode()
+    return Parsed(runtime, record, callback_url, task, kept)
 
 
 _shown: dict[str, Any] = {

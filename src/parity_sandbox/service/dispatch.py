@@ -1,10 +1,15 @@
 """The server's side of the queue: takes queued tasks from the store and runs them.
 
-One :class:`Dispatcher` per ``serve`` process, on the server's event loop. It claims up to
-``concurrency`` tasks at a time (so several servers on one PostgreSQL store share the work),
-runs each through its runtime's executor (``execute_async``: cancelling the await stops the
-task), and ends it in the store with its result. It renews the leases of what it runs, acts on
-cancellations asked of any server, and wakes the requests that wait for a task.
+One :class:`Dispatcher` per ``serve`` process, on the server's event loop. It runs up to
+``concurrency`` tasks at a time, each through its runtime's executor (``execute_async``:
+cancelling the await stops the task), and ends it in the store with its result. A task comes
+to it in one of two ways: a request that finds a free slot (``take_slots``) stores its task
+already running here and hands it over (``run_here``) with the task it parsed, so nothing is read
+back; otherwise the claim loop takes queued tasks from the store (so several servers on one
+PostgreSQL store share the work). Ends are written in batches, one transaction for all the
+runs that ended meanwhile, and a request waiting for a task gets its end from memory. It renews
+the leases of what it runs, acts on cancellations asked of any server, and wakes the requests
+that wait for a task.
 """
 
 from __future__ import annotations
@@ -14,16 +19,19 @@ import contextlib
 import json
 import logging
 import os
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from parity_sandbox import runtimes
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import SandboxError
 from parity_sandbox._executor import Executor
-from parity_sandbox._models import Result, Status
+from parity_sandbox._models import Result, Status, Task
 from parity_sandbox._record import task_from_document
 from parity_sandbox.runtimes import executor_class
-from parity_sandbox.service.store import Store, TaskRow
+from parity_sandbox.service.store import Finish, Store, TaskRow
 from parity_sandbox.service.webhooks import Deliverer
 
 log = logging.getLogger("parity_sandbox.service")
@@ -31,6 +39,17 @@ log = logging.getLogger("parity_sandbox.service")
 #: Seconds between looks at the store when nothing woke the dispatcher (tasks queued by
 #: another server, cancellations asked there).
 POLL = 0.5
+#: How many ended tasks a dispatcher remembers (``_recent``).
+RECENT = 10_000
+
+
+@dataclass
+class _Waiting:
+    """The requests waiting for one task, and its end once it ended here."""
+
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    count: int = 0
+    row: TaskRow | None = None
 
 
 class Dispatcher:
@@ -45,9 +64,19 @@ class Dispatcher:
         self._executors: dict[str, Executor] = {}
         self._making: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
-        #: Task id -> [event set when it ends here, requests waiting on it].
-        self._waiters: dict[str, tuple[asyncio.Event, list[int]]] = {}
+        #: Slots promised to requests that are storing a task to run here.
+        self._promised = 0
+        self._waiters: dict[str, _Waiting] = {}
+        #: Runs that ended, to be written (``_finish_loop``), with the row each ran as.
+        self._ends: list[tuple[Finish, TaskRow]] = []
+        self._ends_due = asyncio.Event()
+        self._finisher: asyncio.Task[None] | None = None
+        #: Ids of tasks that ended here lately: a request that waits for one returns at once.
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
+        #: Whether the store may hold queued tasks: a slot that frees looks for them only then
+        #: (otherwise the claim loop looks every ``POLL``, for other servers' tasks).
+        self._maybe_queued = True
         #: Set when a task ends here: its webhook may be due.
         self._deliveries_due = asyncio.Event()
         self._deliverer: Deliverer | None = None
@@ -72,6 +101,7 @@ class Dispatcher:
             with contextlib.suppress(SandboxError):
                 await self._executor("docker")
         self._deliverer = Deliverer(self.store, self.config.service.webhooks)
+        self._finisher = asyncio.create_task(self._finish_loop(), name="finish")
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim"),
             asyncio.create_task(self._lease_loop(), name="lease"),
@@ -85,6 +115,10 @@ class Dispatcher:
         for task in [*self._loops, *self._running.values()]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._running.values(), return_exceptions=True)
+        if self._finisher is not None:  # the ends known so far are written, then it stops
+            self._ends_due.set()
+            self._finisher.cancel()
+            await asyncio.gather(self._finisher, return_exceptions=True)
         if self._deliverer is not None:
             await self._deliverer.close()
         for executor in self._executors.values():
@@ -93,7 +127,30 @@ class Dispatcher:
 
     def wake(self) -> None:
         """A task was queued: claim now rather than at the next poll."""
+        self._maybe_queued = True
         self._wake.set()
+
+    def take_slots(self, wanted: int) -> int:
+        """Promise up to ``wanted`` free slots to a request that stores tasks to run here at
+        once (``Store.add_task(run_as=owner)``). It gives each back with ``run_here`` or
+        ``give_back``."""
+        if self._stopping or not self.ready:
+            return 0
+        free = self.capacity - len(self._running) - self._promised
+        taken = max(0, min(wanted, free))
+        self._promised += taken
+        return taken
+
+    def give_back(self, count: int) -> None:
+        """Slots promised by ``take_slots`` that the request does not use."""
+        self._promised -= count
+        if count and self._maybe_queued:
+            self._wake.set()
+
+    def run_here(self, row: TaskRow, task: Task) -> None:
+        """Run ``row``, stored as running here, as ``task`` (in a slot ``take_slots`` gave)."""
+        self._promised -= 1
+        self._running[row.id] = asyncio.create_task(self._run(row, task), name=row.id)
 
     def cancel(self, task_id: str) -> None:
         """Stop the task ``task_id`` if it runs here."""
@@ -101,23 +158,28 @@ class Dispatcher:
         if running is not None:
             running.cancel()
 
-    async def wait(self, task_id: str, timeout: float) -> None:
-        """Return when the task has ended (here or on another server), or after ``timeout``."""
-        event, count = self._waiters.setdefault(task_id, (asyncio.Event(), [0]))
-        count[0] += 1
+    async def wait(self, task_id: str, timeout: float) -> TaskRow | None:
+        """Return when the task has ended (here or on another server), or after ``timeout``;
+        the ended task if it ended here (``None``: read it from the store)."""
+        if task_id in self._recent:
+            return None
+        waiting = self._waiters.setdefault(task_id, _Waiting())
+        waiting.count += 1
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             while True:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
-                    return
+                    return None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(left, POLL))
-                if event.is_set() or await asyncio.to_thread(self._ended, task_id):
-                    return
+                    await asyncio.wait_for(waiting.ended.wait(), min(left, POLL))
+                if waiting.ended.is_set():
+                    return waiting.row
+                if await self.store.run(self._ended, task_id):
+                    return None
         finally:
-            count[0] -= 1
-            if count[0] == 0 and self._waiters.get(task_id, (None,))[0] is event:
+            waiting.count -= 1
+            if waiting.count == 0 and self._waiters.get(task_id) is waiting:
                 del self._waiters[task_id]
 
     def _ended(self, task_id: str) -> bool:
@@ -130,16 +192,19 @@ class Dispatcher:
         while True:
             # Cleared before the claim: a task queued while it runs wakes the next round.
             self._wake.clear()
-            free = self.capacity - len(self._running)
+            free = self.capacity - len(self._running) - self._promised
             rows: list[TaskRow] = []
             if free > 0:
+                self._maybe_queued = False  # as _wake: a task queued meanwhile sets it again
                 try:
-                    rows = await asyncio.to_thread(self.store.claim, self.owner, free)
+                    rows = await self.store.run(self.store.claim, self.owner, free)
                 except Exception:  # the store is down for a moment: try again later
+                    self._maybe_queued = True
                     log.exception("cannot claim tasks")
             for row in rows:
                 self._running[row.id] = asyncio.create_task(self._run(row), name=row.id)
             if rows and len(rows) == free:
+                self._maybe_queued = True
                 continue  # more may be queued
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL)
@@ -157,6 +222,7 @@ class Dispatcher:
                 if self._running and now - renewed >= self.store.lease / 6:
                     await asyncio.to_thread(self.store.renew, self.owner)
                     renewed = now
+                await asyncio.to_thread(self.store.checkpoint)
                 for task_id in await asyncio.to_thread(self.store.cancel_requested, self.owner):
                     self.cancel(task_id)
                 if now - recovered >= self.store.lease / 3:
@@ -174,12 +240,12 @@ class Dispatcher:
 
     # -- one task --------------------------------------------------------------------------
 
-    async def _run(self, row: TaskRow) -> None:
+    async def _run(self, row: TaskRow, task: Task | None = None) -> None:
         state, blob, reason, cpu = "error", None, None, None
         try:
             try:
-                assert row.task is not None  # claim reads it
-                task = task_from_document(json.loads(row.task))
+                if task is None:
+                    task = await self._task_of(row)
                 executor = await self._executor(row.runtime)
                 result = await executor.execute_async(task, use_cache=row.use_cache)
             except SandboxError as exc:
@@ -199,14 +265,73 @@ class Dispatcher:
         finally:
             if not self._stopping:
                 self._running.pop(row.id, None)
-                self._wake.set()  # a slot is free
-        try:
-            await asyncio.to_thread(self.store.finish, row.id, self.owner, state, blob, reason, cpu)
-        finally:
-            waiting = self._waiters.get(row.id)
-            if waiting is not None:
-                waiting[0].set()
-            self._deliveries_due.set()
+                if self._maybe_queued:
+                    self._wake.set()  # a slot is free for a queued task
+        self._ends.append((Finish(row.id, self.owner, state, blob, reason, cpu), row))
+        self._ends_due.set()
+
+    async def _task_of(self, row: TaskRow) -> Task:
+        """The task a claimed row holds, with the module its record names by hash."""
+        assert row.task is not None  # claim reads it
+        document = json.loads(row.task)
+        digest = document.pop("wasm_module_sha256", None)
+        if digest is None:
+            return task_from_document(document)
+        module = self.store.cached_module(row.key_id, digest)
+        if module is None:
+            module = await self.store.run(self.store.module_of, row.key_id, digest)
+        if module is None:  # stores keep modules for ever: only a damaged one gets here
+            raise SandboxError(f"the task's module {digest} is not in the store")
+        return task_from_document(document, wasm_module=module)
+
+    async def _finish_loop(self) -> None:
+        """Write the ends of runs, all that ended meanwhile in one transaction, then wake
+        the requests waiting for them (with the ended task) and the webhook sender."""
+        while True:
+            try:
+                await self._ends_due.wait()
+            except asyncio.CancelledError:
+                if self._ends:
+                    await self._write_ends()
+                raise
+            self._ends_due.clear()
+            await self._write_ends()
+
+    async def _write_ends(self) -> None:
+        ends, self._ends = self._ends, []
+        if not ends:
+            return
+        finished = [end for end, _ in ends]
+        now = time.time()
+        for attempt in range(1, 6):
+            try:
+                done = await self.store.run(self.store.finish_many, finished, now)
+                break
+            except Exception:  # the store is down for a moment: try again
+                log.exception("cannot store the ends of %d tasks", len(finished))
+                if attempt == 5:  # their rows stay running: a recovery runs them again
+                    done = [False] * len(finished)
+                    break
+                await asyncio.sleep(attempt)
+        for (end, row), ok in zip(ends, done, strict=True):
+            self._recent[end.task_id] = None
+            waiting = self._waiters.get(end.task_id)
+            if waiting is None:
+                continue
+            if ok:
+                waiting.row = replace(
+                    row,
+                    task=None,
+                    state=end.state,
+                    result=end.result,
+                    reason=end.reason,
+                    ended_at=now,
+                )
+            waiting.ended.set()
+        while len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+        if any(row.callback_url for (_, row), ok in zip(ends, done, strict=True) if ok):
+            self._deliveries_due.set()  # their webhooks are due
 
     async def _executor(self, runtime: str) -> Executor:
         """The executor of ``runtime``, made on first use (in a thread: Docker's start is

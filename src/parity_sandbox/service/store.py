@@ -16,7 +16,9 @@ lease the owner renews; a row whose lease ran out belongs to a dead server and i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -24,14 +26,18 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 #: States of a task that has ended; a task in one of them never changes again.
 ENDED = frozenset(
@@ -149,6 +155,9 @@ class NewTask:
     callback_url: str | None
     body_sha256: str
     use_cache: bool = True
+    #: The WASM module the record names by ``wasm_module_sha256``: (sha256, bytes), kept
+    #: for the key in the same transaction.
+    module: tuple[str, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,14 @@ def _key(row: Any) -> Key:
     )
 
 
+def _key_row(row: Any) -> Key:
+    """A ``Key`` from a DBAPI row of ``_KEY_FIELDS`` columns."""
+    fields = dict(zip(_KEY_FIELDS, row, strict=False))
+    fields["admin"] = bool(fields["admin"])
+    fields["caps"] = json.loads(fields["caps"]) if fields["caps"] else {}
+    return Key(**fields)
+
+
 def _task(row: Any) -> TaskRow:
     fields: dict[str, Any] = {
         name: getattr(row, name, None) for name in TaskRow.__dataclass_fields__
@@ -233,8 +250,172 @@ def _task(row: Any) -> TaskRow:
 
 
 _TASK_COLUMNS = [tasks.c[name] for name in TaskRow.__dataclass_fields__]
+#: What an insert takes from a new ``TaskRow`` (the rest: the record, lease, cancel flag).
+_INSERTED = [name for name in TaskRow.__dataclass_fields__ if name not in ("seq", "task")]
 #: A task without its record form (which can be large, and which only a run needs).
 _VIEW_COLUMNS = [column for column in _TASK_COLUMNS if column.name != "task"]
+_VIEW_NAMES = [column.name for column in _VIEW_COLUMNS]
+_KEY_FIELDS = list(Key.__dataclass_fields__)
+
+# The statements of the hot path (a submission, a run's end, a read of a task) are compiled
+# once for the store's dialect and run on the DBAPI cursor (``Store._fast``): building and
+# processing a statement in SQLAlchemy costs several times what SQLite takes to run it.
+#: Queued or running (no IN: a list parameter cannot be compiled ahead).
+_ACTIVE = sa.or_(tasks.c.state == "queued", tasks.c.state == "running")
+_KEY_BY_SECRET = sa.select(*[keys.c[name] for name in _KEY_FIELDS], keys.c.secret_sha256).where(
+    keys.c.secret_sha256 == sa.bindparam("digest")
+)
+_BY_IDEMPOTENCY = sa.select(*_VIEW_COLUMNS).where(
+    tasks.c.key_id == sa.bindparam("key_id"),
+    tasks.c.idempotency_key == sa.bindparam("idempotency_key"),
+)
+_ACTIVE_OF_KEY = sa.select(sa.func.count()).where(_ACTIVE, tasks.c.key_id == sa.bindparam("key_id"))
+_ACTIVE_ALL = sa.select(sa.func.count()).where(_ACTIVE)
+_TASK_BY_ID = sa.select(*_VIEW_COLUMNS).where(tasks.c.id == sa.bindparam("id"))
+_TASK_OF_KEY = _TASK_BY_ID.where(tasks.c.key_id == sa.bindparam("key_id"))
+_STATE = sa.select(tasks.c.state).where(tasks.c.id == sa.bindparam("id"))
+_INSERT_TASK = (
+    tasks.insert()
+    .values({name: sa.bindparam(name) for name in [*_INSERTED, "task", "lease_until"]})
+    .values(cancel_requested=False)
+    .returning(tasks.c.seq)
+)
+_FINISH = (
+    tasks.update()
+    .where(
+        tasks.c.id == sa.bindparam("task_id"),
+        tasks.c.owner == sa.bindparam("task_owner"),
+        tasks.c.state == "running",
+    )
+    .values(
+        state=sa.bindparam("state"),
+        result=sa.bindparam("result"),
+        reason=sa.bindparam("reason"),
+        ended_at=sa.bindparam("ended_at"),
+        lease_until=None,
+        cpu_seconds=sa.bindparam("cpu_seconds"),
+    )
+)
+#: The webhook of a task that ended, if it has a callback URL (``_queue_deliveries``' work).
+_DELIVERY_OF = deliveries.insert().from_select(
+    ["task_id", "key_id", "url", "state", "attempts", "next_at", "created_at"],
+    sa.select(
+        tasks.c.id,
+        tasks.c.key_id,
+        tasks.c.callback_url,
+        sa.literal("pending"),
+        sa.literal(0),
+        sa.bindparam("now", type_=sa.Float),
+        sa.bindparam("now", type_=sa.Float),
+    ).where(tasks.c.id == sa.bindparam("task_id"), tasks.c.callback_url.is_not(None)),
+)
+_MODULE = sa.select(modules.c.module).where(
+    modules.c.key_id == sa.bindparam("key_id"), modules.c.sha256 == sa.bindparam("sha256")
+)
+_INSERT_MODULE = modules.insert().values(
+    {name: sa.bindparam(name) for name in ("key_id", "sha256", "module", "created_at")}
+)
+_ANY_QUEUED = sa.select(tasks.c.seq).where(tasks.c.state == "queued").limit(1)
+_HOT = (
+    _KEY_BY_SECRET,
+    _BY_IDEMPOTENCY,
+    _ACTIVE_OF_KEY,
+    _ACTIVE_ALL,
+    _ANY_QUEUED,
+    _TASK_BY_ID,
+    _TASK_OF_KEY,
+    _STATE,
+    _INSERT_TASK,
+    _FINISH,
+    _DELIVERY_OF,
+    _MODULE,
+    _INSERT_MODULE,
+)
+_PICK = (
+    sa.select(tasks.c.seq)
+    .where(tasks.c.state == "queued")
+    .order_by(tasks.c.seq)
+    .limit(sa.bindparam("count"))
+    .with_for_update(skip_locked=True)
+)
+_TAKE = (
+    tasks.update()
+    .where(tasks.c.seq.in_(sa.bindparam("seqs", expanding=True)), tasks.c.state == "queued")
+    .values(
+        state="running",
+        owner=sa.bindparam("owner"),
+        lease_until=sa.bindparam("lease_until"),
+        attempts=tasks.c.attempts + 1,
+        started_at=sa.bindparam("now"),
+    )
+)
+_TAKEN = (
+    sa.select(*_TASK_COLUMNS)
+    .where(
+        tasks.c.seq.in_(sa.bindparam("seqs", expanding=True)),
+        tasks.c.owner == sa.bindparam("owner"),
+    )
+    .order_by(tasks.c.seq)
+)
+#: Bytes of modules a store keeps in memory (they never change: a hash names each).
+MODULE_CACHE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a run ended, for ``Store.finish_many``."""
+
+    task_id: str
+    owner: str
+    state: str
+    result: bytes | None
+    reason: str | None = None
+    cpu_seconds: float | None = None
+
+
+#: A statement compiled for a dialect: its SQL, the values of its fixed parameters, and the
+#: order of its parameters where the driver takes them by position.
+_Compiled = tuple[str, dict[str, Any], tuple[str, ...] | None]
+
+
+class _Cursor:
+    """A DBAPI cursor that runs the hot path's statements, compiled once per dialect."""
+
+    def __init__(self, cursor: Any, compiled: dict[Any, _Compiled]) -> None:
+        self.cursor = cursor
+        self._compiled = compiled
+
+    def run(self, statement: Any, **params: Any) -> Any:
+        """Run ``statement`` with ``params``; the cursor, to fetch from."""
+        sql, fixed, order = self._compiled[statement]
+        values = {**fixed, **params}
+        self.cursor.execute(sql, values if order is None else tuple(values[n] for n in order))
+        return self.cursor
+
+    def row(self, statement: Any, **params: Any) -> Any:
+        """The first row ``statement`` finds, or ``None``."""
+        return self.run(statement, **params).fetchone()
+
+
+def _compile(dialect: sa.Dialect) -> dict[Any, _Compiled]:
+    """The hot path's statements in ``dialect``'s SQL."""
+    compiled: dict[Any, _Compiled] = {}
+    for statement in _HOT:
+        done = statement.compile(dialect=dialect)
+        assert "POSTCOMPILE" not in done.string, done.string
+        order = tuple(done.positiontup or ()) if done.positional else None
+        fixed = dict(done.params)  # literals (state = 'running'); the caller gives the rest
+        compiled[statement] = (done.string, fixed, order)
+    return compiled
+
+
+def _view_row(row: Any) -> TaskRow:
+    """A ``TaskRow`` from a DBAPI row of ``_VIEW_COLUMNS``."""
+    fields = dict(zip(_VIEW_NAMES, row, strict=True))
+    fields["use_cache"] = bool(fields["use_cache"])
+    if fields["result"] is not None:
+        fields["result"] = bytes(fields["result"])
+    return TaskRow(task=None, **fields)
 
 
 class Store:
@@ -248,6 +429,10 @@ class Store:
         self._writing: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if self.sqlite else contextlib.nullcontext()
         )
+        #: (key id, sha256) -> module, least recently used first.
+        self._modules: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._modules_size = 0
+        self._modules_lock = threading.Lock()
         if self.sqlite and self.url.database:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.engine: Engine = sa.create_engine(
@@ -258,9 +443,26 @@ class Store:
         if self.sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             sa.event.listen(self.engine, "begin", _sqlite_begin)
+        self._compiled = _compile(self.engine.dialect)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call(*args, **kwargs)`` (a store operation) from a coroutine. SQLite's take a
+        fraction of a millisecond here, less than a hop to a thread and back, so they run on
+        the event loop; PostgreSQL's (a round trip on the network) in a thread."""
+        if self.sqlite:
+            return call(*args, **kwargs)
+        return await asyncio.to_thread(call, *args, **kwargs)
+
+    def checkpoint(self) -> None:
+        """Copy SQLite's write-ahead log into the database, as far as readers allow, so that a
+        commit on the event loop seldom has to (SQLite does it in the commit that fills
+        the log)."""
+        if self.sqlite:
+            with self._read() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     def migrate(self) -> None:
         """Make or upgrade the schema to this version's (Alembic ``upgrade head``)."""
@@ -284,14 +486,41 @@ class Store:
             with connection.begin():
                 yield connection
 
+    @contextmanager
+    def _fast(self, *, write: bool = False) -> Iterator[_Cursor]:
+        """A cursor on a pooled DBAPI connection for the hot path's statements; with
+        ``write``, in one transaction (as ``_begin``: SQLite's write lock taken at once)."""
+        with self._writing if write else contextlib.nullcontext():
+            connection = self.engine.raw_connection()
+            try:
+                cursor = connection.cursor()
+                try:
+                    if write and self.sqlite:
+                        cursor.execute("BEGIN IMMEDIATE")
+                    yield _Cursor(cursor, self._compiled)
+                    if write:
+                        connection.commit()
+                except BaseException:
+                    connection.rollback()
+                    raise
+                finally:
+                    cursor.close()
+            finally:
+                connection.close()
+
+    def _read(self) -> Connection:
+        """A connection for reads: one statement each, so on SQLite no transaction is begun
+        (a single statement reads a consistent state)."""
+        return self.engine.connect().execution_options(reading=True)
+
     def _any(self, query: sa.Select[Any]) -> bool:
         """Whether ``query`` finds a row (a read: no write lock)."""
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             return connection.execute(query.limit(1)).first() is not None
 
     def ping(self) -> bool:
         try:
-            with self.engine.connect() as connection:
+            with self._read() as connection:
                 connection.execute(sa.text("SELECT 1"))
         except sa.exc.SQLAlchemyError:
             return False
@@ -330,14 +559,15 @@ class Store:
     def authenticate(self, secret: str) -> Key | None:
         """The live key ``secret`` is, or ``None`` (unknown or revoked)."""
         digest = hash_key(secret)
-        with self.engine.connect() as connection:
-            row = connection.execute(sa.select(keys).where(keys.c.secret_sha256 == digest)).first()
-        if row is None or not hmac.compare_digest(row.secret_sha256, digest):
+        with self._fast() as cursor:
+            row = cursor.row(_KEY_BY_SECRET, digest=digest)
+        if row is None or not hmac.compare_digest(row[-1], digest):
             return None
-        return None if row.revoked_at is not None else _key(row)
+        key = _key_row(row)
+        return None if key.revoked_at is not None else key
 
     def list_keys(self) -> list[Key]:
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             rows = connection.execute(sa.select(keys).order_by(keys.c.created_at)).all()
         return [_key(row) for row in rows]
 
@@ -365,80 +595,137 @@ class Store:
         max_active: int,
         max_queued: int,
         use_cache: bool = True,
+        module: tuple[str, bytes] | None = None,
+        run_as: str | None = None,
     ) -> tuple[TaskRow, bool]:
         """Queue a task (committed when this returns); ``(row, False)`` for a repeated
-        ``Idempotency-Key`` with the same body.
+        ``Idempotency-Key`` with the same body. ``module`` (its sha256 and bytes) is kept
+        for ``key`` with it, so the record names it by hash. With ``run_as``, and nothing
+        queued before it, the task is taken at once for that owner (``running``), so a
+        server with a free slot runs it without a claim.
 
         Raises:
             Conflict: the idempotency key was used with another body.
             QuotaExceeded: the key, or the whole service, has as many tasks as it may.
         """
-        with self._begin() as connection:
+        item = NewTask(runtime, task, callback_url, body_sha256, use_cache, module)
+        with self._fast(write=True) as cursor:
             if idempotency_key is not None:
-                row = connection.execute(
-                    sa.select(*_VIEW_COLUMNS).where(
-                        tasks.c.key_id == key.id, tasks.c.idempotency_key == idempotency_key
-                    )
-                ).first()
+                row = cursor.row(_BY_IDEMPOTENCY, key_id=key.id, idempotency_key=idempotency_key)
                 if row is not None:
-                    if row.body_sha256 != body_sha256:
+                    before = _view_row(row)
+                    if before.body_sha256 != body_sha256:
                         raise Conflict(idempotency_key)
-                    return _task(row), False
-            active = tasks.c.state.in_(("queued", "running"))
-            mine = connection.execute(
-                sa.select(sa.func.count()).where(active, tasks.c.key_id == key.id)
-            ).scalar_one()
-            if mine >= max_active:
-                raise QuotaExceeded("key", max_active)
-            everyone = connection.execute(sa.select(sa.func.count()).where(active)).scalar_one()
-            if everyone >= max_queued:
-                raise QuotaExceeded("service", max_queued)
-            values = {
-                "id": uuid.uuid4().hex,
-                "key_id": key.id,
-                "state": "queued",
-                "runtime": runtime,
-                "task": task,
-                "result": None,
-                "callback_url": callback_url,
-                "idempotency_key": idempotency_key,
-                "body_sha256": body_sha256,
-                "attempts": 0,
-                "use_cache": use_cache,
-                "owner": None,
-                "lease_until": None,
-                "cancel_requested": False,
-                "reason": None,
-                "created_at": time.time(),
-                "started_at": None,
-                "ended_at": None,
-            }
-            connection.execute(tasks.insert().values(**values))
-            row = connection.execute(
-                sa.select(*_VIEW_COLUMNS).where(tasks.c.id == values["id"])
-            ).one()
-            return _task(row), True
+                    return before, False
+            (made,) = self._insert(
+                cursor, key, [item], max_active, max_queued, run_as, 1, idempotency_key
+            )
+        self._remember_module(key.id, module)
+        return made, True
+
+    def add_tasks(
+        self,
+        key: Key,
+        items: list[NewTask],
+        *,
+        max_active: int,
+        max_queued: int,
+        run_as: str | None = None,
+        run_count: int = 0,
+    ) -> list[TaskRow]:
+        """Queue ``items`` all together, or none (one transaction, one quota check). With
+        ``run_as``, and nothing queued before them, the first ``run_count`` are taken at once
+        for that owner (as ``add_task`` does).
+
+        Raises:
+            QuotaExceeded: they do not all fit in the key's or the service's quota.
+        """
+        with self._fast(write=True) as cursor:
+            made = self._insert(cursor, key, items, max_active, max_queued, run_as, run_count)
+        for item in items:
+            self._remember_module(key.id, item.module)
+        return made
+
+    def _insert(
+        self,
+        cursor: _Cursor,
+        key: Key,
+        items: list[NewTask],
+        max_active: int,
+        max_queued: int,
+        run_as: str | None,
+        run_count: int,
+        idempotency_key: str | None = None,
+    ) -> list[TaskRow]:
+        (mine,) = cursor.row(_ACTIVE_OF_KEY, key_id=key.id)
+        if mine + len(items) > max_active:
+            raise QuotaExceeded("key", max_active)
+        (everyone,) = cursor.row(_ACTIVE_ALL)
+        if everyone + len(items) > max_queued:
+            raise QuotaExceeded("service", max_queued)
+        for digest, module in {
+            item.module[0]: item.module[1] for item in items if item.module
+        }.items():
+            self._keep_module(cursor, key, digest, module)
+        if run_as is not None and run_count and cursor.row(_ANY_QUEUED) is not None:
+            run_as = None  # others wait already: the new ones queue behind them
+        now = time.time()
+        made, values = [], []
+        for index, item in enumerate(items):
+            runs = run_as is not None and index < run_count
+            row = TaskRow(
+                seq=0,
+                id=uuid.uuid4().hex,
+                key_id=key.id,
+                state="running" if runs else "queued",
+                runtime=item.runtime,
+                task=None,
+                result=None,
+                callback_url=item.callback_url,
+                idempotency_key=idempotency_key,
+                body_sha256=item.body_sha256,
+                attempts=1 if runs else 0,
+                use_cache=item.use_cache,
+                owner=run_as if runs else None,
+                reason=None,
+                created_at=now,
+                started_at=now if runs else None,
+                ended_at=None,
+            )
+            made.append(row)
+            values.append(
+                {
+                    **{name: getattr(row, name) for name in _INSERTED},
+                    "task": item.task,
+                    "lease_until": now + self.lease if runs else None,
+                    "cancel_requested": False,
+                }
+            )
+        return [
+            dataclasses.replace(row, seq=cursor.row(_INSERT_TASK, **entry)[0])
+            for row, entry in zip(made, values, strict=True)
+        ]
 
     def task(self, task_id: str, key: Key) -> TaskRow | None:
         """The task ``task_id`` if ``key`` may see it (its own, or any for an admin key)."""
-        query = sa.select(*_VIEW_COLUMNS).where(tasks.c.id == task_id)
-        if not key.admin:
-            query = query.where(tasks.c.key_id == key.id)
-        with self.engine.connect() as connection:
-            row = connection.execute(query).first()
-        return None if row is None else _task(row)
+        with self._fast() as cursor:
+            if key.admin:
+                row = cursor.row(_TASK_BY_ID, id=task_id)
+            else:
+                row = cursor.row(_TASK_OF_KEY, id=task_id, key_id=key.id)
+        return None if row is None else _view_row(row)
 
     def tasks_by_id(self, ids: list[str]) -> dict[str, TaskRow]:
         """The tasks ``ids`` names (whoever owns them: the caller checked), by id."""
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             rows = connection.execute(sa.select(*_VIEW_COLUMNS).where(tasks.c.id.in_(ids))).all()
         return {row.id: _task(row) for row in rows}
 
     def state(self, task_id: str) -> str | None:
         """The task's state, whoever owns it; ``None`` if there is no such task."""
-        with self.engine.connect() as connection:
-            row = connection.execute(sa.select(tasks.c.state).where(tasks.c.id == task_id)).first()
-        return None if row is None else str(row.state)
+        with self._fast() as cursor:
+            row = cursor.row(_STATE, id=task_id)
+        return None if row is None else str(row[0])
 
     def list_tasks(self, key: Key, *, state: str | None, after: int, limit: int) -> list[TaskRow]:
         """``key``'s tasks (an admin's: all) in order of acceptance, after cursor ``after``."""
@@ -447,42 +734,23 @@ class Store:
             query = query.where(tasks.c.key_id == key.id)
         if state is not None:
             query = query.where(tasks.c.state == state)
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             rows = connection.execute(query.order_by(tasks.c.seq).limit(limit)).all()
         return [_task(row) for row in rows]
 
     def claim(self, owner: str, count: int) -> list[TaskRow]:
         """Take up to ``count`` queued tasks, oldest first, for ``owner`` to run."""
-        if not self._any(sa.select(tasks.c.seq).where(tasks.c.state == "queued")):
+        if not self._any(_ANY_QUEUED):
             return []  # seen without the write lock
         now = time.time()
         with self._begin() as connection:
-            picked = (
-                sa.select(tasks.c.seq)
-                .where(tasks.c.state == "queued")
-                .order_by(tasks.c.seq)
-                .limit(count)
-                .with_for_update(skip_locked=True)
-            )
-            seqs = [row.seq for row in connection.execute(picked)]
+            seqs = [row.seq for row in connection.execute(_PICK, {"count": count})]
             if not seqs:
                 return []
             connection.execute(
-                tasks.update()
-                .where(tasks.c.seq.in_(seqs), tasks.c.state == "queued")
-                .values(
-                    state="running",
-                    owner=owner,
-                    lease_until=now + self.lease,
-                    attempts=tasks.c.attempts + 1,
-                    started_at=now,
-                )
+                _TAKE, {"seqs": seqs, "owner": owner, "lease_until": now + self.lease, "now": now}
             )
-            rows = connection.execute(
-                sa.select(*_TASK_COLUMNS)
-                .where(tasks.c.seq.in_(seqs), tasks.c.owner == owner)
-                .order_by(tasks.c.seq)
-            ).all()
+            rows = connection.execute(_TAKEN, {"seqs": seqs, "owner": owner}).all()
         return [_task(row) for row in rows]
 
     def renew(self, owner: str) -> None:
@@ -505,23 +773,29 @@ class Store:
     ) -> bool:
         """End a task ``owner`` runs; ``False`` (and nothing changes) if it does not run it
         any more (recovered after a lost lease, or ended already)."""
-        assert state in ENDED
-        with self._begin() as connection:
-            done = connection.execute(
-                tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.owner == owner, tasks.c.state == "running")
-                .values(
-                    state=state,
-                    result=result,
-                    reason=reason,
-                    ended_at=time.time(),
-                    lease_until=None,
-                    cpu_seconds=cpu_seconds,
+        return self.finish_many([Finish(task_id, owner, state, result, reason, cpu_seconds)])[0]
+
+    def finish_many(self, ends: list[Finish], now: float | None = None) -> list[bool]:
+        """``finish`` for each of ``ends``, in one transaction; they ended at ``now``."""
+        assert all(end.state in ENDED for end in ends)
+        now = time.time() if now is None else now
+        done = []
+        with self._fast(write=True) as cursor:
+            for end in ends:
+                changed = cursor.run(
+                    _FINISH,
+                    task_id=end.task_id,
+                    task_owner=end.owner,
+                    state=end.state,
+                    result=end.result,
+                    reason=end.reason,
+                    ended_at=now,
+                    cpu_seconds=end.cpu_seconds,
                 )
-            )
-            if done.rowcount == 1:
-                _queue_deliveries(connection, tasks.c.id == task_id)
-        return done.rowcount == 1
+                done.append(changed.rowcount == 1)
+                if done[-1]:  # its webhook, in the transaction that ends it
+                    cursor.run(_DELIVERY_OF, task_id=end.task_id, now=now)
+        return done
 
     def cancel(self, task_id: str, key: Key) -> TaskRow | None:
         """Cancel a task: a queued one ends now; a running one is marked for its owner to
@@ -550,7 +824,7 @@ class Store:
 
     def cancel_requested(self, owner: str) -> list[str]:
         """Ids of tasks ``owner`` runs that a client asked to cancel."""
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             rows = connection.execute(
                 sa.select(tasks.c.id).where(
                     tasks.c.owner == owner,
@@ -608,7 +882,7 @@ class Store:
 
     def active(self) -> int:
         """Tasks queued or running, all keys together."""
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             return int(
                 connection.execute(
                     sa.select(sa.func.count()).where(tasks.c.state.in_(("queued", "running")))
@@ -617,7 +891,7 @@ class Store:
 
     def cpu_seconds_since(self, key: Key, since: float) -> float:
         """CPU seconds ``key``'s tasks that ended after ``since`` used."""
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             used = connection.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(tasks.c.cpu_seconds), 0.0)).where(
                     tasks.c.key_id == key.id, tasks.c.ended_at >= since
@@ -625,85 +899,63 @@ class Store:
             ).scalar_one()
         return float(used)
 
-    def add_tasks(
-        self, key: Key, items: list[NewTask], *, max_active: int, max_queued: int
-    ) -> list[TaskRow]:
-        """Queue ``items`` all together, or none (one transaction, one quota check).
-
-        Raises:
-            QuotaExceeded: they do not all fit in the key's or the service's quota.
-        """
-        now = time.time()
-        with self._begin() as connection:
-            active = tasks.c.state.in_(("queued", "running"))
-            mine = connection.execute(
-                sa.select(sa.func.count()).where(active, tasks.c.key_id == key.id)
-            ).scalar_one()
-            if mine + len(items) > max_active:
-                raise QuotaExceeded("key", max_active)
-            everyone = connection.execute(sa.select(sa.func.count()).where(active)).scalar_one()
-            if everyone + len(items) > max_queued:
-                raise QuotaExceeded("service", max_queued)
-            ids = [uuid.uuid4().hex for _ in items]
-            connection.execute(
-                tasks.insert(),
-                [
-                    {
-                        "id": task_id,
-                        "key_id": key.id,
-                        "state": "queued",
-                        "runtime": item.runtime,
-                        "task": item.task,
-                        "result": None,
-                        "callback_url": item.callback_url,
-                        "idempotency_key": None,
-                        "body_sha256": item.body_sha256,
-                        "attempts": 0,
-                        "use_cache": item.use_cache,
-                        "owner": None,
-                        "lease_until": None,
-                        "cancel_requested": False,
-                        "reason": None,
-                        "created_at": now,
-                        "started_at": None,
-                        "ended_at": None,
-                    }
-                    for task_id, item in zip(ids, items, strict=True)
-                ],
-            )
-            rows = connection.execute(
-                sa.select(*_VIEW_COLUMNS).where(tasks.c.id.in_(ids)).order_by(tasks.c.seq)
-            ).all()
-        return [_task(row) for row in rows]
-
     # -- modules -----------------------------------------------------------------------------
 
     def put_module(self, key: Key, sha256: str, module: bytes) -> bool:
         """Keep ``module`` for ``key`` under its hash; ``False`` if it was there already."""
-        with self._begin() as connection:
-            there = connection.execute(
-                sa.select(modules.c.sha256).where(
-                    modules.c.key_id == key.id, modules.c.sha256 == sha256
-                )
-            ).first()
-            if there is not None:
-                return False
-            connection.execute(
-                modules.insert().values(
-                    key_id=key.id, sha256=sha256, module=module, created_at=time.time()
-                )
-            )
-        return True
+        with self._fast(write=True) as cursor:
+            created = self._keep_module(cursor, key, sha256, module)
+        self._remember_module(key.id, (sha256, module))
+        return created
 
     def module(self, key: Key, sha256: str) -> bytes | None:
         """``key``'s module with hash ``sha256``, if it sent one."""
-        with self.engine.connect() as connection:
-            row = connection.execute(
-                sa.select(modules.c.module).where(
-                    modules.c.key_id == key.id, modules.c.sha256 == sha256
-                )
-            ).first()
-        return None if row is None else bytes(row.module)
+        return self.module_of(key.id, sha256)
+
+    def module_of(self, key_id: str, sha256: str) -> bytes | None:
+        """The module with hash ``sha256`` that the key ``key_id`` sent, if any."""
+        found = self.cached_module(key_id, sha256)
+        if found is not None:
+            return found
+        with self._fast() as cursor:
+            row = cursor.row(_MODULE, key_id=key_id, sha256=sha256)
+        if row is None:
+            return None
+        module = bytes(row[0])
+        self._remember_module(key_id, (sha256, module))
+        return module
+
+    def cached_module(self, key_id: str, sha256: str) -> bytes | None:
+        """``module_of`` from memory only (``None``: not there; ask ``module_of``)."""
+        with self._modules_lock:
+            found = self._modules.get((key_id, sha256))
+            if found is not None:
+                self._modules.move_to_end((key_id, sha256))
+            return found
+
+    def _keep_module(self, cursor: _Cursor, key: Key, sha256: str, module: bytes) -> bool:
+        if self.cached_module(key.id, sha256) is not None:
+            return False  # a module never changes, nor goes: it is in the store
+        if cursor.row(_MODULE, key_id=key.id, sha256=sha256) is not None:
+            return False
+        cursor.run(
+            _INSERT_MODULE, key_id=key.id, sha256=sha256, module=module, created_at=time.time()
+        )
+        return True
+
+    def _remember_module(self, key_id: str, module: tuple[str, bytes] | None) -> None:
+        if module is None or len(module[1]) > MODULE_CACHE // 4:
+            return
+        with self._modules_lock:
+            entry = (key_id, module[0])
+            if entry in self._modules:
+                self._modules.move_to_end(entry)
+                return
+            self._modules[entry] = module[1]
+            self._modules_size += len(module[1])
+            while self._modules_size > MODULE_CACHE:
+                _, dropped = self._modules.popitem(last=False)
+                self._modules_size -= len(dropped)
 
     # -- webhooks ----------------------------------------------------------------------------
 
@@ -767,7 +1019,7 @@ class Store:
 
     def deliveries_of(self, task_id: str) -> list[dict[str, Any]]:
         """The deliveries of a task, oldest first."""
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             rows = connection.execute(
                 sa.select(deliveries)
                 .where(deliveries.c.task_id == task_id)
@@ -777,7 +1029,7 @@ class Store:
 
     def task_any(self, task_id: str) -> TaskRow | None:
         """The task ``task_id``, whoever owns it (for the server's own use)."""
-        with self.engine.connect() as connection:
+        with self._read() as connection:
             row = connection.execute(sa.select(*_VIEW_COLUMNS).where(tasks.c.id == task_id)).first()
         return None if row is None else _task(row)
 
@@ -818,8 +1070,10 @@ class QuotaExceeded(Exception):
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    immediate = connection.get_execution_options().get("immediate", False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    options = connection.get_execution_options()
+    if options.get("reading", False):
+        return  # autocommit: each statement reads on its own
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get("immediate", False) else "BEGIN")
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
