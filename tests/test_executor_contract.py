@@ -10,6 +10,7 @@ import time
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,22 +63,53 @@ def test_execute_is_thread_safe(executor: WasmExecutor, wasm: WasmFixtures) -> N
     assert failures == []
 
 
-def test_execute_async(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+def module_task(path: Path, form: str, **fields: Any) -> Task:
+    """A task with the module at ``path``, named by its path (``WasmExecutor.execute_async``
+    runs it in a thread) or given as bytes (on the event loop)."""
+    if form == "file":
+        return Task(wasm_file=path, **fields)
+    return Task(wasm_module=path.read_bytes(), **fields)
+
+
+FORMS = pytest.mark.parametrize("form", ["file", "bytes"])
+
+
+@FORMS
+def test_execute_async(executor: WasmExecutor, wasm: WasmFixtures, form: str) -> None:
+    count = 4 * executor.max_parallel()  # more than its workers: some wait for one
+
     async def main() -> list[bytes]:
-        tasks = [Task(wasm_file=wasm.echo_stdin, stdin=str(i).encode()) for i in range(4)]
+        tasks = [module_task(wasm.echo_stdin, form, stdin=str(i).encode()) for i in range(count)]
         results = await asyncio.gather(*(executor.execute_async(t) for t in tasks))
         return [r.stdout for r in results]
 
-    assert asyncio.run(main()) == [b"0", b"1", b"2", b"3"]
+    assert asyncio.run(main()) == [str(i).encode() for i in range(count)]
 
 
-def test_cancelling_an_async_task_stops_it(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+@FORMS
+def test_an_async_task_times_out_with_its_output(
+    executor: WasmExecutor, wasm: WasmFixtures, form: str
+) -> None:
+    task = module_task(wasm.print_then_loop, form, limits=Limits(timeout=0.5))
+    started = time.monotonic()
+    with pytest.raises(ExecutionTimeout) as caught:
+        asyncio.run(executor.execute_async(task))
+    assert time.monotonic() - started < 5
+    result = caught.value.result
+    assert result is not None and result.status is Status.TIMEOUT and result.stdout, result
+    assert executor.execute(Task(wasm_file=wasm.hello)).ok
+
+
+@FORMS
+def test_cancelling_an_async_task_stops_it(
+    executor: WasmExecutor, wasm: WasmFixtures, form: str
+) -> None:
     reported: list[dict[str, object]] = []
 
     async def main() -> float:
         asyncio.get_running_loop().set_exception_handler(lambda _loop, c: reported.append(c))
         job = asyncio.ensure_future(
-            executor.execute_async(Task(wasm_file=wasm.sleep, limits=Limits(timeout=60)))
+            executor.execute_async(module_task(wasm.sleep, form, limits=Limits(timeout=60)))
         )
         await asyncio.sleep(0.5)
         started = time.monotonic()
@@ -94,6 +126,22 @@ def test_cancelling_an_async_task_stops_it(executor: WasmExecutor, wasm: WasmFix
     assert reported == []
     # The worker that ran it was killed; a new task still runs.
     assert executor.execute(Task(wasm_file=wasm.hello)).ok
+
+
+def test_closing_ends_async_tasks_that_wait_for_a_worker(
+    wasm: WasmFixtures, cache_dir: Path
+) -> None:
+    executor = WasmExecutor(Config(cache_dir=cache_dir), workers=1)
+    sleeper = Task(wasm_module=wasm.sleep.read_bytes(), limits=Limits(timeout=60))
+
+    async def main() -> list[BaseException | Result]:
+        jobs = [asyncio.ensure_future(executor.execute_async(sleeper)) for _ in range(3)]
+        await asyncio.sleep(0.5)  # one runs, two wait for the worker
+        await asyncio.to_thread(executor.close)
+        return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 10)
+
+    ends = asyncio.run(main())
+    assert len(ends) == 3 and all(isinstance(end, RuntimeUnavailable) for end in ends), ends
 
 
 def test_close_is_idempotent_and_final(wasm: WasmFixtures, cache_dir: Path) -> None:

@@ -268,7 +268,8 @@ class ServiceSettings(_Model):
     max_queued: int = Field(default=10_000, ge=1, le=10_000_000)
     #: Tasks queued and running per key, unless the key says otherwise (429 beyond it).
     max_active_per_key: int = Field(default=1_000, ge=1, le=10_000_000)
-    #: Tasks run at once, all runtimes together (default: what the runtimes sustain).
+    #: Tasks run at once, all runtimes together; unset: per runtime, as many as its executor
+    #: takes in flight (``Executor.max_in_flight``).
     concurrency: int | None = Field(default=None, ge=1, le=4096)
     #: What becomes of a task that was running when its server died: run it again (``retry``,
     #: up to ``max_attempts`` runs in all) or mark it ``lost``.

@@ -315,6 +315,12 @@ class Executor(ABC):
         """How many tasks this executor runs at once when nothing else is said."""
         return 1
 
+    def max_in_flight(self) -> int:
+        """How many tasks a caller may keep submitted at once (``execute_async``, ``submit``)
+        to keep this executor busy: those beyond ``max_parallel()`` wait inside it for their
+        turn. Twice ``max_parallel()``, unless the runtime's waiting tasks cost less."""
+        return 2 * self.max_parallel()
+
     # -- the contract ------------------------------------------------------------------------
 
     def execute(self, task: Task | PreparedTask, *, use_cache: bool = True) -> Result:

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -360,7 +361,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         await check_callback(parsed.callback_url, "")
         runtime, record, callback_url = parsed.runtime, parsed.record, parsed.callback_url
         # A free slot here: the task is stored running here and handed over as parsed.
-        slots = dispatcher.take_slots(1)
+        slots = dispatcher.take_slots(runtime, 1)
         try:
             row, created = await store.run(
                 store.add_task,
@@ -389,9 +390,9 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         except QuotaExceeded as exc:
             raise _quota_problem(exc) from None
         finally:
-            dispatcher.give_back(slots)
+            dispatcher.give_back(runtime, slots)
         if created and row.state == "queued":
-            dispatcher.wake()
+            dispatcher.wake(runtime)
         if wait:
             row = await waited(row, key, wait)
         location = f"/v1/tasks/{row.id}"
@@ -460,7 +461,14 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             )
             for item in parsed
         ]
-        slots = dispatcher.take_slots(len(new))
+        # Free slots here: those tasks are stored running here and handed over as parsed.
+        wanted = Counter(item.runtime for item in parsed)
+        slots = {name: dispatcher.take_slots(name, count) for name, count in wanted.items()}
+        unused = dict(slots)
+        runs = []
+        for item in parsed:
+            runs.append(unused[item.runtime] > 0)
+            unused[item.runtime] -= runs[-1]
         try:
             rows = await store.run(
                 store.add_tasks,
@@ -469,18 +477,20 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 max_active=key.max_active or settings.max_active_per_key,
                 max_queued=settings.max_queued,
                 run_as=dispatcher.owner,
-                run_count=slots,
+                runs=runs,
             )
             for row, item in zip(rows, parsed, strict=True):
                 if row.state == "running":
                     dispatcher.run_here(row, item.task)
-                    slots -= 1
+                    slots[row.runtime] -= 1
         except QuotaExceeded as exc:
             raise _quota_problem(exc) from None
         finally:
-            dispatcher.give_back(slots)
-        if any(row.state == "queued" for row in rows):
-            dispatcher.wake()
+            for name, count in slots.items():
+                dispatcher.give_back(name, count)
+        for row in rows:
+            if row.state == "queued":
+                dispatcher.wake(row.runtime)
         if wait:
             deadline = asyncio.get_running_loop().time() + wait
             finished: dict[str, TaskRow] = {}
@@ -826,6 +836,8 @@ def _parse_task(
     except (ValueError, TypeError) as exc:  # bad base64
         raise invalid(f"not base64: {exc}", None) from None
     runtime = task.runtime_name or config.default_runtime
+    if runtime not in runtimes.names():
+        raise invalid(f"runtime: one of {', '.join(runtimes.names())}, not {runtime!r}", "runtime")
     # The record names the module by hash: the store keeps each module once per key.
     kept = None
     record_form = _task_document(task.model_copy(update={"wasm_module": None}))
@@ -851,6 +863,8 @@ def _check_caps(key: Key, parsed: Parsed, config: Config, where: str = "") -> No
     """403 naming the field if the task asks for more than its key may (a runtime, an image,
     a limit above the key's cap): asking again does not help, unlike a 429."""
     caps, task = key.caps, parsed.task
+    if not caps:
+        return
 
     def refuse(detail: str, field: str) -> Problem:
         return Problem(403, "Forbidden", f"{where}{detail}", field=f"{where}{field}")

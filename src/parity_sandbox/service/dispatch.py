@@ -18,9 +18,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +40,10 @@ log = logging.getLogger("parity_sandbox.service")
 POLL = 0.5
 #: How many ended tasks a dispatcher remembers (``_recent``).
 RECENT = 10_000
+#: Slots that free before a claim looks for queued tasks (fewer where there are few slots).
+CLAIM_AT_ONCE = 8
+#: Most threads the dispatcher's pool starts (they start as needed).
+THREADS = 256
 
 
 @dataclass
@@ -53,19 +56,22 @@ class _Waiting:
 
 
 class Dispatcher:
-    """Runs the store's queued tasks, up to ``concurrency`` at once."""
+    """Runs the store's queued tasks: per runtime, as many at once as its executor takes in
+    flight (``Executor.max_in_flight``), or ``service.concurrency`` for all together."""
 
     def __init__(self, store: Store, config: Config, owner: str) -> None:
         self.store = store
         self.config = config
         self.owner = owner
         settings = config.service
-        self.capacity = settings.concurrency or max(2, 2 * (os.cpu_count() or 1))
+        #: One cap for all runtimes together, if the operator set one.
+        self._limit = settings.concurrency
         self._executors: dict[str, Executor] = {}
         self._making: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
-        #: Slots promised to requests that are storing a task to run here.
-        self._promised = 0
+        #: Slots in use per runtime: tasks running here, and slots promised to requests that
+        #: are storing tasks to run here.
+        self._busy: Counter[str] = Counter()
         self._waiters: dict[str, _Waiting] = {}
         #: Runs that ended, to be written (``_finish_loop``), with the row each ran as.
         self._ends: list[tuple[Finish, TaskRow]] = []
@@ -74,15 +80,18 @@ class Dispatcher:
         #: Ids of tasks that ended here lately: a request that waits for one returns at once.
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
-        #: Whether the store may hold queued tasks: a slot that frees looks for them only then
-        #: (otherwise the claim loop looks every ``POLL``, for other servers' tasks).
-        self._maybe_queued = True
+        #: The runtimes the store may hold queued tasks of (``None``: any, under one cap for
+        #: all): a slot that frees looks for them only then (otherwise the claim loop looks
+        #: every ``POLL``, for other servers' tasks).
+        self._queued: set[str | None] = {None, *runtimes.names()}
         #: Set when a task ends here: its webhook may be due.
         self._deliveries_due = asyncio.Event()
         self._deliverer: Deliverer | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._threads = ThreadPoolExecutor(self.capacity + 4, "parity-sandbox-service")
+        # Threads start as needed: Docker tasks, and tasks that may come from the result
+        # cache, wait in one each; PostgreSQL's statements run in them.
+        self._threads = ThreadPoolExecutor((self._limit or THREADS) + 8, "parity-sandbox-service")
         #: Whether the default runtime's executor started (``/readyz``).
         self.ready = False
 
@@ -125,31 +134,51 @@ class Dispatcher:
             await asyncio.to_thread(executor.close)
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    def wake(self) -> None:
-        """A task was queued: claim now rather than at the next poll."""
-        self._maybe_queued = True
+    def wake(self, runtime: str | None = None) -> None:
+        """A task of ``runtime`` (``None``: of any) was queued: claim now rather than at the
+        next poll."""
+        self._queued.update((runtime, None) if runtime else (None, *runtimes.names()))
         self._wake.set()
 
-    def take_slots(self, wanted: int) -> int:
-        """Promise up to ``wanted`` free slots to a request that stores tasks to run here at
-        once (``Store.add_task(run_as=owner)``). It gives each back with ``run_here`` or
-        ``give_back``."""
+    def _slot_freed(self, runtime: str) -> None:
+        """A slot for ``runtime`` is free: claim if tasks may be queued, once a few slots are
+        free together (a claim is a transaction; the claim loop's poll takes stragglers)."""
+        if runtime in self._queued or (self._limit is not None and None in self._queued):
+            enough = min(CLAIM_AT_ONCE, max(1, self._capacity(runtime) // 8))
+            if self.free(runtime) >= enough:
+                self._wake.set()
+
+    def _capacity(self, runtime: str) -> int:
+        """Slots for tasks of ``runtime`` (all runtimes' under one cap, if there is one)."""
+        if self._limit is not None:
+            return self._limit
+        executor = self._executors.get(runtime)
+        return executor.max_in_flight() if executor is not None else 2
+
+    def free(self, runtime: str) -> int:
+        """Slots free for tasks of ``runtime``."""
+        if self._limit is not None:
+            return self._limit - sum(self._busy.values())
+        return self._capacity(runtime) - self._busy[runtime]
+
+    def take_slots(self, runtime: str, wanted: int) -> int:
+        """Promise up to ``wanted`` free slots for ``runtime`` tasks to a request that stores
+        them to run here at once (``Store.add_task(run_as=owner)``). It gives each back with
+        ``run_here`` or ``give_back``."""
         if self._stopping or not self.ready:
             return 0
-        free = self.capacity - len(self._running) - self._promised
-        taken = max(0, min(wanted, free))
-        self._promised += taken
+        taken = max(0, min(wanted, self.free(runtime)))
+        self._busy[runtime] += taken
         return taken
 
-    def give_back(self, count: int) -> None:
+    def give_back(self, runtime: str, count: int) -> None:
         """Slots promised by ``take_slots`` that the request does not use."""
-        self._promised -= count
-        if count and self._maybe_queued:
-            self._wake.set()
+        self._busy[runtime] -= count
+        if count:
+            self._slot_freed(runtime)
 
     def run_here(self, row: TaskRow, task: Task) -> None:
         """Run ``row``, stored as running here, as ``task`` (in a slot ``take_slots`` gave)."""
-        self._promised -= 1
         self._running[row.id] = asyncio.create_task(self._run(row, task), name=row.id)
 
     def cancel(self, task_id: str) -> None:
@@ -192,19 +221,30 @@ class Dispatcher:
         while True:
             # Cleared before the claim: a task queued while it runs wakes the next round.
             self._wake.clear()
-            free = self.capacity - len(self._running) - self._promised
-            rows: list[TaskRow] = []
-            if free > 0:
-                self._maybe_queued = False  # as _wake: a task queued meanwhile sets it again
+            # One cap for all: one claim; else one per runtime, up to its free slots.
+            wanted = (
+                {None: self.free("")}
+                if self._limit is not None
+                else {name: self.free(name) for name in runtimes.names()}
+            )
+            full = False
+            for runtime, free in wanted.items():
+                if free <= 0:
+                    continue
+                self._queued.discard(runtime)  # as _wake: a task queued meanwhile adds it
                 try:
-                    rows = await self.store.run(self.store.claim, self.owner, free)
+                    rows = await self.store.run(self.store.claim, self.owner, free, runtime)
                 except Exception:  # the store is down for a moment: try again later
-                    self._maybe_queued = True
+                    self._queued.add(runtime)
                     log.exception("cannot claim tasks")
-            for row in rows:
-                self._running[row.id] = asyncio.create_task(self._run(row), name=row.id)
-            if rows and len(rows) == free:
-                self._maybe_queued = True
+                    break
+                for row in rows:
+                    self._busy[row.runtime] += 1
+                    self._running[row.id] = asyncio.create_task(self._run(row), name=row.id)
+                if rows and len(rows) == free:
+                    self._queued.add(runtime)
+                    full = True
+            if full:
                 continue  # more may be queued
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL)
@@ -265,8 +305,8 @@ class Dispatcher:
         finally:
             if not self._stopping:
                 self._running.pop(row.id, None)
-                if self._maybe_queued:
-                    self._wake.set()  # a slot is free for a queued task
+                self._busy[row.runtime] -= 1
+                self._slot_freed(row.runtime)
         self._ends.append((Finish(row.id, self.owner, state, blob, reason, cpu), row))
         self._ends_due.set()
 

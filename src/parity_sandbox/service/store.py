@@ -22,7 +22,9 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import operator
 import secrets
+import sqlite3
 import threading
 import time
 import uuid
@@ -255,6 +257,7 @@ _INSERTED = [name for name in TaskRow.__dataclass_fields__ if name not in ("seq"
 #: A task without its record form (which can be large, and which only a run needs).
 _VIEW_COLUMNS = [column for column in _TASK_COLUMNS if column.name != "task"]
 _VIEW_NAMES = [column.name for column in _VIEW_COLUMNS]
+_TASK_NAMES = [column.name for column in _TASK_COLUMNS]
 _KEY_FIELDS = list(Key.__dataclass_fields__)
 
 # The statements of the hot path (a submission, a run's end, a read of a task) are compiled
@@ -316,6 +319,32 @@ _INSERT_MODULE = modules.insert().values(
     {name: sa.bindparam(name) for name in ("key_id", "sha256", "module", "created_at")}
 )
 _ANY_QUEUED = sa.select(tasks.c.seq).where(tasks.c.state == "queued").limit(1)
+_PICK = (
+    sa.select(tasks.c.seq)
+    .where(tasks.c.state == "queued")
+    .order_by(tasks.c.seq)
+    .limit(sa.bindparam("count"))
+    .with_for_update(skip_locked=True)
+)
+_PICK_OF = (
+    sa.select(tasks.c.seq)
+    .where(tasks.c.state == "queued", tasks.c.runtime == sa.bindparam("runtime"))
+    .order_by(tasks.c.seq)
+    .limit(sa.bindparam("count"))
+    .with_for_update(skip_locked=True)
+)
+_TAKE = (
+    tasks.update()
+    .where(tasks.c.seq == sa.bindparam("seq"), tasks.c.state == "queued")
+    .values(
+        state="running",
+        owner=sa.bindparam("owner"),
+        lease_until=sa.bindparam("lease_until"),
+        attempts=tasks.c.attempts + 1,
+        started_at=sa.bindparam("now"),
+    )
+    .returning(*_TASK_COLUMNS)
+)
 _HOT = (
     _KEY_BY_SECRET,
     _BY_IDEMPOTENCY,
@@ -330,32 +359,9 @@ _HOT = (
     _DELIVERY_OF,
     _MODULE,
     _INSERT_MODULE,
-)
-_PICK = (
-    sa.select(tasks.c.seq)
-    .where(tasks.c.state == "queued")
-    .order_by(tasks.c.seq)
-    .limit(sa.bindparam("count"))
-    .with_for_update(skip_locked=True)
-)
-_TAKE = (
-    tasks.update()
-    .where(tasks.c.seq.in_(sa.bindparam("seqs", expanding=True)), tasks.c.state == "queued")
-    .values(
-        state="running",
-        owner=sa.bindparam("owner"),
-        lease_until=sa.bindparam("lease_until"),
-        attempts=tasks.c.attempts + 1,
-        started_at=sa.bindparam("now"),
-    )
-)
-_TAKEN = (
-    sa.select(*_TASK_COLUMNS)
-    .where(
-        tasks.c.seq.in_(sa.bindparam("seqs", expanding=True)),
-        tasks.c.owner == sa.bindparam("owner"),
-    )
-    .order_by(tasks.c.seq)
+    _PICK,
+    _PICK_OF,
+    _TAKE,
 )
 #: Bytes of modules a store keeps in memory (they never change: a hash names each).
 MODULE_CACHE = 64 * 1024 * 1024
@@ -373,9 +379,9 @@ class Finish:
     cpu_seconds: float | None = None
 
 
-#: A statement compiled for a dialect: its SQL, the values of its fixed parameters, and the
-#: order of its parameters where the driver takes them by position.
-_Compiled = tuple[str, dict[str, Any], tuple[str, ...] | None]
+#: A statement compiled for a dialect: its SQL, the values of its fixed parameters, and what
+#: picks its parameters in order where the driver takes them by position.
+_Compiled = tuple[str, dict[str, Any], Callable[[dict[str, Any]], tuple[Any, ...]] | None]
 
 
 class _Cursor:
@@ -387,14 +393,25 @@ class _Cursor:
 
     def run(self, statement: Any, **params: Any) -> Any:
         """Run ``statement`` with ``params``; the cursor, to fetch from."""
-        sql, fixed, order = self._compiled[statement]
+        sql, fixed, pick = self._compiled[statement]
         values = {**fixed, **params}
-        self.cursor.execute(sql, values if order is None else tuple(values[n] for n in order))
+        self.cursor.execute(sql, values if pick is None else pick(values))
         return self.cursor
 
     def row(self, statement: Any, **params: Any) -> Any:
         """The first row ``statement`` finds, or ``None``."""
         return self.run(statement, **params).fetchone()
+
+
+def _picker(order: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """What takes the values of ``order``'s names from a dict, as a tuple."""
+    if not order:
+        return lambda _values: ()
+    if len(order) == 1:
+        (name,) = order
+        return lambda values: (values[name],)
+    get = operator.itemgetter(*order)
+    return lambda values: tuple(get(values))
 
 
 def _compile(dialect: sa.Dialect) -> dict[Any, _Compiled]:
@@ -403,19 +420,24 @@ def _compile(dialect: sa.Dialect) -> dict[Any, _Compiled]:
     for statement in _HOT:
         done = statement.compile(dialect=dialect)
         assert "POSTCOMPILE" not in done.string, done.string
-        order = tuple(done.positiontup or ()) if done.positional else None
+        pick = None
+        if done.positional:
+            order = tuple(done.positiontup or ())
+            pick = _picker(order)
         fixed = dict(done.params)  # literals (state = 'running'); the caller gives the rest
-        compiled[statement] = (done.string, fixed, order)
+        compiled[statement] = (done.string, fixed, pick)
     return compiled
 
 
-def _view_row(row: Any) -> TaskRow:
-    """A ``TaskRow`` from a DBAPI row of ``_VIEW_COLUMNS``."""
-    fields = dict(zip(_VIEW_NAMES, row, strict=True))
+def _view_row(row: Any, names: list[str] = _VIEW_NAMES) -> TaskRow:
+    """A ``TaskRow`` from a DBAPI row of the columns ``names`` (``_VIEW_COLUMNS``' or all)."""
+    fields = dict(zip(names, row, strict=True))
     fields["use_cache"] = bool(fields["use_cache"])
-    if fields["result"] is not None:
-        fields["result"] = bytes(fields["result"])
-    return TaskRow(task=None, **fields)
+    for name in ("result", "task"):
+        if fields.get(name) is not None:
+            fields[name] = bytes(fields[name])
+    fields.setdefault("task", None)
+    return TaskRow(**fields)
 
 
 class Store:
@@ -429,6 +451,9 @@ class Store:
         self._writing: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if self.sqlite else contextlib.nullcontext()
         )
+        #: The threads' own SQLite connections (``_fast``), to close with the store.
+        self._local = threading.local()
+        self._own: list[sqlite3.Connection] = []
         #: (key id, sha256) -> module, least recently used first.
         self._modules: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._modules_size = 0
@@ -446,6 +471,10 @@ class Store:
         self._compiled = _compile(self.engine.dialect)
 
     def close(self) -> None:
+        with self._modules_lock:
+            own, self._own = self._own, []
+        for connection in own:
+            connection.close()
         self.engine.dispose()
 
     async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -488,10 +517,12 @@ class Store:
 
     @contextmanager
     def _fast(self, *, write: bool = False) -> Iterator[_Cursor]:
-        """A cursor on a pooled DBAPI connection for the hot path's statements; with
-        ``write``, in one transaction (as ``_begin``: SQLite's write lock taken at once)."""
+        """A cursor for the hot path's statements; with ``write``, in one transaction (as
+        ``_begin``: SQLite's write lock taken at once). SQLite: on this thread's own
+        connection, kept open; PostgreSQL: on one from the pool."""
         with self._writing if write else contextlib.nullcontext():
-            connection = self.engine.raw_connection()
+            own = self._own_connection()
+            connection = own or self.engine.raw_connection()
             try:
                 cursor = connection.cursor()
                 try:
@@ -506,7 +537,23 @@ class Store:
                 finally:
                     cursor.close()
             finally:
-                connection.close()
+                if own is None:
+                    connection.close()
+
+    def _own_connection(self) -> sqlite3.Connection | None:
+        """This thread's SQLite connection (``None``: not a SQLite file store)."""
+        if not (self.sqlite and self.url.database):
+            return None
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self.url.database, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            _sqlite_pragmas(connection, None)
+            self._local.connection = connection
+            with self._modules_lock:
+                self._own.append(connection)
+        return connection
 
     def _read(self) -> Connection:
         """A connection for reads: one statement each, so on SQLite no transaction is begun
@@ -618,7 +665,7 @@ class Store:
                         raise Conflict(idempotency_key)
                     return before, False
             (made,) = self._insert(
-                cursor, key, [item], max_active, max_queued, run_as, 1, idempotency_key
+                cursor, key, [item], max_active, max_queued, run_as, [True], idempotency_key
             )
         self._remember_module(key.id, module)
         return made, True
@@ -631,17 +678,19 @@ class Store:
         max_active: int,
         max_queued: int,
         run_as: str | None = None,
-        run_count: int = 0,
+        runs: list[bool] | None = None,
     ) -> list[TaskRow]:
         """Queue ``items`` all together, or none (one transaction, one quota check). With
-        ``run_as``, and nothing queued before them, the first ``run_count`` are taken at once
+        ``run_as``, and nothing queued before them, those ``runs`` marks are taken at once
         for that owner (as ``add_task`` does).
 
         Raises:
             QuotaExceeded: they do not all fit in the key's or the service's quota.
         """
         with self._fast(write=True) as cursor:
-            made = self._insert(cursor, key, items, max_active, max_queued, run_as, run_count)
+            made = self._insert(
+                cursor, key, items, max_active, max_queued, run_as, runs or [False] * len(items)
+            )
         for item in items:
             self._remember_module(key.id, item.module)
         return made
@@ -654,7 +703,7 @@ class Store:
         max_active: int,
         max_queued: int,
         run_as: str | None,
-        run_count: int,
+        runs: list[bool],
         idempotency_key: str | None = None,
     ) -> list[TaskRow]:
         (mine,) = cursor.row(_ACTIVE_OF_KEY, key_id=key.id)
@@ -667,29 +716,29 @@ class Store:
             item.module[0]: item.module[1] for item in items if item.module
         }.items():
             self._keep_module(cursor, key, digest, module)
-        if run_as is not None and run_count and cursor.row(_ANY_QUEUED) is not None:
+        if run_as is not None and any(runs) and cursor.row(_ANY_QUEUED) is not None:
             run_as = None  # others wait already: the new ones queue behind them
         now = time.time()
         made, values = [], []
         for index, item in enumerate(items):
-            runs = run_as is not None and index < run_count
+            taken = run_as is not None and runs[index]
             row = TaskRow(
                 seq=0,
                 id=uuid.uuid4().hex,
                 key_id=key.id,
-                state="running" if runs else "queued",
+                state="running" if taken else "queued",
                 runtime=item.runtime,
                 task=None,
                 result=None,
                 callback_url=item.callback_url,
                 idempotency_key=idempotency_key,
                 body_sha256=item.body_sha256,
-                attempts=1 if runs else 0,
+                attempts=1 if taken else 0,
                 use_cache=item.use_cache,
-                owner=run_as if runs else None,
+                owner=run_as if taken else None,
                 reason=None,
                 created_at=now,
-                started_at=now if runs else None,
+                started_at=now if taken else None,
                 ended_at=None,
             )
             made.append(row)
@@ -697,7 +746,7 @@ class Store:
                 {
                     **{name: getattr(row, name) for name in _INSERTED},
                     "task": item.task,
-                    "lease_until": now + self.lease if runs else None,
+                    "lease_until": now + self.lease if taken else None,
                     "cancel_requested": False,
                 }
             )
@@ -738,20 +787,25 @@ class Store:
             rows = connection.execute(query.order_by(tasks.c.seq).limit(limit)).all()
         return [_task(row) for row in rows]
 
-    def claim(self, owner: str, count: int) -> list[TaskRow]:
-        """Take up to ``count`` queued tasks, oldest first, for ``owner`` to run."""
-        if not self._any(_ANY_QUEUED):
-            return []  # seen without the write lock
+    def claim(self, owner: str, count: int, runtime: str | None = None) -> list[TaskRow]:
+        """Take up to ``count`` queued tasks (of ``runtime``, or any), oldest first, for
+        ``owner`` to run."""
+        with self._fast() as cursor:
+            if cursor.row(_ANY_QUEUED) is None:
+                return []  # seen without the write lock
         now = time.time()
-        with self._begin() as connection:
-            seqs = [row.seq for row in connection.execute(_PICK, {"count": count})]
-            if not seqs:
-                return []
-            connection.execute(
-                _TAKE, {"seqs": seqs, "owner": owner, "lease_until": now + self.lease, "now": now}
-            )
-            rows = connection.execute(_TAKEN, {"seqs": seqs, "owner": owner}).all()
-        return [_task(row) for row in rows]
+        taken = []
+        with self._fast(write=True) as cursor:
+            if runtime is None:
+                picked = cursor.run(_PICK, count=count)
+            else:
+                picked = cursor.run(_PICK_OF, count=count, runtime=runtime)
+            seqs = [row[0] for row in picked.fetchall()]
+            for seq in seqs:
+                row = cursor.row(_TAKE, seq=seq, owner=owner, lease_until=now + self.lease, now=now)
+                if row is not None:
+                    taken.append(_view_row(row, _TASK_NAMES))
+        return taken
 
     def renew(self, owner: str) -> None:
         """Extend the lease of every task ``owner`` runs."""

@@ -10,6 +10,8 @@ recovered from the memory it shares with the parent, and a replacement worker is
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -179,6 +181,11 @@ class WasmExecutor(Executor):
     def max_parallel(self) -> int:
         return self._pool.size
 
+    def max_in_flight(self) -> int:
+        # A task that waits for a worker holds only its prepared request, and with
+        # ``execute_async`` no thread: its memory limit is taken when it runs.
+        return 32 * self._pool.size
+
     @classmethod
     def diagnose(cls, config: Config) -> tuple[bool, str]:
         """Run a tiny module end to end."""
@@ -235,6 +242,89 @@ class WasmExecutor(Executor):
         if self.closed and reply.outcome == "error":
             raise RuntimeUnavailable("the executor was closed while the task ran", result=result)
         return result
+
+    # -- one task, on an event loop -------------------------------------------------------------
+
+    async def execute_async(self, task: Task | PreparedTask, *, use_cache: bool = True) -> Result:
+        """As ``Executor.execute_async``, with no thread per task: the event loop waits for the
+        worker's reply (and for an idle worker). A task whose preparation reads host files,
+        or whose result may come from the result cache (whose lookups block), takes the
+        thread of the base class instead."""
+        self._check_open()
+        if not isinstance(task, PreparedTask):
+            if task.wasm_file is not None or any(
+                not isinstance(content, bytes) for content in task.input_files.values()
+            ):
+                return await super().execute_async(task, use_cache=use_cache)
+            task = self._prepare(task)  # hashing and checks only: nothing is read
+        if use_cache and self.cache is not None and task.cacheable:
+            return await super().execute_async(task, use_cache=use_cache)
+        result = await self._run_async(task)
+        if task.cacheable and result.spec_hash is None:
+            result = result.model_copy(update={"spec_hash": task.spec_hash})
+        if result.status in (Status.SUCCEEDED, Status.FAILED):
+            return result
+        error = result.to_error()
+        assert error is not None
+        raise error
+
+    async def _run_async(self, prepared: PreparedTask) -> Result:
+        """``_run`` on the event loop; cancelling it kills the task's worker."""
+        request, module = self._form(prepared)
+        flight = Flight(0, prepared, request, module, await self._idle_worker())
+        for attempt in range(2):  # as _dispatch: a dead idle worker, once
+            try:
+                if not flight.worker.version:  # a new worker: its start takes a while
+                    await asyncio.to_thread(flight.worker.ensure_ready)
+                self._send(flight)
+                break
+            except OSError:
+                self._pool.discard(flight.worker)
+                if attempt:
+                    raise RuntimeUnavailable("wasm workers die before they run a task") from None
+                flight.worker = await self._idle_worker()
+            except BaseException:
+                self._pool.discard(flight.worker)
+                raise
+        try:
+            self._watch(flight, queued=False)
+            reply = None
+            while reply is None:
+                # The deadline thread kills the worker at the deadline: then it is readable.
+                await _readable(flight.worker.fd)
+                reply = self._receive(flight)
+        except BaseException:
+            # Cancelled or closed: the worker may be mid-task, so it dies.
+            self._deadlines.finish(flight)
+            self._pool.discard(flight.worker)
+            raise
+        result = self._settle(flight, reply)
+        self._pool.release(flight.worker)  # or replaced, if it died
+        if self.closed and reply.outcome == "error":
+            raise RuntimeUnavailable("the executor was closed while the task ran", result=result)
+        return result
+
+    async def _idle_worker(self) -> Worker:
+        """An idle worker (or a new one, below the pool's size), waited for on the loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            worker = self._pool.try_acquire()
+            if worker is not None:
+                return worker
+            freed: asyncio.Future[None] = loop.create_future()
+            wake = functools.partial(_wake, loop, freed)
+            self._pool.on_free(wake)
+            try:
+                worker = self._pool.try_acquire()  # one freed before the callback was there
+                if worker is not None:
+                    return worker
+                await freed
+            except BaseException:
+                if freed.done():  # called, or about to be: the worker goes to the next one
+                    self._pool.pass_on()
+                raise
+            finally:
+                self._pool.forget(wake)
 
     def _form(self, prepared: PreparedTask) -> tuple[RunRequest, bytes]:
         """The request that runs ``prepared`` and its module; a run after the first gets a
@@ -622,6 +712,28 @@ class WasmExecutor(Executor):
 
     def _close(self) -> None:
         self._release()
+
+
+def _settle_future(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """Settle ``future`` on its loop, from any thread."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed
+        loop.call_soon_threadsafe(_settle_future, future)
+
+
+async def _readable(fd: int) -> None:
+    """Return once ``fd`` has something to read (or its other end closed)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _settle_future, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _release(deadlines: Deadlines, pool: Pool, root: Path, lock_fd: int) -> None:

@@ -40,12 +40,30 @@ class ModuleFiles:
         self._entries: OrderedDict[str, tuple[tuple[int, ...], bytes, str]] = OrderedDict()
         self._max_entries = max_entries
         self._lock = threading.Lock()
+        #: id(module) -> (the module, its sha256), for modules given as bytes: one object
+        #: sent again and again (a service's stored module) is hashed once. The entry holds
+        #: the object, so its id names no other while it is here.
+        self._objects: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
+
+    def _checked(self, module: bytes) -> str:
+        """``check_module(module)``, remembered for this very object."""
+        with self._lock:
+            known = self._objects.get(id(module))
+            if known is not None and known[0] is module:
+                self._objects.move_to_end(id(module))
+                return known[1]
+        sha = check_module(module)
+        with self._lock:
+            self._objects[id(module)] = (module, sha)
+            while len(self._objects) > self._max_entries:
+                self._objects.popitem(last=False)
+        return sha
 
     def load(self, task: Task) -> tuple[bytes, str]:
         """The module of ``task`` and its sha256."""
         if task.wasm_file is None:
             assert task.wasm_module is not None
-            return task.wasm_module, check_module(task.wasm_module)
+            return task.wasm_module, self._checked(task.wasm_module)
         name = os.fspath(task.wasm_file)
         with self._lock:
             cached = self._entries.get(name)

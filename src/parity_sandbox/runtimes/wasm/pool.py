@@ -19,7 +19,8 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -224,6 +225,9 @@ class Pool:
         self._cond = threading.Condition(threading.RLock())
         self._closed = False
         self._names = itertools.count()
+        #: Waiters on an event loop, first come first served: the first is called when a
+        #: worker is given back or replaced.
+        self._on_free: deque[Callable[[], None]] = deque()
 
     def _spawn(self) -> Worker:
         worker = Worker(self._root / f"w{next(self._names)}", self._cache_dir)
@@ -256,12 +260,32 @@ class Pool:
                 return self._spawn()
             return None
 
+    def on_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when a worker may be free for it (unless ``forget``)."""
+        with self._cond:
+            self._on_free.append(callback)
+
+    def forget(self, callback: Callable[[], None]) -> None:
+        with self._cond, contextlib.suppress(ValueError):
+            self._on_free.remove(callback)
+
+    def _freed(self) -> None:
+        self._cond.notify()
+        if self._on_free:
+            self._on_free.popleft()()
+
+    def pass_on(self) -> None:
+        """A waiter called by ``on_free`` leaves without a worker: call the next one."""
+        with self._cond:
+            if self._on_free:
+                self._on_free.popleft()()
+
     def release(self, worker: Worker) -> None:
         """Give back a worker after a task; a dead one is replaced instead."""
         with self._cond:
             if not self._closed and not worker.dead:
                 self._idle.append(worker)
-                self._cond.notify()
+                self._freed()
                 return
         self.discard(worker)
 
@@ -275,7 +299,7 @@ class Pool:
             if not self._closed:
                 with contextlib.suppress(RuntimeUnavailable):
                     self._idle.append(self._spawn())
-            self._cond.notify()
+            self._freed()
 
     def close(self) -> None:
         with self._cond:
@@ -284,5 +308,7 @@ class Pool:
             self._all.clear()
             self._idle.clear()
             self._cond.notify_all()
+            while self._on_free:  # they find it closed
+                self._on_free.popleft()()
         for worker in workers:
             worker.kill()
