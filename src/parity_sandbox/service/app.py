@@ -34,7 +34,7 @@ from parity_sandbox import runtimes
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._models import Task
-from parity_sandbox._record import _task_document, task_from_document
+from parity_sandbox._record import task_from_document
 from parity_sandbox._units import format_size
 from parity_sandbox.runtimes import executor_class
 from parity_sandbox.service.dispatch import Dispatcher
@@ -47,7 +47,7 @@ from parity_sandbox.service.store import (
     Store,
     TaskRow,
 )
-from parity_sandbox.service.views import task_view
+from parity_sandbox.service.views import task_json, task_view
 from parity_sandbox.service.webhooks import public_address_problem
 
 log = logging.getLogger("parity_sandbox.service")
@@ -104,6 +104,10 @@ _TASK_BODY: dict[str, Any] = {
         "callback_url": {"type": "string", "format": "uri", "maxLength": 2048},
     },
 }
+
+
+#: A JSON object (a task as ``task_view`` shows it).
+_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
 
 
 def _body(media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -340,7 +344,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         use_cache: Annotated[
             bool, Query(description="false: run it even if the result cache has its result")
         ] = True,
-    ) -> JSONResponse:
+    ) -> Response:
         """Queue a task (its ``Task`` fields in record form: bytes in base64), with an
         optional ``callback_url``. ``202`` and ``Location`` once it is stored; with
         ``?wait=SECONDS``, ``200`` and the result if it ends in time."""
@@ -392,13 +396,16 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         finally:
             dispatcher.give_back(runtime, slots)
         if created and row.state == "queued":
-            dispatcher.wake(runtime)
+            dispatcher.queued_here(row, parsed.task)
         if wait:
             row = await waited(row, key, wait)
         location = f"/v1/tasks/{row.id}"
         ended = row.state not in ("queued", "running")
-        return JSONResponse(
-            task_view(row), 200 if ended and wait else 202, headers={"Location": location}
+        return Response(
+            task_json(row),
+            200 if ended and wait else 202,
+            headers={"Location": location},
+            media_type="application/json",
         )
 
     @app.post(
@@ -427,7 +434,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             None, ge=0, le=settings.max_wait, description="seconds to wait for all the results"
         ),
         use_cache: Annotated[bool, Query()] = True,
-    ) -> JSONResponse:
+    ) -> Response:
         """Queue many tasks at once (``{"tasks": [...]}``, at most ``MAX_BATCH``): all are
         stored, or none (a bad one is 422 naming ``tasks[i].field``). The tasks come back
         in order; with ``?wait=SECONDS``, with their results if they end in time."""
@@ -488,9 +495,9 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         finally:
             for name, count in slots.items():
                 dispatcher.give_back(name, count)
-        for row in rows:
+        for row, item in zip(rows, parsed, strict=True):
             if row.state == "queued":
-                dispatcher.wake(row.runtime)
+                dispatcher.queued_here(row, item.task)
         if wait:
             deadline = asyncio.get_running_loop().time() + wait
             finished: dict[str, TaskRow] = {}
@@ -506,9 +513,8 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 finished.update(await store.run(store.tasks_by_id, unknown))
             rows = [finished.get(row.id, row) for row in rows]
         ended = all(row.state not in ("queued", "running") for row in rows)
-        return JSONResponse(
-            {"tasks": [task_view(row) for row in rows]}, 200 if wait and ended else 202
-        )
+        body = b'{"tasks":[' + b",".join(task_json(row) for row in rows) + b"]}"
+        return Response(body, 200 if wait and ended else 202, media_type="application/json")
 
     @app.put(
         "/v1/modules/{sha256}",
@@ -586,8 +592,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                         data = json.dumps({"id": now.id, "state": now.state})
                         yield f"event: state\ndata: {data}\n\n".encode()
                     else:
-                        data = json.dumps(task_view(now), separators=(",", ":"))
-                        yield f"event: end\ndata: {data}\n\n".encode()
+                        yield b"event: end\ndata: " + task_json(now) + b"\n\n"
                         return
                 await dispatcher.wait(task_id, POLL_EVENTS)
                 quiet += POLL_EVENTS
@@ -657,14 +662,22 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             "next_cursor": str(rows[-1].seq) if len(rows) == limit else None,
         }
 
-    @app.get("/v1/tasks/{task_id}", tags=["tasks"], responses=_problems(401, 404, 422))
+    @app.get(
+        "/v1/tasks/{task_id}",
+        tags=["tasks"],
+        response_class=Response,
+        responses={
+            200: {"description": "The task", "content": {"application/json": {"schema": _OBJECT}}},
+            **_problems(401, 404, 422),
+        },
+    )
     async def get_task(
         task_id: str,
         key: KeyDep,
         wait: float | None = Query(
             None, ge=0, le=settings.max_wait, description="seconds to wait for the task to end"
         ),
-    ) -> dict[str, Any]:
+    ) -> Response:
         """The task, and its result once it ended; ``?wait=SECONDS`` answers when it ends
         or when the time is up, whichever comes first."""
         _check_wait(wait, settings.max_wait)
@@ -673,7 +686,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
             raise _not_found()
         if wait and row.state in ("queued", "running"):
             row = await waited(row, key, wait)
-        return task_view(row)
+        return Response(task_json(row), media_type="application/json")
 
     @app.get(
         "/v1/tasks/{task_id}/files/{path:path}",
@@ -838,10 +851,10 @@ def _parse_task(
     runtime = task.runtime_name or config.default_runtime
     if runtime not in runtimes.names():
         raise invalid(f"runtime: one of {', '.join(runtimes.names())}, not {runtime!r}", "runtime")
-    # The record names the module by hash: the store keeps each module once per key.
+    # The record is the task's fields as sent (task_from_document reads them back alike),
+    # naming the module by hash: the store keeps each module once per key.
     kept = None
-    record_form = _task_document(task.model_copy(update={"wasm_module": None}))
-    del record_form["wasm_module"]
+    record_form = {name: value for name, value in document.items() if name != "wasm_module"}
     if task.wasm_module is not None:
         if digest is None:
             digest = hashlib.sha256(task.wasm_module).hexdigest()

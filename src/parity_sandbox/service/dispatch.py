@@ -40,6 +40,8 @@ log = logging.getLogger("parity_sandbox.service")
 POLL = 0.5
 #: How many ended tasks a dispatcher remembers (``_recent``).
 RECENT = 10_000
+#: How many queued tasks a dispatcher keeps as parsed (``_parsed``).
+PARSED = 4096
 #: Slots that free before a claim looks for queued tasks (fewer where there are few slots).
 CLAIM_AT_ONCE = 8
 #: Most threads the dispatcher's pool starts (they start as needed).
@@ -77,6 +79,9 @@ class Dispatcher:
         self._ends: list[tuple[Finish, TaskRow]] = []
         self._ends_due = asyncio.Event()
         self._finisher: asyncio.Task[None] | None = None
+        #: Tasks queued by this server's requests, as parsed: a claim here need not parse
+        #: their records again. Bounded (``PARSED``); another server may claim them.
+        self._parsed: OrderedDict[str, Task] = OrderedDict()
         #: Ids of tasks that ended here lately: a request that waits for one returns at once.
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
@@ -177,6 +182,13 @@ class Dispatcher:
         if count:
             self._slot_freed(runtime)
 
+    def queued_here(self, row: TaskRow, task: Task) -> None:
+        """``row`` was queued by a request here that parsed it as ``task``."""
+        self._parsed[row.id] = task
+        while len(self._parsed) > PARSED:
+            self._parsed.popitem(last=False)
+        self.wake(row.runtime)
+
     def run_here(self, row: TaskRow, task: Task) -> None:
         """Run ``row``, stored as running here, as ``task`` (in a slot ``take_slots`` gave)."""
         self._running[row.id] = asyncio.create_task(self._run(row, task), name=row.id)
@@ -201,7 +213,8 @@ class Dispatcher:
                 if left <= 0:
                     return None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiting.ended.wait(), min(left, POLL))
+                    async with asyncio.timeout(min(left, POLL)):
+                        await waiting.ended.wait()
                 if waiting.ended.is_set():
                     return waiting.row
                 if await self.store.run(self._ended, task_id):
@@ -312,6 +325,9 @@ class Dispatcher:
 
     async def _task_of(self, row: TaskRow) -> Task:
         """The task a claimed row holds, with the module its record names by hash."""
+        parsed = self._parsed.pop(row.id, None)
+        if parsed is not None:
+            return parsed
         assert row.task is not None  # claim reads it
         document = json.loads(row.task)
         digest = document.pop("wasm_module_sha256", None)
