@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -227,7 +227,7 @@ class Pool:
         self._names = itertools.count()
         #: Waiters on an event loop, first come first served: the first is called when a
         #: worker is given back or replaced.
-        self._on_free: deque[Callable[[], None]] = deque()
+        self._on_free: OrderedDict[int, Callable[[], None]] = OrderedDict()
 
     def _spawn(self) -> Worker:
         worker = Worker(self._root / f"w{next(self._names)}", self._cache_dir)
@@ -263,22 +263,23 @@ class Pool:
     def on_free(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when a worker may be free for it (unless ``forget``)."""
         with self._cond:
-            self._on_free.append(callback)
+            self._on_free[id(callback)] = callback
 
     def forget(self, callback: Callable[[], None]) -> None:
-        with self._cond, contextlib.suppress(ValueError):
-            self._on_free.remove(callback)
+        with self._cond:
+            if self._on_free.get(id(callback)) is callback:
+                del self._on_free[id(callback)]
 
     def _freed(self) -> None:
         self._cond.notify()
         if self._on_free:
-            self._on_free.popleft()()
+            self._on_free.popitem(last=False)[1]()
 
     def pass_on(self) -> None:
         """A waiter called by ``on_free`` leaves without a worker: call the next one."""
         with self._cond:
             if self._on_free:
-                self._on_free.popleft()()
+                self._on_free.popitem(last=False)[1]()
 
     def release(self, worker: Worker) -> None:
         """Give back a worker after a task; a dead one is replaced instead."""
@@ -309,6 +310,6 @@ class Pool:
             self._idle.clear()
             self._cond.notify_all()
             while self._on_free:  # they find it closed
-                self._on_free.popleft()()
+                self._on_free.popitem(last=False)[1]()
         for worker in workers:
             worker.kill()
