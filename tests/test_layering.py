@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"runtimes.wasm.protocol", "runtimes.docker.streams"},
     {"runtimes.wasm.worker", "_models"},
     {"_config", "runtimes.wasm.modules"},
-    {"_cache", "_inputs", "runtimes.docker.spec", "service.server"},
+    {"_cache", "_inputs", "audit", "runtimes.docker.spec", "service.server"},
     {"_executor", "runtimes.docker.init", "runtimes.docker.pool"},
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from parity_sandbox._batch import read_tasks, run_batch
     from parity_sandbox._cache import CacheStats, RedisCache, ResultCache, SqliteCache, open_cache
     from parity_sandbox._config import (
+        AuditSettings,
         CacheSettings,
         Config,
         DockerSettings,
@@ -41,15 +42,18 @@ if TYPE_CHECKING:
     from parity_sandbox._executor import Executor, PreparedTask, RunReport, portable, spec_hash
     from parity_sandbox._models import (
         ErrorInfo,
+        EventKind,
         LimitName,
         Limits,
         ResourceUsage,
         Result,
         RuntimeInfo,
+        SecurityEvent,
         Status,
         Task,
     )
     from parity_sandbox._record import Record, Verification, verify
+    from parity_sandbox.audit import AuditLog, BrokenEntry, ChainCheck, verify_chain
     from parity_sandbox.remote import RemoteExecutor
     from parity_sandbox.runtimes.docker.executor import DockerExecutor
     from parity_sandbox.runtimes.wasm.executor import WasmExecutor
@@ -58,6 +62,13 @@ if TYPE_CHECKING:
 #: ``import parity_sandbox`` is light, and a WASM worker process, which imports one module of
 #: the package, loads neither pydantic nor YAML nor SQLite.
 _WHERE: dict[str, str] = {
+    "AuditLog": "parity_sandbox.audit",
+    "AuditSettings": "parity_sandbox._config",
+    "BrokenEntry": "parity_sandbox.audit",
+    "ChainCheck": "parity_sandbox.audit",
+    "EventKind": "parity_sandbox._models",
+    "SecurityEvent": "parity_sandbox._models",
+    "verify_chain": "parity_sandbox.audit",
     "CacheSettings": "parity_sandbox._config",
     "CacheStats": "parity_sandbox._cache",
     "Config": "parity_sandbox._config",
@@ -108,12 +119,17 @@ _WHERE: dict[str, str] = {
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditLog",
+    "AuditSettings",
+    "BrokenEntry",
     "CacheSettings",
     "CacheStats",
+    "ChainCheck",
     "Config",
     "DockerExecutor",
     "DockerSettings",
     "ErrorInfo",
+    "EventKind",
     "ExecutionError",
     "ExecutionTimeout",
     "Executor",
@@ -136,6 +152,7 @@ __all__ = [
     "RuntimeSettings",
     "RuntimeUnavailable",
     "SandboxError",
+    "SecurityEvent",
     "ServiceSettings",
     "SqliteCache",
     "Status",
@@ -154,6 +171,7 @@ __all__ = [
     "run_batch",
     "spec_hash",
     "verify",
+    "verify_chain",
 ]
 
 

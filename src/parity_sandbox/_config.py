@@ -234,6 +234,30 @@ class CacheSettings(_Model):
         return self
 
 
+class AuditSettings(_Model):
+    """The ``audit`` section: the tamper-evident audit log (``parity_sandbox.audit``).
+
+    Off unless ``path`` or ``sink`` is set. Each executor then writes one entry per task end.
+    """
+
+    #: The JSON-lines file entries are appended to (hash-chained; see ``parity_sandbox.audit``).
+    path: Path | None = None
+    #: ``entry``: each entry is on disk before the task's result is returned; ``batch``: the
+    #: file is synced at most every ``fsync_interval`` (a crash of the machine, not of the
+    #: process, can lose the entries of that interval).
+    fsync: Literal["entry", "batch"] = "entry"
+    fsync_interval: Seconds = 1.0
+    #: Past this size the file is renamed ``PATH.<seq of its last entry>`` and a new one
+    #: continues the chain; unset: never rotated.
+    rotate_bytes: Size | None = None
+    #: Also send every entry to ``stdout`` or ``syslog`` (an external copy of the chain).
+    sink: Literal["none", "stdout", "syslog"] = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None or self.sink != "none"
+
+
 class WebhookSettings(_Model):
     """``service.webhooks``: how an ended task's result is posted to its ``callback_url``."""
 
@@ -315,6 +339,7 @@ class Config(_LimitSettings):
     wasm: WasmSettings = Field(default_factory=WasmSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     #: Where compiled modules are kept between processes (default: the user cache dir).
     cache_dir: Path | None = None
     #: The sections of runtimes registered beside the package's own (``sandbox: {NAME:
@@ -405,6 +430,7 @@ class Config(_LimitSettings):
         document["cache"]["path"] = str(self.result_cache_path())
         document["service"] = self.service.model_dump(mode="json")
         document["service"]["state_dir"] = str(self.service.resolved_state_dir())
+        document["audit"] = self.audit.model_dump(mode="json")
         return {"sandbox": document}
 
     def result_cache_path(self, environ: Mapping[str, str] | None = None) -> Path:
@@ -417,6 +443,7 @@ _SECTIONS: dict[str, type[_Model]] = {
     "wasm": WasmSettings,
     "cache": CacheSettings,
     "service": ServiceSettings,
+    "audit": AuditSettings,
 }
 
 
@@ -448,7 +475,7 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
                 f"environment variable {name} names no configuration key; top-level keys: "
                 f"{', '.join(sorted(top_keys))}; section keys: PARITY_SANDBOX_WASM_<KEY>, "
                 "PARITY_SANDBOX_DOCKER_<KEY>, PARITY_SANDBOX_CACHE_<KEY>, "
-                "PARITY_SANDBOX_SERVICE_<KEY>",
+                "PARITY_SANDBOX_SERVICE_<KEY>, PARITY_SANDBOX_AUDIT_<KEY>",
                 field=name,
             )
     return overrides, origin

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -20,9 +21,10 @@ import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -35,6 +37,7 @@ from parity_sandbox._hashing import digest, sha256_hex
 from parity_sandbox._inputs import read_inputs, read_module
 from parity_sandbox._models import (
     ErrorInfo,
+    EventKind,
     LimitName,
     Limits,
     ResourceUsage,
@@ -43,6 +46,7 @@ from parity_sandbox._models import (
     Status,
     Task,
 )
+from parity_sandbox.audit import AuditLog, open_audit
 from parity_sandbox.runtimes import executor_class
 
 
@@ -74,6 +78,10 @@ class PreparedTask:
     form: Any = field(default=None, repr=False)
     #: The spec hash, when the runtime had to compute it while preparing (deterministic mode).
     known_spec_hash: str | None = None
+    #: The audit log its end is written to (the preparing executor's), if any.
+    audit: AuditLog | None = field(default=None, repr=False, compare=False)
+    #: Who asked for it (an API key's id), for the audit log; ``Executor.prepare`` sets it.
+    principal: str | None = None
 
     @functools.cached_property
     def spec_hash(self) -> str:
@@ -103,7 +111,7 @@ class PreparedTask:
         output_bytes = len(report.stdout) + len(report.stderr) + sum(map(len, files.values()))
         task = self.task
         # model_validate on a plain dict is pydantic's fastest path, faster than model_construct.
-        return Result.model_validate(
+        result = Result.model_validate(
             {
                 "status": report.status,
                 "exit_code": report.exit_code,
@@ -128,8 +136,79 @@ class PreparedTask:
                 "error": ({"type": error_type, "message": report.message} if error_type else None),
                 "task_id": task.id,
                 "labels": task.labels,
+                "events": events_of(report, self.limits),
             }
         )
+        return self.audited(result)
+
+    def audited(self, result: Result) -> Result:
+        """``result`` (of a run of this task, or from the cache), once its end is written to
+        the audit log, if there is one."""
+        if self.audit is not None:
+            image = self.task.image is not None
+            self.audit.task_end(
+                result,
+                who=self.principal,
+                runtime=self.runtime,
+                spec_hash=self.spec_hash,
+                program={"image_id" if image else "module_sha256": self.program},
+                limits=self.limits.model_dump(exclude_none=True),
+            )
+        return result
+
+
+#: Paths (and their length) an ``output_not_followed`` event names at most.
+_NAMED_PATHS = 5
+_PATH_CHARS = 256
+
+
+def events_of(report: RunReport, limits: Limits) -> list[dict[str, Any]]:
+    """The security events of a run that ``report`` describes, all at the time of its end
+    (none on the common path, where nothing happened)."""
+    found: list[tuple[EventKind, dict[str, Any]]] = []
+    if report.status is Status.TIMEOUT:
+        found.append((EventKind.TIMEOUT, {"timeout": limits.timeout}))
+    if report.status is Status.RESOURCE_LIMIT and report.limit is not None:
+        found.append((EventKind.LIMIT_HIT, {"limit": report.limit}))
+        if report.limit in ("disk", "file_size"):
+            found.append((EventKind.DISK_CAP, {"limit": report.limit}))
+    if report.pids_exhausted or (report.status is Status.RESOURCE_LIMIT and report.limit == "pids"):
+        found.append((EventKind.PIDS_EXHAUSTED, {"limit": limits.pids}))
+    if report.oom_killed:
+        found.append((EventKind.OOM_KILL, {"limit": limits.memory}))
+    if report.trapped:
+        found.append((EventKind.GUEST_TRAP, {"message": report.message[:_PATH_CHARS]}))
+    if report.worker_lost:
+        found.append((EventKind.WORKER_LOST, {"message": report.message[:_PATH_CHARS]}))
+    cut = tuple(
+        name
+        for name, flag in (
+            ("stdout", report.stdout_truncated),
+            ("stderr", report.stderr_truncated),
+            ("files", report.files_truncated),
+        )
+        if flag
+    )
+    if cut:
+        found.append((EventKind.OUTPUT_TRUNCATED, {"what": cut}))
+    if report.not_followed > 0:
+        named = list(report.not_followed_paths)[:_NAMED_PATHS]
+        found.append(
+            (
+                EventKind.OUTPUT_NOT_FOLLOWED,
+                {
+                    "count": report.not_followed,
+                    "paths": tuple(str(path)[:_PATH_CHARS] for path, _ in named),
+                    "kinds": tuple(str(kind)[:16] for _, kind in named),
+                },
+            )
+        )
+    if report.error_type == "InvalidInput":
+        found.append((EventKind.INPUT_REJECTED, {"field": report.rejected_field}))
+    if not found:
+        return []
+    now = datetime.now(UTC)
+    return [{"kind": kind, "time": now, "details": details} for kind, details in found]
 
 
 #: The error a result of each status that is not an exit carries (``Result.to_error``).
@@ -169,6 +248,21 @@ class RunReport:
     #: The error's type where the status alone does not say it (``"InvalidInput"``: the task
     #: was rejected where it ran).
     error_type: str | None = None
+    #: The task's field that was rejected where it ran (with ``error_type="InvalidInput"``).
+    rejected_field: str | None = None
+    # What else the runtime saw; each becomes a ``SecurityEvent`` of the result.
+    #: The WebAssembly guest trapped.
+    trapped: bool = False
+    #: The task reached its process limit, however it ended (Docker: the cgroup says so).
+    pids_exhausted: bool = False
+    #: The kernel killed the task for memory (Docker).
+    oom_killed: bool = False
+    #: The process or container that ran the task died under it (not at a deadline or cap).
+    worker_lost: bool = False
+    #: Output entries that were not regular files (symlinks, FIFOs, devices), left out and
+    #: never followed: how many, and the first few as ``(path, kind)``.
+    not_followed: int = 0
+    not_followed_paths: Sequence[tuple[str, str]] = ()
 
 
 class Executor(ABC):
@@ -184,8 +278,18 @@ class Executor(ABC):
     #: limits are named only where set (so a limit added later leaves older hashes as they were).
     hashed_limits: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: Config | None = None, *, cache: ResultCache | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        cache: ResultCache | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.config = config if config is not None else Config()
+        #: Where task ends and other security-relevant actions are written (``None``: nowhere);
+        #: the one ``config.audit`` describes unless one is given (and then not closed here).
+        self._own_audit = audit is None
+        self.audit = audit if audit is not None else open_audit(self.config.audit)
         self._closed = False
         self._close_lock = threading.Lock()
         #: Limits a task set that this runtime ignores, each warned about once.
@@ -252,7 +356,9 @@ class Executor(ABC):
             program = task.image
         else:
             program = hashlib.sha256(read_module(task)).hexdigest()
-        return PreparedTask(task, self.runtime_name, limits, program, read_inputs(task))
+        return PreparedTask(
+            task, self.runtime_name, limits, program, read_inputs(task), audit=self.audit
+        )
 
     def _warn_ignored_limits(self, task: Task) -> None:
         """Warn, once per limit, about limits ``task`` sets that this runtime does not apply
@@ -294,17 +400,41 @@ class Executor(ABC):
             return False, exc.message
         return True, "an executor starts"
 
-    def prepare(self, task: Task) -> PreparedTask:
+    def prepare(self, task: Task, *, principal: str | None = None) -> PreparedTask:
         """Make ``task`` ready to run: limits resolved, host files read once, the program
         fixed by identity, and so the spec hash fixed. ``execute``, ``submit`` and ``map``
         take the result in place of a task; they prepare a plain task themselves.
+
+        Args:
+            task: the task.
+            principal: who asks for it (an API key's id), as the audit log names them; the
+                caller vouches for it (a task's own fields never set it).
 
         Raises:
             InvalidInput: the task cannot run here (nothing ran).
             RuntimeUnavailable: the runtime, or the executor, is not available.
         """
         self._check_open()
-        return self._prepare(task)
+        try:
+            prepared = self._prepare(task)
+        except InvalidInput as exc:
+            self._audit_rejection(task, exc, principal)
+            raise
+        if principal is not None:
+            prepared = dataclasses.replace(prepared, principal=principal)
+        return prepared
+
+    def _audit_rejection(self, task: Task, exc: InvalidInput, principal: str | None = None) -> None:
+        """Write a task refused before it ran to the audit log, if there is one."""
+        if self.audit is not None:
+            self.audit.record(
+                "task_rejected",
+                who=principal,
+                runtime=self.runtime_name,
+                task_id=task.id,
+                field=exc.field,
+                message=exc.message[:1024],
+            )
 
     def spec_hash(self, task: Task) -> str:
         """``task``'s spec hash here: under this executor's configuration, its module hashed,
@@ -383,14 +513,23 @@ class Executor(ABC):
     ) -> Result:
         """Prepare (once), answer from the result cache where the task allows it, else run;
         the result, however the task ended."""
-        prepared = item if isinstance(item, PreparedTask) else self._prepare(item)
+        if isinstance(item, PreparedTask):
+            prepared = item
+        else:
+            try:
+                prepared = self._prepare(item)
+            except InvalidInput as exc:
+                self._audit_rejection(item, exc)
+                raise
         task = prepared.task
         cached = use_cache and self.cache is not None and prepared.cacheable
         if cached:
             assert self.cache is not None
             hit = self.cache.get(prepared.spec_hash)
             if hit is not None:
-                return hit.model_copy(update={"task_id": task.id, "labels": task.labels})
+                return prepared.audited(
+                    hit.model_copy(update={"task_id": task.id, "labels": task.labels})
+                )
         result = self._run(prepared, cancel)
         if prepared.cacheable and result.spec_hash is None:
             result = result.model_copy(update={"spec_hash": prepared.spec_hash})
@@ -493,11 +632,21 @@ class Executor(ABC):
         """The result ``map`` yields for a task that raised ``exc`` (or could not be made)."""
         if exc.result is not None:
             return exc.result
+        events: list[dict[str, Any]] = []
+        if isinstance(exc, InvalidInput):
+            events.append(
+                {
+                    "kind": EventKind.INPUT_REJECTED,
+                    "time": datetime.now(UTC),
+                    "details": {"field": exc.field},
+                }
+            )
         return Result(
             status=Status.ERROR,
             error=ErrorInfo(type=type(exc).__name__, message=exc.message),
             task_id=task.id if task is not None else None,
             labels=task.labels if task is not None else {},
+            events=events,
         )
 
     @property
@@ -522,6 +671,8 @@ class Executor(ABC):
         finally:
             if self.cache is not None:
                 self.cache.close()
+            if self.audit is not None and self._own_audit:
+                self.audit.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -13,7 +13,7 @@ import itertools
 import os
 import stat
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from parity_sandbox._exceptions import InvalidInput
@@ -66,6 +66,38 @@ class OutputCaps:
     max_depth: int = 32
     #: Directory entries looked at, in all, before the walk gives up.
     max_entries: int = 100_000
+
+
+#: Entries a ``NotFollowed`` names (it counts them all).
+NOT_FOLLOWED_NAMED = 5
+
+
+@dataclass
+class NotFollowed:
+    """Entries under the output paths that were neither regular files nor directories
+    (symlinks, FIFOs, devices, sockets): never opened nor followed, and left out. All are
+    counted; the first few are named, as ``(path, kind)``."""
+
+    count: int = 0
+    paths: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, kind: str) -> None:
+        self.count += 1
+        if len(self.paths) < NOT_FOLLOWED_NAMED:
+            self.paths.append((path, kind))
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is not regular nor a directory is (``mode``: its ``lstat`` mode)."""
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "other"
 
 
 def _open_dir_at(root_fd: int, parts: tuple[str, ...]) -> int:
@@ -146,9 +178,10 @@ def _read_regular(dir_fd: int, name: str, limit: int) -> bytes | None:
 
 
 def _candidates(
-    root_fd: int, parts: tuple[str, ...], caps: OutputCaps
+    root_fd: int, parts: tuple[str, ...], caps: OutputCaps, not_followed: NotFollowed | None
 ) -> Iterator[tuple[tuple[str, ...], int]]:
-    """Yield ``(path parts, dir fd)`` of each regular-file candidate at or below ``parts``."""
+    """Yield ``(path parts, dir fd)`` of each regular-file candidate at or below ``parts``;
+    entries of other kinds (symlinks, FIFOs, ...) go to ``not_followed``."""
     try:
         parent_fd = _open_dir_at(root_fd, parts[:-1])
     except OSError:
@@ -161,6 +194,8 @@ def _candidates(
         try:
             if stat.S_ISREG(mode):
                 yield parts, parent_fd
+            elif mode and not_followed is not None:
+                not_followed.add("/".join(parts), special_kind(mode))
         finally:
             os.close(parent_fd)
         return
@@ -168,16 +203,26 @@ def _candidates(
     for rel, dir_fd, entry in _walk_files(root_fd, parts, caps.max_depth, caps.max_entries):
         if entry.is_file(follow_symlinks=False):
             yield rel, dir_fd
+        elif not_followed is not None:
+            try:
+                kind = special_kind(entry.stat(follow_symlinks=False).st_mode)
+            except OSError:
+                continue  # gone meanwhile
+            not_followed.add("/".join(rel), kind)
 
 
 def collect_outputs(
-    work_dir: Path, paths: tuple[str, ...], caps: OutputCaps | None = None
+    work_dir: Path,
+    paths: tuple[str, ...],
+    caps: OutputCaps | None = None,
+    not_followed: NotFollowed | None = None,
 ) -> tuple[dict[str, bytes], bool]:
     """Collect the regular files at or below each of ``paths`` (relative to ``work_dir``).
 
     Returns the files by their path relative to ``work_dir`` and whether anything was left out
     because a cap was reached. Symlinks, FIFOs, devices and sockets are never opened as files
-    and never reported; missing paths are not an error.
+    nor followed; they are left out, and counted in ``not_followed`` when it is given. Missing
+    paths are not an error.
     """
     caps = caps or OutputCaps()
     files: dict[str, bytes] = {}
@@ -189,7 +234,8 @@ def collect_outputs(
         return files, False
     try:
         for output in paths:
-            for rel, dir_fd in _candidates(root_fd, tuple(output.split("/")), caps):
+            parts = tuple(output.split("/"))
+            for rel, dir_fd in _candidates(root_fd, parts, caps, not_followed):
                 name = "/".join(rel)
                 if name in files:
                     continue

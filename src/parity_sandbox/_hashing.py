@@ -38,8 +38,9 @@ Limits are numbers after parsing, so ``"1g"`` and ``1073741824`` give the same h
      "stdout_truncated": BOOL, "stderr_truncated": BOOL,
      "files": {PATH: {"size": INT, "sha256": HEX}}, "files_truncated": BOOL}
 
-Timing, resource usage, the runtime's version and the task's labels are left out: two runs that
-printed and wrote the same things have the same result hash.
+Timing, resource usage, the runtime's version, the task's labels and the security events (which
+carry times) are left out: two runs that printed and wrote the same things have the same result
+hash.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import itertools
 import re
 import threading
 import warnings
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -608,6 +609,69 @@ class RuntimeInfo(BaseModel):
     warm: bool | None = None
 
 
+class EventKind(StrEnum):
+    """What a :class:`SecurityEvent` reports (see docs/ARCHITECTURE.md for which runtime sees
+    which)."""
+
+    #: The task hit a limit and was stopped; ``details["limit"]`` names it.
+    LIMIT_HIT = "limit_hit"
+    #: The task ran past its timeout and was killed; ``details["timeout"]`` in seconds.
+    TIMEOUT = "timeout"
+    #: Output was cut at a cap; ``details["what"]``: ``stdout``, ``stderr``, ``files``.
+    OUTPUT_TRUNCATED = "output_truncated"
+    #: The task (a fork bomb, say) reached its process limit (Docker).
+    PIDS_EXHAUSTED = "pids_exhausted"
+    #: The kernel killed the task for memory (Docker; WebAssembly memory cannot grow past
+    #: its limit, which is a ``limit_hit``).
+    OOM_KILL = "oom_kill"
+    #: The workspace, or a file, reached the disk (or file size) cap.
+    DISK_CAP = "disk_cap"
+    #: The WebAssembly guest trapped (crashed); ``details["message"]``.
+    GUEST_TRAP = "guest_trap"
+    #: Output paths that were symlinks, FIFOs, devices or sockets, left out and never
+    #: followed; ``details["count"]`` and the first few ``details["paths"]``.
+    OUTPUT_NOT_FOLLOWED = "output_not_followed"
+    #: The task was rejected as invalid or hostile; ``details["field"]`` names the field.
+    INPUT_REJECTED = "input_rejected"
+    #: Leftovers of crashed runs were removed (audit log only: no task's result).
+    LEFTOVER_REAPED = "leftover_reaped"
+    #: The process or container running the task died under it.
+    WORKER_LOST = "worker_lost"
+
+
+#: An event's details: a few plain values (a name, a count, a short list of paths).
+EventValue = str | int | float | bool | None | tuple[str, ...]
+MAX_EVENT_DETAILS = 16
+
+
+class SecurityEvent(BaseModel):
+    """Something security-relevant the runtime saw during a task, at ``time`` (UTC).
+
+    Events are reported, not judged: a timeout is an event whether the task was hostile or
+    just slow. ``Result.result_hash`` leaves them out (they carry times).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: EventKind
+    time: datetime
+    details: dict[str, EventValue] = Field(default_factory=dict)
+
+    @field_validator("time")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("must carry a time zone (UTC)")
+        return value.astimezone(UTC)
+
+    @field_validator("details")
+    @classmethod
+    def _small(cls, value: dict[str, EventValue]) -> dict[str, EventValue]:
+        if len(value) > MAX_EVENT_DETAILS:
+            raise ValueError(f"more than {MAX_EVENT_DETAILS} details")
+        return value
+
+
 class ErrorInfo(BaseModel):
     """Why a task did not end normally."""
 
@@ -644,6 +708,9 @@ class Result(BaseModel):
     spec_hash: str | None = None
     #: True when this result came from the result cache instead of a run.
     cached: bool = False
+    #: What the runtime saw that matters to security (limits hit, truncation, traps, ...);
+    #: not covered by ``result_hash``.
+    events: tuple[SecurityEvent, ...] = ()
 
     def to_json(self) -> str:
         """This result as JSON, bytes in base64: ``Result.from_json`` gives it back exactly."""
@@ -660,7 +727,9 @@ class Result(BaseModel):
     @property
     def result_hash(self) -> str:
         """SHA-256 over a canonical encoding of status, exit code, stdout, stderr, output files
-        and truncation flags (see ``parity_sandbox._hashing``); equal for equal outcomes."""
+        and truncation flags (see ``parity_sandbox._hashing``); equal for equal outcomes.
+        ``events`` are left out: they carry times, and the facts of theirs that shape the
+        outcome (status, truncation) are covered already."""
         return digest(
             {
                 "v": HASH_VERSION,
@@ -743,4 +812,5 @@ class Result(BaseModel):
             "result_hash": self.result_hash,
             "spec_hash": self.spec_hash,
             "cached": self.cached,
+            "events": [event.model_dump(mode="json") for event in self.events],
         }

@@ -68,6 +68,8 @@ cache_app = typer.Typer(help="Inspect or empty the result cache.", no_args_is_he
 app.add_typer(cache_app, name="cache")
 keys_app = typer.Typer(help="Manage the service's API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+audit_app = typer.Typer(help="Check or follow an audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _out = Console(highlight=False, soft_wrap=True)
@@ -537,6 +539,109 @@ def config_show(config: ConfigOption = None) -> None:
     except SandboxError as exc:
         raise _fail(exc, as_json=False) from None
     _out.print(yaml.safe_dump(settings.to_document(), sort_keys=False).rstrip(), markup=False)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    files: Annotated[
+        list[Path],
+        typer.Argument(help="The log's files in order, rotated ones first (PATH.* PATH)."),
+    ],
+    after: Annotated[
+        str | None,
+        typer.Option(help="Hash of the entry before the first file's first (older files gone)."),
+    ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(help="A hash noted elsewhere (a sink's copy) that must be in the log."),
+    ] = None,
+) -> None:
+    """Check an audit log's hash chain: exit 0 if it holds, 1 naming the first broken entry."""
+    from parity_sandbox.audit import verify_chain
+
+    check = verify_chain(files, after=after, head=head)
+    if check.torn is not None:
+        path, line = check.torn
+        _err.print(
+            f"parity-sandbox: warning: {path}:{line}: a last line cut short (its writer was "
+            "killed mid-write); the entries before it verify",
+            markup=False,
+        )
+    if check.broken is not None:
+        broken = check.broken
+        where = f"{broken.file}:{broken.line}" if broken.line else str(broken.file)
+        _out.print(
+            f"BROKEN {where}: {broken.reason} ({check.entries} entries verified before it)",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    _out.print(f"ok {check.entries} entries; head {check.head or '-'}", markup=False)
+
+
+@audit_app.command("tail")
+def audit_tail(
+    file: Annotated[Path, typer.Argument(help="The audit log file.")],
+    lines: Annotated[int, typer.Option("-n", "--lines", min=0, help="Entries shown.")] = 10,
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="Keep printing entries as they come.")
+    ] = False,
+) -> None:
+    """Print the last entries of an audit log, one JSON object a line; -f follows it (also
+    across rotations)."""
+    from parity_sandbox.audit import read_entries
+
+    try:
+        shown = list(read_entries(file))
+    except OSError as exc:
+        error = InvalidInput(f"cannot read {file}: {exc.strerror}", field="file")
+        raise _fail(error, as_json=False) from None
+    for entry in shown[len(shown) - lines :] if lines else []:
+        _out.print(_entry_line(entry), markup=False)
+    if not follow:
+        return
+    try:
+        _follow(file, file.stat().st_ino, file.stat().st_size)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def _entry_line(entry: dict[str, Any] | bytes) -> str:
+    """An entry as one line of ASCII: a line that is no entry (a damaged log) is escaped too,
+    so nothing in a log can drive the terminal."""
+    if isinstance(entry, bytes):
+        return "unreadable line: " + ascii(entry)
+    return json.dumps(entry, sort_keys=True, ensure_ascii=True)
+
+
+def _follow(file: Path, inode: int, offset: int) -> None:
+    """Print entries appended to ``file`` from ``offset`` on, and those of the file that
+    replaces it when it is rotated."""
+    import time
+
+    pending = b""
+    while True:
+        try:
+            info = file.stat()
+        except FileNotFoundError:
+            time.sleep(0.2)
+            continue
+        if info.st_ino != inode:  # rotated: the new file from its start
+            inode, offset, pending = info.st_ino, 0, b""
+        if info.st_size > offset:
+            with file.open("rb") as handle:
+                handle.seek(offset)
+                data = handle.read(info.st_size - offset)
+            offset += len(data)
+            pending += data
+            *whole, pending = pending.split(b"\n")
+            for raw in whole:
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    entry = raw
+                _out.print(_entry_line(entry if isinstance(entry, dict) else raw), markup=False)
+        else:
+            time.sleep(0.2)
 
 
 @app.command()

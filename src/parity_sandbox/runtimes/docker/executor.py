@@ -50,6 +50,7 @@ from parity_sandbox._models import (
     Task,
     check_image_reference,
 )
+from parity_sandbox.audit import AuditLog
 from parity_sandbox.runtimes.docker import host, init
 from parity_sandbox.runtimes.docker.daemon import (
     API_TIMEOUT,
@@ -98,6 +99,8 @@ class DockerExecutor(Executor):
         config: limits and the ``docker`` section (runtime, pull policy, allowed images, ...).
         reap: remove leftovers of crashed processes when the executor starts (default).
         cache: the result cache of cacheable tasks (default: the one ``config.cache`` says).
+        audit: where task ends are written (default: the audit log ``config.audit``
+            describes, if any).
 
     Raises:
         RuntimeUnavailable: the Docker daemon cannot be reached.
@@ -124,8 +127,9 @@ class DockerExecutor(Executor):
         *,
         reap: bool = True,
         cache: ResultCache | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
-        super().__init__(config, cache=cache)
+        super().__init__(config, cache=cache, audit=audit)
         self._settings = self.config.docker
         self._limits = self.config.limits_for("docker")
         try:
@@ -273,7 +277,13 @@ class DockerExecutor(Executor):
         contents = read_inputs(task)
         run_plan, image = self._plan(task, contents)
         return PreparedTask(
-            task, "docker", run_plan.limits, image.id, contents, form=(run_plan, image)
+            task,
+            "docker",
+            run_plan.limits,
+            image.id,
+            contents,
+            form=(run_plan, image),
+            audit=self.audit,
         )
 
     def _plan(self, task: Task, contents: dict[str, bytes] | None = None) -> tuple[Plan, ImageInfo]:
@@ -676,6 +686,8 @@ class DockerExecutor(Executor):
             with contextlib.suppress(docker.errors.APIError):
                 self._api.remove_volume(volume["Name"])  # fails if a container took it meanwhile
                 removed += 1
+        if removed and self.audit is not None:
+            self.audit.record("leftover_reaped", runtime="docker", removed=removed)
         return removed
 
     @staticmethod

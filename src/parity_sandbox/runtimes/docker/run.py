@@ -211,7 +211,7 @@ class Run:
             return self._result(Status.RESOURCE_LIMIT, code, usage, collected, "pids", message)
         if collected is None:
             message = f"the container ended without its init (exit status {code})"
-            return self._result(Status.ERROR, code, usage, message=message)
+            return self._result(Status.ERROR, code, usage, message=message, lost=True)
         status = Status.SUCCEEDED if code == 0 else Status.FAILED
         return self._result(status, code, usage, collected)
 
@@ -271,8 +271,11 @@ class Run:
         collected: Collected | None = None,
         limit: LimitName | None = None,
         message: str = "",
+        *,
+        lost: bool = False,
     ) -> Result:
-        """The result; stdout and stderr without init's trailer."""
+        """The result; stdout and stderr without init's trailer. ``lost``: the container
+        was killed from outside, neither by its deadline nor for a limit."""
         stdout, stdout_cut = self.demux.output(STDOUT)
         stderr, stderr_cut = self.demux.output(STDERR)
         report = RunReport(
@@ -297,6 +300,13 @@ class Run:
             peak_memory=usage.peak_memory,
             limit=limit,
             message=message,
+            pids_exhausted=bool(usage.pids_exhausted),
+            # Every memory limit Docker reports is a kill by the kernel's OOM killer (runsc
+            # included: it takes the whole sandbox).
+            oom_killed=status is Status.RESOURCE_LIMIT and limit == "memory",
+            worker_lost=lost,
+            not_followed=collected.not_followed.count if collected else 0,
+            not_followed_paths=collected.not_followed.paths if collected else (),
         )
         return self.prepared.result(report)
 

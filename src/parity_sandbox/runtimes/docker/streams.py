@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from parity_sandbox._fs import OutputCaps
+from parity_sandbox._fs import NotFollowed, OutputCaps
 
 STDOUT, STDERR = 1, 2
 SECRET_BYTES = 32
@@ -178,6 +178,8 @@ class Collected:
     files: dict[str, bytes] = field(default_factory=dict)
     truncated: bool = False
     total: int = 0
+    #: Symlinks, FIFOs and devices in the archives: left out (never materialised).
+    not_followed: NotFollowed = field(default_factory=NotFollowed)
 
 
 def read_outputs(chunks: Iterable[bytes], path: str, into: Collected) -> None:
@@ -211,6 +213,8 @@ def read_outputs(chunks: Iterable[bytes], path: str, into: Collected) -> None:
                         into.truncated = True
                     continue
                 if not member.isreg():
+                    if not member.isdir():
+                        into.not_followed.add(full, _member_kind(member))
                     continue
                 if len(into.files) >= caps.max_files or member.size > min(
                     caps.max_file_bytes, caps.max_total_bytes - into.total
@@ -230,6 +234,16 @@ def read_outputs(chunks: Iterable[bytes], path: str, into: Collected) -> None:
         into.truncated = True
     if reader.exhausted:
         into.truncated = True
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symlink"
+    if member.isfifo():
+        return "fifo"
+    if member.ischr() or member.isblk():
+        return "device"
+    return "other"
 
 
 def _safe_name(name: str, max_depth: int) -> str | None:

@@ -39,6 +39,7 @@ from parity_sandbox._executor import (
     available_memory,
 )
 from parity_sandbox._fs import (
+    NotFollowed,
     OutputCaps,
     collect_outputs,
     remove_tree,
@@ -53,6 +54,7 @@ from parity_sandbox._models import (
     Task,
     check_input_bytes,
 )
+from parity_sandbox.audit import AuditLog
 from parity_sandbox.runtimes.wasm.deadlines import (
     COMPILE_TIMEOUT,
     KILL_GRACE,
@@ -133,6 +135,8 @@ class WasmExecutor(Executor):
             else one per core).
         cache: the result cache of deterministic and cacheable tasks (default: the one
             ``config.cache`` describes).
+        audit: where task ends are written (default: the audit log ``config.audit``
+            describes, if any).
     """
 
     runtime_name = "wasm"
@@ -149,13 +153,16 @@ class WasmExecutor(Executor):
         *,
         workers: int | None = None,
         cache: ResultCache | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
-        super().__init__(config, cache=cache)
+        super().__init__(config, cache=cache, audit=audit)
         size = workers or self.config.wasm.workers or os.cpu_count() or 1
         self._limits = self.config.limits_for("wasm")
         # Rejects, now, a configuration this runtime cannot honour.
         self._default_limits = wasm_limits(self._limits)
-        reap_stale_roots()
+        reaped = reap_stale_roots()
+        if reaped and self.audit is not None:
+            self.audit.record("leftover_reaped", runtime="wasm", removed=reaped)
         # The root gets its reapable name only once its lock is held: another process's
         # reap_stale_roots() must never see it unlocked.
         making = Path(tempfile.mkdtemp(prefix=f".{ROOT_PREFIX}{os.getpid()}-"))
@@ -422,12 +429,14 @@ class WasmExecutor(Executor):
                     if use_cache and self.cache is not None and prepared.cacheable:
                         hit = self.cache.get(prepared.spec_hash)
                         if hit is not None:
-                            done[index] = hit.model_copy(
-                                update={"task_id": task.id, "labels": task.labels}
+                            done[index] = prepared.audited(
+                                hit.model_copy(update={"task_id": task.id, "labels": task.labels})
                             )
                             continue
                     return Flight(index, prepared, *self._form(prepared), worker)
                 except SandboxError as exc:
+                    if isinstance(exc, InvalidInput) and not isinstance(item, PreparedTask):
+                        self._audit_rejection(item, exc)
                     done[index] = self._error_result(task, exc)
             return None
 
@@ -574,7 +583,14 @@ class WasmExecutor(Executor):
             spec_hash=spec,
         )
         return PreparedTask(
-            task, "wasm", resolved, sha, files, form=Form(request, module), known_spec_hash=spec
+            task,
+            "wasm",
+            resolved,
+            sha,
+            files,
+            form=Form(request, module),
+            known_spec_hash=spec,
+            audit=self.audit,
         )
 
     def _dispatch(self, flight: Flight, cancel: threading.Event | None) -> Flight:
@@ -653,12 +669,13 @@ class WasmExecutor(Executor):
             return RunReply(seq=request.seq, outcome="requeue")
         else:
             message = f"the task crashed its worker: {detail}"
-            return RunReply(seq=request.seq, outcome="error", message=message)
+            return RunReply(seq=request.seq, outcome="error", message=message, lost=True)
         cap = request.limits.output
         stdout, stdout_truncated = worker.read_output(0, cap)
         stderr, stderr_truncated = worker.read_output(1, cap)
+        not_followed = NotFollowed()
         files, files_truncated = collect_outputs(
-            worker.root / "work", request.outputs, request.output_caps
+            worker.root / "work", request.outputs, request.output_caps, not_followed
         )
         seq, started = worker.read_start()
         return RunReply(
@@ -673,6 +690,8 @@ class WasmExecutor(Executor):
             files=files,
             files_truncated=files_truncated,
             duration=time.monotonic() - started if seq == request.seq else timeout,
+            not_followed=not_followed.count,
+            not_followed_paths=tuple(not_followed.paths),
         )
 
     def _settle(self, flight: Flight, reply: RunReply) -> Result:
@@ -683,6 +702,8 @@ class WasmExecutor(Executor):
         return self._to_result(flight, reply)
 
     def _to_result(self, flight: Flight, reply: RunReply) -> Result:
+        invalid = reply.outcome == "invalid"
+        task = flight.prepared.task
         status = _STATUS.get(reply.outcome)
         if status is None:
             status = Status.SUCCEEDED if reply.exit_code == 0 else Status.FAILED
@@ -706,7 +727,15 @@ class WasmExecutor(Executor):
             fuel_used=reply.fuel_used,
             limit=cast("LimitName | None", reply.limit),  # Result's validation checks it
             message=reply.message,
-            error_type="InvalidInput" if reply.outcome == "invalid" else None,
+            error_type="InvalidInput" if invalid else None,
+            # The worker rejects only the module (its bytes are not a WASI command).
+            rejected_field=("wasm_file" if task.wasm_file is not None else "wasm_module")
+            if invalid
+            else None,
+            trapped=reply.outcome == "trap",
+            worker_lost=bool(reply.lost),
+            not_followed=int(reply.not_followed or 0),
+            not_followed_paths=reply.not_followed_paths or (),
         )
         return flight.prepared.result(report)
 

@@ -131,7 +131,7 @@ class RunReply:
 
     ``outcome`` is one of ``exit`` (see ``exit_code``), ``timeout``, ``limit`` (see ``limit``),
     ``trap`` (the guest crashed), ``invalid`` (the module was rejected) or ``error`` (the worker
-    failed; a bug or a host problem).
+    failed; a bug or a host problem; ``lost``: the worker died under the task).
     """
 
     seq: int
@@ -149,6 +149,12 @@ class RunReply:
     cpu_time: float | None = None
     peak_memory: int | None = None
     fuel_used: int | None = None
+    #: Output entries that were not regular files (symlinks, FIFOs, ...), left out: how
+    #: many, and the first few as ``(path, kind)``.
+    not_followed: int = 0
+    not_followed_paths: tuple[tuple[str, str], ...] = ()
+    #: Set by the parent: the worker died under the task (not at a deadline or a cap).
+    lost: bool = False
 
 
 Message = RunRequest | RunReply | Ready | NeedModule

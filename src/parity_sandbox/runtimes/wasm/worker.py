@@ -41,6 +41,7 @@ import wasmtime
 from parity_sandbox import _seccomp
 from parity_sandbox._fs import (
     DiskUsage,
+    NotFollowed,
     collect_outputs,
     disk_usage,
     remove_tree,
@@ -543,6 +544,7 @@ class Runner:
                 fuel_used = settings.fuel - store.get_fuel()
         files: dict[str, bytes] = {}
         files_truncated = False
+        not_followed = NotFollowed()
         with os.scandir(self.work) as entries:
             self._dirty = next(entries, None) is not None
         usage = DiskUsage()
@@ -551,7 +553,7 @@ class Runner:
         ending = _blame_limits(ending, peak, limits, usage)
         if self._dirty:
             files, files_truncated = collect_outputs(
-                self.work, request.outputs, request.output_caps
+                self.work, request.outputs, request.output_caps, not_followed
             )
         # Freeing a store costs ~50 us; keep it until the reply is out (see reset()).
         self._last_store = store
@@ -571,6 +573,8 @@ class Runner:
             cpu_time=cpu_end - cpu_start,
             peak_memory=peak,
             fuel_used=fuel_used,
+            not_followed=not_followed.count,
+            not_followed_paths=tuple(not_followed.paths),
         )
 
     @contextlib.contextmanager
