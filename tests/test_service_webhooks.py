@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import signal
 import threading
@@ -50,6 +51,11 @@ class Receiver:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
+
+    @property
+    def named_url(self) -> str:
+        """The receiver by name."""
+        return f"http://localhost:{self.port}/hook"
 
     def close(self) -> None:
         self._server.shutdown()
@@ -125,6 +131,23 @@ def test_a_webhook_is_signed_and_retried_until_taken(server: Service, wasm: Wasm
         receiver.close()
 
 
+def test_a_webhook_goes_to_the_address_that_was_checked(
+    server: Service, wasm: WasmFixtures
+) -> None:
+    """The delivery connects to an address the server resolved and checked itself (not to
+    the name, which could resolve elsewhere a moment later), naming the host in ``Host``."""
+    receiver = Receiver(free_port())
+    try:
+        with server.client(server.keys["ivan"]) as client:
+            task = task_with_callback(wasm, receiver.named_url)
+            assert client.post("/v1/tasks?wait=20", json=task).json()["state"] == "succeeded"
+            receiver.wait_for(1)
+        headers, _body = receiver.got[0]
+        assert headers["host"] == f"localhost:{receiver.port}"
+    finally:
+        receiver.close()
+
+
 def test_a_pending_webhook_is_sent_after_a_restart(server: Service, wasm: WasmFixtures) -> None:
     port = free_port()  # nobody listens there yet: every attempt fails
     with server.client(server.keys["ivan"]) as client:
@@ -167,3 +190,12 @@ def test_private_callbacks_are_refused_by_default(tmp_path: Path, wasm: WasmFixt
             assert client.get("/v1/tasks").json()["tasks"] == []  # nothing stored
     finally:
         made.stop()
+
+
+def test_a_pinned_url_keeps_all_but_the_host() -> None:
+    from parity_sandbox.service.webhooks import pinned
+
+    v4, v6 = ipaddress.ip_address("203.0.113.7"), ipaddress.ip_address("2001:db8::7")
+    assert pinned("https://hooks.example.org/a?b=1", v4) == "https://203.0.113.7:443/a?b=1"
+    assert pinned("http://u:p@example.org:8080/x", v6) == "http://u:p@[2001:db8::7]:8080/x"
+    assert pinned("http://example.org/", v4) == "http://203.0.113.7:80/"

@@ -24,6 +24,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from parity_sandbox import runtimes
+from parity_sandbox._egress import parse_grants
 from parity_sandbox._exceptions import InvalidInput
 from parity_sandbox._models import (
     Cores,
@@ -116,6 +117,27 @@ class PoolProfile(_Model):
         return renamed(data, _RENAMED["docker"], "docker.pool.profiles")
 
 
+class EgressSettings(_Model):
+    """``docker.network``: what network egress tasks may be granted (``Task.network``)."""
+
+    #: ``false``: no task is granted egress, whatever it asks (its task is refused).
+    enabled: bool = True
+    #: What any task may be granted, as grants (see ``Task.network``): a task's grants must
+    #: each lie within one of these. ``None``: any name, and addresses only by the task's
+    #: own address grants (names must still resolve to public addresses).
+    allow: tuple[str, ...] | None = None
+    #: Connections one task may open, and bytes its connections may carry, in all.
+    max_connections: int = Field(default=256, ge=1, le=100_000)
+    max_bytes: Size = 1 << 30
+
+    @field_validator("allow")
+    @classmethod
+    def _grants(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        return tuple(str(grant) for grant in parse_grants(value))
+
+
 class PoolSettings(_Model):
     """``docker.pool``: containers made and started ahead of demand, one task each.
 
@@ -179,6 +201,8 @@ class DockerSettings(_LimitSettings):
     disk_write_iops: Annotated[int, Field(ge=1, le=10**7)] | None = None
     #: Warm containers (see :class:`PoolSettings`); off by default.
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    #: Network egress by allow-list (see :class:`EgressSettings`).
+    network: EgressSettings = Field(default_factory=EgressSettings)
 
     @model_validator(mode="before")
     @classmethod

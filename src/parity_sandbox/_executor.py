@@ -333,6 +333,8 @@ class Executor(ABC):
             "limits": {name: getattr(limits, name) for name in names},
             "deterministic": task.deterministic,
         }
+        if task.network is not None:  # only then: the hashes of tasks without one stay as they were
+            document["network"] = {"allow": list(task.network.allow)}
         document.update(cls._spec_fields(task))
         return document
 

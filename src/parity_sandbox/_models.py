@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from parity_sandbox import runtimes
+from parity_sandbox._egress import parse_grants
 from parity_sandbox._exceptions import (
     ExecutionError,
     ExecutionTimeout,
@@ -273,6 +274,20 @@ def _check_relative_path(value: str, what: str) -> str:
     return value
 
 
+class Network(_Model):
+    """The network egress a task is granted (Docker): ``allow`` lists what it may reach, as
+    ``HOST:PORT``, ``*.DOMAIN:PORT``, ``ADDRESS:PORT`` or ``CIDR:PORT`` (IPv6 in brackets).
+    A name must resolve to public addresses unless an address grant names its range; DNS is
+    the proxy's, never the task's. See ``parity_sandbox._egress``."""
+
+    allow: tuple[str, ...]
+
+    @field_validator("allow")
+    @classmethod
+    def _grants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(grant) for grant in parse_grants(value))  # in their canonical form
+
+
 class Task(_Model):
     """One unit of untrusted work.
 
@@ -303,6 +318,8 @@ class Task(_Model):
         id: an optional caller-chosen identifier, echoed in the result.
         labels: free-form key/value labels, echoed in the result.
         runtime: ``"wasm"`` or ``"docker"``; ``None`` picks the configured default.
+        network: ``None`` or ``"none"`` (no network: the default), or the egress it is
+            granted, ``{"allow": ["data.example.org:443", ...]}`` (Docker; see ``Network``).
     """
 
     wasm_file: Path | None = None
@@ -328,11 +345,20 @@ class Task(_Model):
     runtime: str | None = None
     deterministic: bool = False
     cacheable: bool = False
+    network: Network | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _old_spellings(cls, data: Any) -> Any:
         return renamed(data, {"docker_runtime": "oci_runtime"}, "Task")
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _no_network(cls, value: Any) -> Any:
+        # "none" and an empty list grant nothing: the same task as one without the field.
+        if value == "none" or (isinstance(value, dict) and value.get("allow") in ([], ())):
+            return None
+        return value
 
     @field_validator("runtime")
     @classmethod

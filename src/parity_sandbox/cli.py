@@ -243,6 +243,13 @@ def run(
     env: Annotated[
         list[str] | None, typer.Option("--env", help="K=V for the task's environment.")
     ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="HOST:PORT (or *.DOMAIN:PORT, CIDR:PORT) the task may reach; repeatable.",
+        ),
+    ] = None,
     memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 128m.")] = None,
     cpus: Annotated[str | None, typer.Option(help="CPU limit in cores, e.g. 0.5.")] = None,
     pids: Annotated[str | None, typer.Option(help="Process limit.")] = None,
@@ -300,6 +307,7 @@ def run(
             "input_files": {k: Path(v) for k, v in _pairs(inputs or [], "--input").items()},
             "limits": limits,
             "deterministic": deterministic,
+            "network": {"allow": allow} if allow else None,
         }
         if image is not None or runtime == "docker":
             if image is None:

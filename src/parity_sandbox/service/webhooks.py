@@ -40,18 +40,40 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 def public_address_problem(url: str) -> str | None:
     """Why ``url``'s host may not be called back (it resolves to an address that is not
     public: loopback, private, link-local, reserved...), or ``None`` if it may."""
+    return callback_addresses(url, allow_private=False)[1]
+
+
+def callback_addresses(
+    url: str, *, allow_private: bool
+) -> tuple[list[ipaddress.IPv4Address | ipaddress.IPv6Address], str | None]:
+    """The addresses ``url``'s host resolves to, and why it may not be called back (an
+    address that is not public, unless ``allow_private``), or ``None`` if it may."""
     host = urlsplit(url).hostname
     if not host:
-        return "the URL names no host"
+        return [], "the URL names no host"
     try:
         found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError) as exc:  # UnicodeError: an empty or 64+ character label
-        return f"its host {host!r} does not resolve: {exc}"
+        return [], f"its host {host!r} does not resolve: {exc}"
+    addresses = []
     for *_, address in found:
         ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-        if not ip.is_global:
-            return f"its host {host!r} resolves to {ip}, which is not a public address"
-    return None
+        if not ip.is_global and not allow_private:
+            return [], f"its host {host!r} resolves to {ip}, which is not a public address"
+        if ip not in addresses:
+            addresses.append(ip)
+    return addresses, None
+
+
+def pinned(url: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``url`` with its host replaced by ``ip`` (the request names the host in ``Host``,
+    and in TLS's SNI, itself)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 class Deliverer:
@@ -94,22 +116,35 @@ class Deliverer:
         row = await asyncio.to_thread(self.store.task_any, delivery.task_id)
         if row is None:
             return "the task was deleted before its webhook could be sent"
-        if not self.settings.allow_private:
-            # Checked again now: the name may resolve elsewhere than when it was accepted.
-            problem = await asyncio.to_thread(public_address_problem, delivery.url)
-            if problem is not None:
-                return f"refused: {problem}"
+        # Checked again now (the name may resolve elsewhere than when it was accepted), and the
+        # connection goes to an address checked here: a second lookup could answer otherwise.
+        addresses, problem = await asyncio.to_thread(
+            lambda: callback_addresses(delivery.url, allow_private=self.settings.allow_private)
+        )
+        if problem is not None:
+            return f"refused: {problem}"
         body = json.dumps(task_view(row), separators=(",", ":")).encode()
+        parts = urlsplit(delivery.url)
         headers = {
+            "Host": parts.netloc.rpartition("@")[2],
             "Content-Type": "application/json",
             SIGNATURE: sign(delivery.webhook_secret, int(time.time()), body),
             "X-Parity-Delivery": str(delivery.seq),
             "X-Parity-Event": "task.ended",
         }
-        try:
-            response = await self._client.post(delivery.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"[:500]
-        if 200 <= response.status_code < 300:
-            return None
-        return f"the receiver answered {response.status_code}"
+        extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+        error = "its host resolves to no address"
+        for ip in addresses:  # in the resolver's order, as a client tries them
+            try:
+                response = await self._client.post(
+                    pinned(delivery.url, ip), content=body, headers=headers, extensions=extensions
+                )
+            except httpx.ConnectError as exc:
+                error = f"ConnectError: {exc}"[:500]
+                continue  # the next address
+            except httpx.HTTPError as exc:
+                return f"{type(exc).__name__}: {exc}"[:500]
+            if 200 <= response.status_code < 300:
+                return None
+            return f"the receiver answered {response.status_code}"
+        return error

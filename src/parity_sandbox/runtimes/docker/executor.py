@@ -41,11 +41,13 @@ from docker.utils import kwargs_from_env
 
 from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
+from parity_sandbox._egress import AllowList
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Executor, PreparedTask
 from parity_sandbox._inputs import read_inputs
 from parity_sandbox._models import (
     Limits,
+    Network,
     Result,
     Task,
     check_image_reference,
@@ -286,6 +288,31 @@ class DockerExecutor(Executor):
             audit=self.audit,
         )
 
+    def _check_egress(self, network: Network) -> None:
+        """Refuse a grant the operator does not allow (``docker.network``), and for now any
+        grant: the container side of egress (a veth to the task's egress proxy, nftables) is
+        not built yet, and a task is refused rather than run without what it was granted."""
+        settings = self._settings.network
+        if not settings.enabled:
+            raise InvalidInput(
+                "network: this operator grants no network egress (docker.network.enabled)",
+                field="network",
+            )
+        if settings.allow is not None:
+            cap = AllowList.parse(settings.allow)
+            outside = AllowList.parse(network.allow).outside(cap)
+            if outside:
+                raise InvalidInput(
+                    f"network.allow: {', '.join(map(str, outside))} lies outside what this "
+                    f"operator allows ({', '.join(map(str, cap.grants))})",
+                    field="network.allow",
+                )
+        raise InvalidInput(
+            "network: egress for Docker tasks is not available in this version yet (the "
+            "egress proxy and its allow-list are; the container side is next)",
+            field="network",
+        )
+
     def _plan(self, task: Task, contents: dict[str, bytes] | None = None) -> tuple[Plan, ImageInfo]:
         if task.runtime_name != "docker" or task.image is None:
             raise InvalidInput(
@@ -293,6 +320,8 @@ class DockerExecutor(Executor):
                 "wasm runtime)",
                 field="image",
             )
+        if task.network is not None:
+            self._check_egress(task.network)
         runtime = task.oci_runtime or self._settings.oci_runtime
         if runtime not in self.runtimes:
             raise RuntimeUnavailable(

@@ -548,6 +548,12 @@ class WasmExecutor(Executor):
                 "(use DockerExecutor for an image)",
                 field="runtime",
             )
+        if task.network is not None:
+            raise InvalidInput(
+                "network: a WebAssembly task has no sockets (WASI preview 1 has none), so it "
+                "cannot be granted egress; run it as a Docker task to reach the network",
+                field="network",
+            )
         limits = self._default_limits
         resolved = self._limits
         if task.limits.model_fields_set or task.deterministic:
