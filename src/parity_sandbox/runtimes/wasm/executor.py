@@ -263,7 +263,7 @@ class WasmExecutor(Executor):
                 not isinstance(content, bytes) for content in task.input_files.values()
             ):
                 return await super().execute_async(task, use_cache=use_cache)
-            task = self._prepare(task)  # hashing and checks only: nothing is read
+            task = self.prepare(task)  # hashing and checks only: nothing is read
         if use_cache and self.cache is not None and task.cacheable:
             return await super().execute_async(task, use_cache=use_cache)
         result = await self._run_async(task)
