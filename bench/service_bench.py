@@ -68,7 +68,7 @@ def pct(values: list[float], q: int) -> float:
 class Server:
     """A ``parity-sandbox serve`` process with its own state and cache, and one key."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, audit: bool = False) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
@@ -77,6 +77,8 @@ class Server:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PARITY_SANDBOX_")}
         self.env["PARITY_SANDBOX_SERVICE_STATE_DIR"] = str(root / "state")
         self.env["XDG_CACHE_HOME"] = str(root / "cache")
+        if audit:  # the service's audit log: written on its own thread, synced per batch
+            self.env["PARITY_SANDBOX_AUDIT_PATH"] = str(root / "state" / "audit.log")
         made = subprocess.run(
             [*CLI, "keys", "create", "bench"], capture_output=True, env=self.env, check=True
         )
@@ -120,9 +122,9 @@ class Server:
 
 
 @contextmanager
-def server() -> Iterator[Server]:
+def server(audit: bool = False) -> Iterator[Server]:
     with tempfile.TemporaryDirectory(prefix="service-bench-") as tmp:
-        running = Server(Path(tmp))
+        running = Server(Path(tmp), audit=audit)
         try:
             yield running
         finally:
@@ -370,12 +372,15 @@ def sections(service: Server, quick: bool) -> Iterator[tuple[str, list[str]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke run)")
+    parser.add_argument(
+        "--audit", action="store_true", help="the server writes an audit log (audit.path set)"
+    )
     options = parser.parse_args()
     if not HELLO.is_file():
         raise SystemExit(f"{HELLO} is missing: run `bash scripts/bootstrap.sh` first")
     print(f"Machine: {wasm_bench.machine()}")
     print(f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
-    with server() as service:
+    with server(options.audit) as service:
         for title, lines in sections(service, options.quick):
             print("\n".join(["", f"## {title}", "", *lines]), flush=True)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install the servers the tests start for themselves (on loopback, on a free port): Redis, for
-# the Redis backend of the result cache, and PostgreSQL (Debian's `postgresql`, whose server
-# binaries live in /usr/lib/postgresql/VERSION/bin; tests/postgres.py runs them as the
-# `postgres` user in a temp dir of its own). Nothing of ours is started here, and the "main"
+# Install the servers and tools the tests start for themselves (on loopback, on a free port):
+# Redis, for the Redis backend of the result cache, PostgreSQL (Debian's `postgresql`, whose
+# server binaries live in /usr/lib/postgresql/VERSION/bin; tests/postgres.py runs them as the
+# `postgres` user in a temp dir of its own), promtool (Debian's `prometheus`: the alerting
+# rules' checks) and Chromium (the dashboard, loaded headless). Nothing of ours is started here, and the "main"
 # cluster that Debian's package may create and start on install is stopped again: the tests
 # never use it. Safe to run again.
 set -euo pipefail
@@ -11,6 +12,8 @@ sudo=""
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "services-setup: installing ${missing[*]}" >&2
     $sudo apt-get update -qq
@@ -25,4 +28,8 @@ if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev
             $sudo pg_ctlcluster "$version" "$cluster" stop
         fi
     done
+fi
+if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+    # Debian's package starts a Prometheus server; the tests need only promtool.
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi

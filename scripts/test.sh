@@ -8,9 +8,10 @@ bash scripts/bootstrap.sh
 bash scripts/docker-setup.sh
 bash scripts/services-setup.sh
 export WASM_FIXTURE_DIR="$PWD/tests/fixtures/wasm/build"
-# The Docker, Redis and PostgreSQL tests must run here: a missing engine or server fails them
-# instead of skipping them.
+# The Docker, Redis, PostgreSQL, promtool and Chromium tests must run here: a missing engine,
+# server or tool fails them instead of skipping them.
 export PARITY_TEST_DOCKER=required PARITY_TEST_REDIS=required PARITY_TEST_POSTGRES=required
+export PARITY_TEST_PROMTOOL=required PARITY_TEST_CHROMIUM=required
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -356,3 +356,32 @@ def test_an_executor_writes_one_entry_per_task_end(
     assert trapped["status"] == "error" and trapped["result_hash"] == results[0].result_hash
     assert [e["kind"] for e in trapped["events"]] == ["guest_trap"]
     assert verify_chain([log]).entries == 4
+
+
+def test_a_background_log_writes_in_order_off_the_callers_thread(
+    wasm: WasmFixtures, tmp_path: Path
+) -> None:
+    """The service's log: task ends and ``record_later`` entries go to a writer thread, in the
+    order they came; ``flush`` waits for them, and the chain holds."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, fsync="batch", background=True)
+    callers: set[str] = set()
+    original = log.record
+
+    def record(action: str, **fields: object) -> dict[str, object]:
+        callers.add(threading.current_thread().name)
+        return original(action, **fields)
+
+    log.record = record  # type: ignore[method-assign]
+    with WasmExecutor(Config(cache_dir=tmp_path), workers=1, audit=log) as executor:
+        for index in range(5):
+            log.record_later("marker", index=index)
+            executor.execute(executor.prepare(Task(wasm_file=wasm.hello), principal=f"k{index}"))
+    log.flush()
+    entries = [json.loads(line) for line in lines(path)]
+    assert [(e["action"], e.get("index", e.get("who"))) for e in entries] == [
+        pair for index in range(5) for pair in (("marker", index), ("task_end", f"k{index}"))
+    ]
+    assert callers == {"parity-sandbox-audit"}
+    log.close()
+    assert verify_chain([path]).ok

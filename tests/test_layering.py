@@ -18,6 +18,7 @@ LAYERS: list[set[str]] = [
         "_exceptions",
         "_seccomp",
         "_egress",
+        "metrics",  # prometheus_client imported when a Metrics is made, not before
         "runtimes.wasm",  # runtime packages: a docstring, no imports
         "runtimes.docker",
         "runtimes.docker.host",
@@ -29,8 +30,8 @@ LAYERS: list[set[str]] = [
     {"runtimes.wasm.protocol", "runtimes.docker.streams"},
     {"runtimes.wasm.worker", "_models"},
     {"_config", "runtimes.wasm.modules"},
-    {"_cache", "_inputs", "audit", "runtimes.docker.spec", "service.server"},
-    {"_executor", "runtimes.docker.init", "runtimes.docker.pool"},
+    {"_cache", "_inputs", "audit", "runtimes.docker.spec"},
+    {"_executor", "runtimes.docker.init", "runtimes.docker.pool", "service.server"},
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},
     {"runtimes.docker.executor", "runtimes.wasm.executor", "_record"},

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         CacheSettings,
         Config,
         DockerSettings,
+        MetricsSettings,
         PoolProfile,
         PoolSettings,
         RuntimeSettings,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     )
     from parity_sandbox._record import Record, Verification, verify
     from parity_sandbox.audit import AuditLog, BrokenEntry, ChainCheck, verify_chain
+    from parity_sandbox.metrics import Metrics
     from parity_sandbox.remote import RemoteExecutor
     from parity_sandbox.runtimes.docker.executor import DockerExecutor
     from parity_sandbox.runtimes.wasm.executor import WasmExecutor
@@ -82,6 +84,8 @@ _WHERE: dict[str, str] = {
     "InvalidInput": "parity_sandbox._exceptions",
     "LaunchFailed": "parity_sandbox._exceptions",
     "LimitName": "parity_sandbox._models",
+    "Metrics": "parity_sandbox.metrics",
+    "MetricsSettings": "parity_sandbox._config",
     "Limits": "parity_sandbox._models",
     "Network": "parity_sandbox._models",
     "PoolProfile": "parity_sandbox._config",
@@ -140,6 +144,8 @@ __all__ = [
     "LaunchFailed",
     "LimitName",
     "Limits",
+    "Metrics",
+    "MetricsSettings",
     "Network",
     "PoolProfile",
     "PoolSettings",

@@ -27,6 +27,7 @@ import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,9 @@ class ResultCache(ABC):
     def __init__(self, ttl: float, max_bytes: int) -> None:
         self.ttl = ttl
         self.max_bytes = max_bytes
+        #: Called with ``"entry"`` or ``"file"`` when a damaged one is set aside (the
+        #: executor's metrics count them).
+        self.on_damage: Callable[[str], None] | None = None
 
     def get(self, spec_hash: str) -> Result | None:
         """The cached result of ``spec_hash``, marked ``cached``; ``None`` on a miss."""
@@ -102,6 +106,8 @@ class ResultCache(ABC):
                 stacklevel=2,
             )
             self._discard(spec_hash)
+            if self.on_damage is not None:
+                self.on_damage("entry")
             return None
         return result.model_copy(update={"cached": True})
 
@@ -195,6 +201,8 @@ class SqliteCache(ResultCache):
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
+        if self.on_damage is not None:
+            self.on_damage("file")
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
         with contextlib.suppress(OSError):
             self.path.replace(aside)

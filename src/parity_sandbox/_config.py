@@ -282,6 +282,15 @@ class AuditSettings(_Model):
         return self.path is not None or self.sink != "none"
 
 
+class MetricsSettings(_Model):
+    """The ``metrics`` section: Prometheus metrics (``parity_sandbox.metrics``, extra
+    ``[monitoring]``)."""
+
+    #: Count into the process's metrics (``Metrics.default()``). Unset: off for the library
+    #: and the CLI, on for ``serve`` where ``prometheus_client`` is installed.
+    enabled: bool | None = None
+
+
 class WebhookSettings(_Model):
     """``service.webhooks``: how an ended task's result is posted to its ``callback_url``."""
 
@@ -326,6 +335,8 @@ class ServiceSettings(_Model):
     #: How long a server holds a running task without renewing it; a task whose server has
     #: not renewed it for this long (it died) is recovered by another server.
     lease: Seconds = 30.0
+    #: Serve ``GET /metrics`` to anyone who can reach the server; otherwise only to admin keys.
+    metrics_open: bool = False
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @field_validator("lease")
@@ -364,6 +375,7 @@ class Config(_LimitSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     #: Where compiled modules are kept between processes (default: the user cache dir).
     cache_dir: Path | None = None
     #: The sections of runtimes registered beside the package's own (``sandbox: {NAME:
@@ -455,6 +467,7 @@ class Config(_LimitSettings):
         document["service"] = self.service.model_dump(mode="json")
         document["service"]["state_dir"] = str(self.service.resolved_state_dir())
         document["audit"] = self.audit.model_dump(mode="json")
+        document["metrics"] = self.metrics.model_dump(mode="json")
         return {"sandbox": document}
 
     def result_cache_path(self, environ: Mapping[str, str] | None = None) -> Path:
@@ -468,6 +481,7 @@ _SECTIONS: dict[str, type[_Model]] = {
     "cache": CacheSettings,
     "service": ServiceSettings,
     "audit": AuditSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -499,7 +513,8 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
                 f"environment variable {name} names no configuration key; top-level keys: "
                 f"{', '.join(sorted(top_keys))}; section keys: PARITY_SANDBOX_WASM_<KEY>, "
                 "PARITY_SANDBOX_DOCKER_<KEY>, PARITY_SANDBOX_CACHE_<KEY>, "
-                "PARITY_SANDBOX_SERVICE_<KEY>, PARITY_SANDBOX_AUDIT_<KEY>",
+                "PARITY_SANDBOX_SERVICE_<KEY>, PARITY_SANDBOX_AUDIT_<KEY>, "
+                "PARITY_SANDBOX_METRICS_<KEY>",
                 field=name,
             )
     return overrides, origin

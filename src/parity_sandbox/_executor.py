@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import threading
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections import deque
@@ -47,6 +48,7 @@ from parity_sandbox._models import (
     Task,
 )
 from parity_sandbox.audit import AuditLog, open_audit
+from parity_sandbox.metrics import Metrics
 from parity_sandbox.runtimes import executor_class
 
 
@@ -82,6 +84,10 @@ class PreparedTask:
     audit: AuditLog | None = field(default=None, repr=False, compare=False)
     #: Who asked for it (an API key's id), for the audit log; ``Executor.prepare`` sets it.
     principal: str | None = None
+    #: The metrics its end is counted in (the preparing executor's), if any.
+    metrics: Metrics | None = field(default=None, repr=False, compare=False)
+    #: When it was accepted (epoch seconds): its queue wait counts from then.
+    accepted_at: float = field(default_factory=time.time, repr=False, compare=False)
 
     @functools.cached_property
     def spec_hash(self) -> str:
@@ -139,11 +145,14 @@ class PreparedTask:
                 "events": events_of(report, self.limits),
             }
         )
-        return self.audited(result)
+        return self.recorded(result)
 
-    def audited(self, result: Result) -> Result:
-        """``result`` (of a run of this task, or from the cache), once its end is written to
-        the audit log, if there is one."""
+    def recorded(self, result: Result) -> Result:
+        """``result`` (of a run of this task, or from the cache), once its end is counted in
+        the metrics and written to the audit log, where there are those."""
+        if self.metrics is not None:
+            waited = None if result.cached else time.time() - self.accepted_at - result.duration
+            self.metrics.ended(result, self.runtime, waited)
         if self.audit is not None:
             image = self.task.image is not None
             self.audit.task_end(
@@ -277,6 +286,9 @@ class Executor(ABC):
     #: The limits every spec document of this runtime names, set or not; its other applied
     #: limits are named only where set (so a limit added later leaves older hashes as they were).
     hashed_limits: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``prepare`` of a task whose files are all bytes (a record) blocks on nothing,
+    #: so that an event loop may call it (the service's dispatcher does).
+    prepares_on_loop: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -284,8 +296,18 @@ class Executor(ABC):
         *,
         cache: ResultCache | None = None,
         audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config if config is not None else Config()
+        #: What this executor counts (``None``: nothing): the one given, else the process's
+        #: own when ``config.metrics.enabled``.
+        self.metrics = (
+            metrics
+            if metrics is not None
+            else Metrics.default()
+            if self.config.metrics.enabled
+            else None
+        )
         #: Where task ends and other security-relevant actions are written (``None``: nowhere);
         #: the one ``config.audit`` describes unless one is given (and then not closed here).
         self._own_audit = audit is None
@@ -300,6 +322,8 @@ class Executor(ABC):
         self._stopping = threading.Event()
         #: Results of deterministic and cacheable tasks, by spec hash (``None``: no caching).
         self.cache = cache if cache is not None else open_cache(self.config)
+        if self.cache is not None and self.metrics is not None:
+            self.cache.on_damage = self.metrics.damaged
 
     # -- what a runtime implements -------------------------------------------------------
 
@@ -359,7 +383,13 @@ class Executor(ABC):
         else:
             program = hashlib.sha256(read_module(task)).hexdigest()
         return PreparedTask(
-            task, self.runtime_name, limits, program, read_inputs(task), audit=self.audit
+            task,
+            self.runtime_name,
+            limits,
+            program,
+            read_inputs(task),
+            audit=self.audit,
+            metrics=self.metrics,
         )
 
     def _warn_ignored_limits(self, task: Task) -> None:
@@ -402,7 +432,9 @@ class Executor(ABC):
             return False, exc.message
         return True, "an executor starts"
 
-    def prepare(self, task: Task, *, principal: str | None = None) -> PreparedTask:
+    def prepare(
+        self, task: Task, *, principal: str | None = None, accepted_at: float | None = None
+    ) -> PreparedTask:
         """Make ``task`` ready to run: limits resolved, host files read once, the program
         fixed by identity, and so the spec hash fixed. ``execute``, ``submit`` and ``map``
         take the result in place of a task; they prepare a plain task themselves.
@@ -411,6 +443,8 @@ class Executor(ABC):
             task: the task.
             principal: who asks for it (an API key's id), as the audit log names them; the
                 caller vouches for it (a task's own fields never set it).
+            accepted_at: when the caller accepted the task (epoch seconds; default: now),
+                where its queue wait (a metric) counts from.
 
         Raises:
             InvalidInput: the task cannot run here (nothing ran).
@@ -420,14 +454,42 @@ class Executor(ABC):
         try:
             prepared = self._prepare(task)
         except InvalidInput as exc:
-            self._audit_rejection(task, exc, principal)
+            self._record_rejection(task, exc, principal)
             raise
-        if principal is not None:
-            prepared = dataclasses.replace(prepared, principal=principal)
+        except RuntimeUnavailable:
+            self._runtime_failed()
+            raise
+        if principal is not None or accepted_at is not None:
+            prepared = dataclasses.replace(
+                prepared,
+                principal=principal,
+                accepted_at=prepared.accepted_at if accepted_at is None else accepted_at,
+            )
         return prepared
 
-    def _audit_rejection(self, task: Task, exc: InvalidInput, principal: str | None = None) -> None:
-        """Write a task refused before it ran to the audit log, if there is one."""
+    def _runtime_failed(self) -> None:
+        """Count a task that met an unavailable runtime (a lost daemon, dying workers)."""
+        if self.metrics is not None and not self._closed:
+            self.metrics.runtime_error(self.runtime_name)
+
+    def _from_cache(self, prepared: PreparedTask) -> Result | None:
+        """``prepared``'s result from the result cache (counted and audited), or ``None``."""
+        assert self.cache is not None
+        hit = self.cache.get(prepared.spec_hash)
+        if self.metrics is not None:
+            self.metrics.cache_lookup(self.runtime_name, hit is not None)
+        if hit is None:
+            return None
+        task = prepared.task
+        return prepared.recorded(hit.model_copy(update={"task_id": task.id, "labels": task.labels}))
+
+    def _record_rejection(
+        self, task: Task, exc: InvalidInput, principal: str | None = None
+    ) -> None:
+        """Count a task refused before it ran, and write it to the audit log, where there
+        are those."""
+        if self.metrics is not None:
+            self.metrics.rejected(self.runtime_name)
         if self.audit is not None:
             self.audit.record(
                 "task_rejected",
@@ -521,18 +583,21 @@ class Executor(ABC):
             try:
                 prepared = self._prepare(item)
             except InvalidInput as exc:
-                self._audit_rejection(item, exc)
+                self._record_rejection(item, exc)
                 raise
-        task = prepared.task
+            except RuntimeUnavailable:
+                self._runtime_failed()
+                raise
         cached = use_cache and self.cache is not None and prepared.cacheable
         if cached:
-            assert self.cache is not None
-            hit = self.cache.get(prepared.spec_hash)
+            hit = self._from_cache(prepared)
             if hit is not None:
-                return prepared.audited(
-                    hit.model_copy(update={"task_id": task.id, "labels": task.labels})
-                )
-        result = self._run(prepared, cancel)
+                return hit
+        try:
+            result = self._run(prepared, cancel)
+        except RuntimeUnavailable:
+            self._runtime_failed()
+            raise
         if prepared.cacheable and result.spec_hash is None:
             result = result.model_copy(update={"spec_hash": prepared.spec_hash})
         if cached:

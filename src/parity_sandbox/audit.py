@@ -40,6 +40,7 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
 import sys
 import threading
@@ -106,6 +107,9 @@ class AuditLog:
         fsync_interval: with ``batch``, the longest time between syncs.
         rotate_bytes: rotate the file once it reaches this size; ``None``: never.
         sink: also write each entry to ``stdout`` or ``syslog``.
+        background: write task ends (``task_end``) and ``record_later``'s entries on a writer
+            thread of the log's own, in the order they came, so that their caller never
+            waits for the disk (the service's event loop); ``flush()`` waits for them.
     """
 
     def __init__(
@@ -116,8 +120,13 @@ class AuditLog:
         fsync_interval: float = 1.0,
         rotate_bytes: int | None = None,
         sink: Sink = "none",
+        background: bool = False,
     ) -> None:
         self.path = Path(path) if path is not None else None
+        self.background = background
+        #: Entries for the writer thread: (action, fields), or a task end's (result, fields).
+        self._pending: queue.Queue[tuple[str | Result, dict[str, Any]] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.rotate_bytes = rotate_bytes
@@ -138,13 +147,14 @@ class AuditLog:
             syslog.openlog("parity-sandbox", syslog.LOG_PID, syslog.LOG_AUTH)
 
     @classmethod
-    def from_settings(cls, settings: AuditSettings) -> Self:
+    def from_settings(cls, settings: AuditSettings, *, background: bool = False) -> Self:
         return cls(
             settings.path,
             fsync=settings.fsync,
             fsync_interval=settings.fsync_interval,
             rotate_bytes=settings.rotate_bytes,
             sink=settings.sink,
+            background=background,
         )
 
     # -- writing ------------------------------------------------------------------------------
@@ -193,17 +203,78 @@ class AuditLog:
         image id, limits) and how it ended (status, result hash, usage, events).
 
         Never raises: a task's result must not be lost to its audit entry. A failure is
-        warned about (``RuntimeWarning``) and counted in ``failures``.
+        warned about (``RuntimeWarning``) and counted in ``failures``. A ``background`` log
+        writes it later, on its writer thread (the result is immutable).
         """
+        fields = {
+            "who": who,
+            "runtime": runtime,
+            "spec_hash": spec_hash,
+            "program": dict(program),
+            "limits": dict(limits),
+        }
+        if self.background:
+            self._later(result, fields)
+        else:
+            self._write_task_end(result, fields)
+
+    def record_later(self, action: str, **fields: Any) -> None:
+        """``record``, on the writer thread for a ``background`` log (else now); never raises
+        (a failure is warned about and counted, as for ``task_end``)."""
+        if self.background:
+            self._later(action, fields)
+        else:
+            self._record_or_warn(action, fields)
+
+    def _later(self, item: str | Result, fields: dict[str, Any]) -> None:
+        with self._lock:
+            if self._writer is None and not self._closed:
+                self._writer = threading.Thread(
+                    target=self._write_pending, name="parity-sandbox-audit", daemon=True
+                )
+                self._writer.start()
+        self._pending.put((item, fields))
+
+    def _write_pending(self) -> None:
+        """The writer thread: entries in the order they came; a ``batch`` log is synced once
+        nothing more comes for ``fsync_interval``."""
+        while True:
+            try:
+                item = self._pending.get(timeout=self.fsync_interval if self._dirty else None)
+            except queue.Empty:
+                with contextlib.suppress(OSError):
+                    self.flush()
+                continue
+            try:
+                if item is None:
+                    return
+                what, fields = item
+                if isinstance(what, str):
+                    self._record_or_warn(what, fields)
+                else:
+                    self._write_task_end(what, fields)
+            finally:
+                self._pending.task_done()
+
+    def _record_or_warn(self, action: str, fields: Mapping[str, Any]) -> None:
+        try:
+            self.record(action, **fields)
+        except (RuntimeUnavailable, ValueError) as exc:
+            self.failures += 1
+            warnings.warn(
+                f"audit log: an entry ({action}) was not written: {exc}", RuntimeWarning, 3
+            )
+
+    def _write_task_end(self, result: Result, fields: Mapping[str, Any]) -> None:
         try:
             self.record(
                 "task_end",
-                who=who,
-                runtime=runtime,
+                who=fields["who"],
+                runtime=fields["runtime"],
                 task_id=result.task_id,
-                spec_hash=spec_hash,
-                program=dict(program),
-                limits=dict(limits),
+                spec_hash=fields["spec_hash"],
+                program=fields["program"],
+                limits=fields["limits"],
                 status=result.status.value,
                 exit_code=result.exit_code,
                 limit=result.limit,
@@ -214,10 +285,13 @@ class AuditLog:
             )
         except (RuntimeUnavailable, ValueError) as exc:
             self.failures += 1
-            warnings.warn(f"audit log: a task's end was not written: {exc}", RuntimeWarning, 2)
+            warnings.warn(f"audit log: a task's end was not written: {exc}", RuntimeWarning, 3)
 
     def flush(self) -> None:
-        """Sync what was written to disk now (``fsync="batch"`` syncs lazily)."""
+        """Write what waits for the writer thread, then sync what was written to disk now
+        (``fsync="batch"`` syncs lazily)."""
+        if self._writer is not None and threading.current_thread() is not self._writer:
+            self._pending.join()
         with self._lock:
             if self._fd is not None and self._dirty:
                 os.fdatasync(self._fd)
@@ -225,7 +299,12 @@ class AuditLog:
                 self._synced_at = time.monotonic()
 
     def close(self) -> None:
-        """Sync and close the file. Safe to call twice."""
+        """Write what waits for the writer thread, sync and close the file. Safe to call
+        twice."""
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            self._pending.put(None)
+            writer.join()
         with self._lock:
             if self._closed:
                 return

@@ -70,6 +70,8 @@ keys_app = typer.Typer(help="Manage the service's API keys.", no_args_is_help=Tr
 app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="Check or follow an audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+metrics_app = typer.Typer(help="Expose metrics for Prometheus.", no_args_is_help=True)
+app.add_typer(metrics_app, name="metrics")
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _out = Console(highlight=False, soft_wrap=True)
@@ -730,6 +732,19 @@ def doctor(config: ConfigOption = None) -> None:
 SERVICE_HINT = "the service needs the [service] extra: pip install 'parity-sandbox[service]'"
 
 
+def _audit_action(config: Path | None, action: str, **fields: Any) -> None:
+    """Write ``action`` to the audit log the configuration names, if any."""
+    from parity_sandbox.audit import open_audit
+
+    try:
+        log = open_audit(load_config(config).audit)
+        if log is not None:
+            with log:
+                log.record(action, **fields)
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+
+
 @contextlib.contextmanager
 def _service_store(config: Path | None) -> Iterator[Any]:
     """The service's store, opened and migrated (for ``keys``)."""
@@ -838,6 +853,19 @@ def keys_create(
             caps=caps,
             cpu_seconds_per_day=cpu_seconds_per_day,
         )
+        made = next(key for key in store.list_keys() if key.name == name)
+    _audit_action(
+        config,
+        "key_created",
+        who=None,
+        via="cli",
+        key_id=made.id,
+        name=name,
+        admin=admin,
+        max_active=max_active,
+        caps=caps,
+        cpu_seconds_per_day=cpu_seconds_per_day,
+    )
     _out.print(secret, markup=False)
 
 
@@ -876,7 +904,70 @@ def keys_revoke(
     with _service_store(config) as store:
         if not store.revoke_key(name):
             raise _fail(InvalidInput(f"no live key named {name!r}", field="name"), False)
+        revoked = next(key for key in store.list_keys() if key.name == name)
+    _audit_action(config, "key_revoked", who=None, via="cli", key_id=revoked.id, name=name)
     _out.print(f"revoked {name}", markup=False)
+
+
+@metrics_app.command("serve")
+def metrics_serve(
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="The multiprocess directory the runs write to (default: "
+            "$PROMETHEUS_MULTIPROC_DIR).",
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9464,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve, on /metrics, the metrics of every process that writes to a multiprocess
+    directory: batch runs started with PROMETHEUS_MULTIPROC_DIR=DIR and metrics.enabled
+    (PARITY_SANDBOX_METRICS_ENABLED=true). Runs until Ctrl-C."""
+    import http.server
+    import os
+
+    from parity_sandbox.metrics import MULTIPROC_ENV, multiprocess_exposition
+
+    named = os.environ.get(MULTIPROC_ENV)
+    where = directory or (Path(named) if named else None)
+    if where is None or not where.is_dir():
+        raise _fail(
+            InvalidInput(
+                f"--dir: a directory the runs write to (or set {MULTIPROC_ENV})", field="--dir"
+            ),
+            as_json=False,
+        )
+    if not 0 <= port <= 65535:
+        raise _fail(InvalidInput("--port: 0 to 65535", field="--port"), as_json=False)
+    try:
+        multiprocess_exposition(str(where))  # fails now if prometheus_client is missing
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404)
+                return
+            body, content_type = multiprocess_exposition(str(where))
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: no access log
+            pass
+
+    with http.server.ThreadingHTTPServer((host, port), Handler) as server:
+        _err.print(
+            f"serving the metrics of {where} on http://{host}:{server.server_port}/metrics",
+            markup=False,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
 
 
 def _one_line_warning(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import importlib.resources
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import parity_sandbox
@@ -196,6 +197,33 @@ async def authenticated(
 KeyDep = Annotated[Key, Depends(authenticated)]
 
 
+async def administrator(key: KeyDep) -> Key:
+    """The key the request carries if it is an admin key; 403 for another live key."""
+    if not key.admin:
+        raise Problem(403, "Forbidden", "this needs an admin key (keys create --admin)")
+    return key
+
+
+AdminDep = Annotated[Key, Depends(administrator)]
+
+#: The dashboard's own files, served from the package (``static/``; no build step).
+STATIC = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "chart.umd.min.js": "text/javascript; charset=utf-8",
+}
+#: What the dashboard's page may load and run: its own files only.
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
 def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
     """The API over ``store``, running tasks with ``dispatcher`` (started with the app)."""
     settings = config.service
@@ -215,6 +243,10 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.store = store
+    metrics = dispatcher.metrics
+    audit = dispatcher.audit
+    static_dir = importlib.resources.files("parity_sandbox.service") / "static"
+    static_files = {name: (static_dir / name).read_bytes() for name in STATIC}
 
     @app.exception_handler(Problem)
     async def _problem(_request: Request, exc: Problem) -> JSONResponse:
@@ -307,8 +339,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
 
     diagnosed: dict[str, tuple[float, dict[str, Any]]] = {}
 
-    @app.get("/v1/runtimes", tags=["runtimes"], responses=_problems(401, 422))
-    async def list_runtimes(_key: KeyDep) -> dict[str, Any]:
+    async def runtime_health() -> list[dict[str, Any]]:
         """What ``parity-sandbox doctor`` says of each runtime (checked at most every 30 s)."""
         found = []
         for name in runtimes.names():
@@ -320,8 +351,100 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                     ok, detail = False, exc.message
                 entry = {"name": name, "ok": ok, "detail": detail}
                 diagnosed[name] = (time.monotonic(), entry)
+                if metrics is not None:
+                    metrics.set_runtime_up(name, ok)
             found.append(entry)
-        return {"default": config.default_runtime, "runtimes": found}
+        return found
+
+    @app.get("/v1/runtimes", tags=["runtimes"], responses=_problems(401, 422))
+    async def list_runtimes(_key: KeyDep) -> dict[str, Any]:
+        """What ``parity-sandbox doctor`` says of each runtime (checked at most every 30 s)."""
+        return {"default": config.default_runtime, "runtimes": await runtime_health()}
+
+    async def metrics_reader(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> None:
+        """Anyone, with ``service.metrics_open``; else an admin key (401, 403)."""
+        if not settings.metrics_open:
+            await administrator(await authenticated(request, authorization, x_api_key))
+
+    @app.get(
+        "/metrics",
+        tags=["monitoring"],
+        response_class=Response,
+        dependencies=[Depends(metrics_reader)],
+        responses={
+            200: {
+                "description": "Prometheus' text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **_problems(401, 403, 422, 503),
+        },
+    )
+    async def get_metrics() -> Response:
+        """The service's metrics for Prometheus (an admin key unless
+        ``service.metrics_open``): the executors' counts, the queue, per-key counts."""
+        if metrics is None:
+            raise Problem(
+                503,
+                "Service Unavailable",
+                "metrics are off here: install the [monitoring] extra, or set "
+                "metrics.enabled: true",
+            )
+        counts = await asyncio.to_thread(store.active_counts)
+        metrics.service_state(
+            queued=sum(count for _, state, count in counts if state == "queued"),
+            running=sum(count for _, state, count in counts if state == "running"),
+            limit=settings.max_queued,
+            per_key={(name, state): count for name, state, count in counts},
+        )
+        body, content_type = await asyncio.to_thread(metrics.exposition)
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/stats", tags=["monitoring"], responses=_problems(401, 403, 422))
+    async def stats(_key: AdminDep) -> dict[str, Any]:
+        """What the dashboard shows (an admin key): the queue, ends of the last hour by
+        state, security events per minute (tasks that ended on this server), the keys that
+        used the most CPU today (UTC), and each runtime's health."""
+        now = time.time()
+        counts = await asyncio.to_thread(store.active_counts)
+        ended = await asyncio.to_thread(store.ended_since, now - 3600)
+        top = await asyncio.to_thread(store.top_cpu_since, now - now % 86400)
+        return {
+            "time": now,
+            "queued": sum(count for _, state, count in counts if state == "queued"),
+            "running": sum(count for _, state, count in counts if state == "running"),
+            "running_here": dispatcher.running_here,
+            "queue_limit": settings.max_queued,
+            "ended_last_hour": dict(sorted(ended.items())),
+            "events_per_minute": dispatcher.timeline.series(now),
+            "top_keys_by_cpu": [{"key": name, "cpu_seconds": used} for name, used in top],
+            "runtimes": await runtime_health(),
+            "audit_failures": audit.failures if audit is not None else 0,
+        }
+
+    @app.get("/dashboard", include_in_schema=False, response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        """The dashboard's page: a shell with no data of its own. Its script asks
+        ``/v1/stats`` with the admin key given in the URL's fragment (``#key=...``, which a
+        browser never sends to a server, so no server or proxy logs it) or typed into the
+        page, kept in the tab's ``sessionStorage`` and sent as ``Authorization: Bearer``."""
+        return HTMLResponse(static_files_html, headers=DASHBOARD_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False, response_class=Response)
+    async def static(name: str) -> Response:
+        """The dashboard's script, style sheet and chart library (vendored from npm)."""
+        if name not in STATIC:
+            raise Problem(404, "Not Found", "no such file")
+        return Response(
+            static_files[name],
+            media_type=STATIC[name],
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"},
+        )
+
+    static_files_html = (static_dir / "dashboard.html").read_text()
 
     @app.post(
         "/v1/tasks",
@@ -714,6 +837,8 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         row = await store.run(store.cancel, task_id, key)
         if row is None:
             raise _not_found()
+        if audit is not None:
+            audit.record_later("task_cancelled", who=key.id, task_id=task_id, state=row.state)
         if row.state == "running":
             dispatcher.cancel(task_id)
             row = await waited(row, key, 10.0)

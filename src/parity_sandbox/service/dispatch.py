@@ -19,16 +19,19 @@ import contextlib
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from parity_sandbox import runtimes
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import SandboxError
-from parity_sandbox._executor import Executor
+from parity_sandbox._executor import Executor, PreparedTask
 from parity_sandbox._models import Result, Status, Task
 from parity_sandbox._record import task_from_document
+from parity_sandbox.audit import AuditLog
+from parity_sandbox.metrics import Metrics
 from parity_sandbox.runtimes import executor_class
 from parity_sandbox.service.store import Finish, Store, TaskRow
 from parity_sandbox.service.webhooks import Deliverer
@@ -52,6 +55,39 @@ CLAIM_AT_ONCE = 8
 THREADS = 256
 
 
+#: Minutes of security events the dashboard's timeline keeps.
+TIMELINE_MINUTES = 60
+
+
+class Timeline:
+    """Security events of the tasks that ended here, counted per minute and kind, for the
+    last ``TIMELINE_MINUTES`` minutes (what the dashboard's chart shows)."""
+
+    def __init__(self, minutes: int = TIMELINE_MINUTES) -> None:
+        self.minutes = minutes
+        self._buckets: deque[tuple[int, Counter[str]]] = deque()
+
+    def add(self, kinds: list[str], now: float | None = None) -> None:
+        minute = int((time.time() if now is None else now) // 60)
+        if not self._buckets or self._buckets[-1][0] != minute:
+            self._buckets.append((minute, Counter()))
+            while self._buckets and self._buckets[0][0] <= minute - self.minutes:
+                self._buckets.popleft()
+        self._buckets[-1][1].update(kinds)
+
+    def series(self, now: float | None = None) -> dict[str, Any]:
+        """``{"minutes": [epoch seconds of each minute], "counts": {kind: [per minute]}}``."""
+        last = int((time.time() if now is None else now) // 60)
+        minutes = list(range(last - self.minutes + 1, last + 1))
+        index = {minute: at for at, minute in enumerate(minutes)}
+        counts: dict[str, list[int]] = {}
+        for minute, bucket in self._buckets:
+            if minute in index:
+                for kind, count in bucket.items():
+                    counts.setdefault(kind, [0] * len(minutes))[index[minute]] += count
+        return {"minutes": [minute * 60 for minute in minutes], "counts": counts}
+
+
 @dataclass
 class _Waiting:
     """The requests waiting for one task, and its end once it ended here."""
@@ -65,10 +101,27 @@ class Dispatcher:
     """Runs the store's queued tasks: per runtime, as many at once as its executor takes in
     flight (``Executor.max_in_flight``), or ``service.concurrency`` for all together."""
 
-    def __init__(self, store: Store, config: Config, owner: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        owner: str,
+        *,
+        audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.owner = owner
+        #: Where the executors write task ends and the service its actions (``None``: the
+        #: executors open what ``config.audit`` says).
+        self.audit = audit
+        #: What the executors and the service count (``None``: no metrics).
+        self.metrics = metrics
+        #: Security events of the tasks that ended here, per minute (the dashboard's).
+        self.timeline = Timeline()
+        #: API keys' names by id (metrics name keys, not ids), filled as tasks end.
+        self._key_names: dict[str, str] = {}
         settings = config.service
         #: One cap for all runtimes together, if the operator set one.
         self._limit = settings.concurrency
@@ -304,7 +357,8 @@ class Dispatcher:
                 if task is None:
                     task = await self._task_of(row)
                 executor = await self._executor(row.runtime)
-                result = await executor.execute_async(task, use_cache=row.use_cache)
+                prepared = await self._prepare(executor, task, row)
+                result = await executor.execute_async(prepared, use_cache=row.use_cache)
             except SandboxError as exc:
                 result = exc.result or Result(
                     status=Status.ERROR,
@@ -312,6 +366,10 @@ class Dispatcher:
                 )
             state, blob = result.status.value, result.to_json().encode()
             cpu = result.usage.cpu_time
+            if result.events:
+                self.timeline.add([event.kind.value for event in result.events])
+            if self.metrics is not None and (result.events or cpu):
+                self.metrics.key_ended(await self._key_name(row.key_id), result)
         except asyncio.CancelledError:
             if self._stopping:
                 raise  # the row stays running: recovered when a server starts
@@ -326,6 +384,24 @@ class Dispatcher:
                 self._slot_freed(row.runtime)
         self._ends.append((Finish(row.id, self.owner, state, blob, reason, cpu), row))
         self._ends_due.set()
+
+    async def _prepare(self, executor: Executor, task: Task, row: TaskRow) -> PreparedTask:
+        """``task`` prepared for ``executor``, as asked for by ``row``'s key and accepted when
+        ``row`` was stored; on the loop where preparing a task from a record blocks on
+        nothing (WASM), else in a thread (Docker asks its daemon about the image)."""
+        if executor.prepares_on_loop:
+            return executor.prepare(task, principal=row.key_id, accepted_at=row.created_at)
+        return await asyncio.to_thread(
+            executor.prepare, task, principal=row.key_id, accepted_at=row.created_at
+        )
+
+    async def _key_name(self, key_id: str) -> str:
+        name = self._key_names.get(key_id)
+        if name is None:
+            found = await asyncio.to_thread(self.store.list_keys)
+            self._key_names.update((key.id, key.name) for key in found)
+            name = self._key_names.get(key_id, key_id)
+        return name
 
     async def _task_of(self, row: TaskRow) -> Task:
         """The task a claimed row holds, with the module its record names by hash."""
@@ -407,6 +483,23 @@ class Dispatcher:
             executor = self._executors.get(runtime)
             if executor is None:
                 cls = executor_class(runtime)
-                executor = await asyncio.to_thread(cls, self.config)
+                monitoring: dict[str, Any] = {}
+                if self.audit is not None:
+                    monitoring["audit"] = self.audit
+                if self.metrics is not None:
+                    monitoring["metrics"] = self.metrics
+                try:
+                    executor = await asyncio.to_thread(cls, self.config, **monitoring)
+                except SandboxError:
+                    if self.metrics is not None:
+                        self.metrics.set_runtime_up(runtime, False)
+                    raise
+                if self.metrics is not None:
+                    self.metrics.set_runtime_up(runtime, True)
                 self._executors[runtime] = executor
         return executor
+
+    @property
+    def running_here(self) -> int:
+        """Tasks this server runs now."""
+        return len(self._running)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import socket
@@ -12,8 +13,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import parity_sandbox
 from parity_sandbox._config import Config
 from parity_sandbox._exceptions import RuntimeUnavailable
+from parity_sandbox.audit import AuditLog, canonical
+from parity_sandbox.metrics import Metrics
 from parity_sandbox.service.store import Store
 
 log = logging.getLogger("parity_sandbox.service")
@@ -54,6 +58,39 @@ def sole_server(store: Store, config: Config) -> Iterator[None]:
         os.close(lock)
 
 
+def open_audit_log(config: Config) -> AuditLog | None:
+    """The service's audit log, if ``config.audit`` asks for one: its entries written on a
+    thread of its own (the event loop never waits for the disk), synced per batch unless
+    ``audit.fsync`` says otherwise."""
+    settings = config.audit
+    if not settings.enabled:
+        return None
+    if "fsync" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"fsync": "batch"})
+    return AuditLog.from_settings(settings, background=True)
+
+
+def open_metrics(config: Config) -> Metrics | None:
+    """The service's metrics: on unless ``metrics.enabled`` is false; left unset, only where
+    ``prometheus_client`` is installed (extra ``[monitoring]``)."""
+    enabled = config.metrics.enabled
+    if enabled is False:
+        return None
+    try:
+        return Metrics.default()
+    except RuntimeUnavailable:
+        if enabled:
+            raise
+        log.warning("no metrics: prometheus_client is not installed ([monitoring] extra)")
+        return None
+
+
+def config_fingerprint(config: Config) -> str:
+    """The SHA-256 of the effective configuration (for ``config_loaded``: a hash, so no
+    secret in it, a database password say, reaches the log)."""
+    return hashlib.sha256(canonical(config.to_document())).hexdigest()
+
+
 def serve(config: Config, *, host: str | None = None, port: int | None = None) -> None:
     """Run the service until it is stopped (SIGINT, SIGTERM)."""
     import uvicorn
@@ -63,7 +100,10 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None) -
 
     settings = config.service
     store = open_store(config)
+    audit = None
     try:
+        audit = open_audit_log(config)
+        metrics = open_metrics(config)
         with sole_server(store, config):
             counts = store.recover(
                 retry=settings.on_restart == "retry",
@@ -77,7 +117,16 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None) -
                     counts["lost"],
                 )
             owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-            app = create_app(config, store, Dispatcher(store, config, owner))
+            if audit is not None:
+                audit.record_later(
+                    "config_loaded",
+                    who=None,
+                    server=owner,
+                    version=parity_sandbox.__version__,
+                    config_sha256=config_fingerprint(config),
+                )
+            dispatcher = Dispatcher(store, config, owner, audit=audit, metrics=metrics)
+            app = create_app(config, store, dispatcher)
             server = uvicorn.Server(
                 uvicorn.Config(
                     app,
@@ -92,3 +141,5 @@ def serve(config: Config, *, host: str | None = None, port: int | None = None) -
             server.run()
     finally:
         store.close()
+        if audit is not None:
+            audit.close()

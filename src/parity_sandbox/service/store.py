@@ -953,6 +953,44 @@ class Store:
             ).scalar_one()
         return float(used)
 
+    # -- monitoring (admin reads: run them in a thread, they may scan) ------------------------
+
+    def active_counts(self) -> list[tuple[str, str, int]]:
+        """(key name, state, count) of the tasks queued and running now."""
+        with self._read() as connection:
+            rows = connection.execute(
+                sa.select(keys.c.name, tasks.c.state, sa.func.count())
+                .select_from(tasks.join(keys, keys.c.id == tasks.c.key_id))
+                .where(tasks.c.state.in_(("queued", "running")))
+                .group_by(keys.c.name, tasks.c.state)
+            ).all()
+        return [(str(name), str(state), int(count)) for name, state, count in rows]
+
+    def ended_since(self, since: float) -> dict[str, int]:
+        """How many tasks ended after ``since``, by state."""
+        with self._read() as connection:
+            rows = connection.execute(
+                sa.select(tasks.c.state, sa.func.count())
+                .where(tasks.c.ended_at >= since)
+                .group_by(tasks.c.state)
+            ).all()
+        return {str(state): int(count) for state, count in rows}
+
+    def top_cpu_since(self, since: float, limit: int = 10) -> list[tuple[str, float]]:
+        """The keys whose tasks that ended after ``since`` used the most CPU seconds: (key
+        name, seconds), most first."""
+        used = sa.func.sum(tasks.c.cpu_seconds)
+        with self._read() as connection:
+            rows = connection.execute(
+                sa.select(keys.c.name, used)
+                .select_from(tasks.join(keys, keys.c.id == tasks.c.key_id))
+                .where(tasks.c.ended_at >= since, tasks.c.cpu_seconds.is_not(None))
+                .group_by(keys.c.name)
+                .order_by(used.desc(), keys.c.name)
+                .limit(limit)
+            ).all()
+        return [(str(name), float(seconds or 0.0)) for name, seconds in rows]
+
     # -- modules -----------------------------------------------------------------------------
 
     def put_module(self, key: Key, sha256: str, module: bytes) -> bool:

@@ -53,6 +53,7 @@ from parity_sandbox._models import (
     check_image_reference,
 )
 from parity_sandbox.audit import AuditLog
+from parity_sandbox.metrics import Metrics
 from parity_sandbox.runtimes.docker import host, init
 from parity_sandbox.runtimes.docker.daemon import (
     API_TIMEOUT,
@@ -103,6 +104,8 @@ class DockerExecutor(Executor):
         cache: the result cache of cacheable tasks (default: the one ``config.cache`` says).
         audit: where task ends are written (default: the audit log ``config.audit``
             describes, if any).
+        metrics: what it counts in (default: the process's ``Metrics.default()`` when
+            ``config.metrics.enabled``, else nothing).
 
     Raises:
         RuntimeUnavailable: the Docker daemon cannot be reached.
@@ -130,8 +133,9 @@ class DockerExecutor(Executor):
         reap: bool = True,
         cache: ResultCache | None = None,
         audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(config, cache=cache, audit=audit)
+        super().__init__(config, cache=cache, audit=audit, metrics=metrics)
         self._settings = self.config.docker
         self._limits = self.config.limits_for("docker")
         try:
@@ -286,6 +290,7 @@ class DockerExecutor(Executor):
             contents,
             form=(run_plan, image),
             audit=self.audit,
+            metrics=self.metrics,
         )
 
     def _check_egress(self, network: Network) -> None:
@@ -393,6 +398,8 @@ class DockerExecutor(Executor):
         # An executor never closed still takes its idle containers with it at interpreter
         # exit (a crash leaves them to reap()).
         weakref.finalize(self, pool.close)
+        if self.metrics is not None:
+            self.metrics.watch_warm_pool("docker", pool.size)
         return pool
 
     def warm_containers(self) -> list[str]:
@@ -416,7 +423,12 @@ class DockerExecutor(Executor):
                     future.result(timeout=max(left, 0.01))
 
     def _take_warm(self, shape: Shape) -> Warm | None:
-        return self._pool.take(shape) if self._pool is not None and not self.closed else None
+        if self._pool is None or self.closed:
+            return None
+        warm = self._pool.take(shape)
+        if self.metrics is not None:
+            self.metrics.warm_pool_lookup("docker", warm is not None)
+        return warm
 
     def _start(self, create: dict[str, Any], host_config: dict[str, Any], run_id: str) -> Warm:
         """Create, attach to and start a container whose init then waits for a task.
@@ -717,6 +729,8 @@ class DockerExecutor(Executor):
                 removed += 1
         if removed and self.audit is not None:
             self.audit.record("leftover_reaped", runtime="docker", removed=removed)
+        if removed and self.metrics is not None:
+            self.metrics.leftovers("docker", removed)
         return removed
 
     @staticmethod

@@ -191,6 +191,11 @@ class WarmPool:
             time.sleep(0.01)
         return True
 
+    def size(self) -> int:
+        """How many warm containers wait for tasks now, all profiles together."""
+        with self._lock:
+            return sum(len(p.idle) for p in self._profiles.values())
+
     def containers(self) -> list[str]:
         """The ids of the warm containers waiting now."""
         with self._lock:

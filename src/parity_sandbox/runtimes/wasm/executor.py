@@ -55,6 +55,7 @@ from parity_sandbox._models import (
     check_input_bytes,
 )
 from parity_sandbox.audit import AuditLog
+from parity_sandbox.metrics import Metrics
 from parity_sandbox.runtimes.wasm.deadlines import (
     COMPILE_TIMEOUT,
     KILL_GRACE,
@@ -137,11 +138,14 @@ class WasmExecutor(Executor):
             ``config.cache`` describes).
         audit: where task ends are written (default: the audit log ``config.audit``
             describes, if any).
+        metrics: what it counts in (default: the process's ``Metrics.default()`` when
+            ``config.metrics.enabled``, else nothing).
     """
 
     runtime_name = "wasm"
     applied_limits = frozenset(Limits.model_fields) - {"cpu", "pids", "open_files"}
     hashed_limits = ("memory", "disk", "output", "timeout", "fuel", "stack_size")
+    prepares_on_loop = True  # a module sent as bytes is hashed; nothing is read or asked
     ignored_because = (
         "a WebAssembly task is one thread, starts no processes and opens only what WASI "
         "preopens (use fuel to bound its CPU)"
@@ -154,8 +158,9 @@ class WasmExecutor(Executor):
         workers: int | None = None,
         cache: ResultCache | None = None,
         audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(config, cache=cache, audit=audit)
+        super().__init__(config, cache=cache, audit=audit, metrics=metrics)
         size = workers or self.config.wasm.workers or os.cpu_count() or 1
         self._limits = self.config.limits_for("wasm")
         # Rejects, now, a configuration this runtime cannot honour.
@@ -163,6 +168,8 @@ class WasmExecutor(Executor):
         reaped = reap_stale_roots()
         if reaped and self.audit is not None:
             self.audit.record("leftover_reaped", runtime="wasm", removed=reaped)
+        if reaped and self.metrics is not None:
+            self.metrics.leftovers("wasm", reaped)
         # The root gets its reapable name only once its lock is held: another process's
         # reap_stale_roots() must never see it unlocked.
         making = Path(tempfile.mkdtemp(prefix=f".{ROOT_PREFIX}{os.getpid()}-"))
@@ -170,7 +177,17 @@ class WasmExecutor(Executor):
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._root = making.with_name(making.name[1:])
         making.rename(self._root)
-        self._pool = Pool(size, self._root, self.config.resolved_cache_dir() / "wasm-modules")
+        restarted = (
+            functools.partial(self.metrics.worker_restarted, "wasm")
+            if self.metrics is not None
+            else None
+        )
+        self._pool = Pool(
+            size,
+            self._root,
+            self.config.resolved_cache_dir() / "wasm-modules",
+            on_restart=restarted,
+        )
         self._deadlines = Deadlines()
         self._seq = itertools.count(1)  # 0 means none in the shared buffer
         self._modules = ModuleFiles()
@@ -266,7 +283,11 @@ class WasmExecutor(Executor):
             task = self.prepare(task)  # hashing and checks only: nothing is read
         if use_cache and self.cache is not None and task.cacheable:
             return await super().execute_async(task, use_cache=use_cache)
-        result = await self._run_async(task)
+        try:
+            result = await self._run_async(task)
+        except RuntimeUnavailable:
+            self._runtime_failed()
+            raise
         if task.cacheable and result.spec_hash is None:
             result = result.model_copy(update={"spec_hash": task.spec_hash})
         if result.status in (Status.SUCCEEDED, Status.FAILED):
@@ -427,16 +448,14 @@ class WasmExecutor(Executor):
                 try:
                     prepared = item if isinstance(item, PreparedTask) else self._prepare(item)
                     if use_cache and self.cache is not None and prepared.cacheable:
-                        hit = self.cache.get(prepared.spec_hash)
+                        hit = self._from_cache(prepared)
                         if hit is not None:
-                            done[index] = prepared.audited(
-                                hit.model_copy(update={"task_id": task.id, "labels": task.labels})
-                            )
+                            done[index] = hit
                             continue
                     return Flight(index, prepared, *self._form(prepared), worker)
                 except SandboxError as exc:
                     if isinstance(exc, InvalidInput) and not isinstance(item, PreparedTask):
-                        self._audit_rejection(item, exc)
+                        self._record_rejection(item, exc)
                     done[index] = self._error_result(task, exc)
             return None
 
@@ -597,6 +616,7 @@ class WasmExecutor(Executor):
             form=Form(request, module),
             known_spec_hash=spec,
             audit=self.audit,
+            metrics=self.metrics,
         )
 
     def _dispatch(self, flight: Flight, cancel: threading.Event | None) -> Flight:

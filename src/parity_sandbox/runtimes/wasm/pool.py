@@ -216,8 +216,17 @@ class Worker:
 class Pool:
     """Up to ``size`` warm workers; a task takes an idle one or starts one."""
 
-    def __init__(self, size: int, root: Path, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        size: int,
+        root: Path,
+        cache_dir: Path,
+        *,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
         self.size = size
+        #: Called when a worker is replaced (the executor's metrics count it).
+        self._on_restart = on_restart
         self._root = root
         self._cache_dir = cache_dir
         self._idle: list[Worker] = []
@@ -300,6 +309,8 @@ class Pool:
             if not self._closed:
                 with contextlib.suppress(RuntimeUnavailable):
                     self._idle.append(self._spawn())
+                if self._on_restart is not None:
+                    self._on_restart()
             self._freed()
 
     def close(self) -> None:
