@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"runtimes.wasm.worker", "_models"},
     {"_config", "runtimes.wasm.modules"},
     {"_cache", "_inputs", "audit", "runtimes.docker.spec", "service.server"},
-    {"_executor", "runtimes.docker.init", "runtimes.docker.pool"},
+    {"_executor", "runtimes.docker.init", "runtimes.docker.pool", "runtimes.docker.egress"},
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},
     {"runtimes.docker.executor", "runtimes.wasm.executor", "_record"},

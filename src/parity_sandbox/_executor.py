@@ -137,6 +137,7 @@ class PreparedTask:
                 "task_id": task.id,
                 "labels": task.labels,
                 "events": events_of(report, self.limits),
+                "connections": report.connections,
             }
         )
         return self.audited(result)
@@ -263,6 +264,8 @@ class RunReport:
     #: never followed: how many, and the first few as ``(path, kind)``.
     not_followed: int = 0
     not_followed_paths: Sequence[tuple[str, str]] = ()
+    #: The connections of a task granted a network (``Result.connections``' fields).
+    connections: Sequence[Mapping[str, Any]] = ()
 
 
 class Executor(ABC):

@@ -670,6 +670,24 @@ EventValue = str | int | float | bool | None | tuple[str, ...]
 MAX_EVENT_DETAILS = 16
 
 
+class NetworkConnection(BaseModel):
+    """One connection a task granted a network asked its egress proxy for (``Task.network``):
+    where to, whether it was let through (and why not, or why it was cut), the address the
+    proxy connected to, and the bytes it carried each way. ``started``/``ended``: Unix time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str
+    port: int
+    allowed: bool
+    reason: str | None = None
+    address: str | None = None
+    sent: int = 0
+    received: int = 0
+    started: float = 0.0
+    ended: float | None = None
+
+
 class SecurityEvent(BaseModel):
     """Something security-relevant the runtime saw during a task, at ``time`` (UTC).
 
@@ -737,6 +755,8 @@ class Result(BaseModel):
     #: What the runtime saw that matters to security (limits hit, truncation, traps, ...);
     #: not covered by ``result_hash``.
     events: tuple[SecurityEvent, ...] = ()
+    #: The connections a task granted a network asked for, allowed or refused (Docker).
+    connections: tuple[NetworkConnection, ...] = ()
 
     def to_json(self) -> str:
         """This result as JSON, bytes in base64: ``Result.from_json`` gives it back exactly."""
