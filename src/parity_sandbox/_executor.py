@@ -336,8 +336,13 @@ class Executor(ABC):
             "limits": {name: getattr(limits, name) for name in names},
             "deterministic": task.deterministic,
         }
-        if task.network is not None:  # only then: the hashes of tasks without one stay as they were
+        # Each only where set: the hashes of tasks without them stay as they were.
+        if task.network is not None:
             document["network"] = {"allow": list(task.network.allow)}
+        if task.entry is not None:
+            document["entry"] = {"call": task.entry, "exit": task.entry_exit}
+        if task.workdir is not None and task.image is None:
+            document["workdir"] = task.workdir
         document.update(cls._spec_fields(task))
         return document
 
