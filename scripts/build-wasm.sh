@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile every SRC_DIR/*.c into OUT_DIR/<name>.wasm as a WASI preview 1 command module.
+# Compile every SRC_DIR/*.c into OUT_DIR/<name>.wasm as a WASI preview 1 module (a command,
+# unless its source asks otherwise).
 #
 # Usage: scripts/build-wasm.sh SRC_DIR OUT_DIR
 # Environment: CC (default clang-14), SYSROOT (default /usr, where Debian's wasi-libc lives).
@@ -31,7 +32,11 @@ for src in "$src_dir"/*.c; do
         continue
     fi
     tmp="$dst.tmp.$$"
-    if ! "$CC" --target=wasm32-wasi --sysroot="$SYSROOT" -O2 -Wl,--stack-first -o "$tmp" "$src"; then
+    # A source may ask for more flags on a line "// build-flags: ..." (a reactor module:
+    # -mexec-model=reactor).
+    read -r -a extra <<< "$(sed -n 's|^// build-flags: ||p' "$src" | head -n 1)"
+    if ! "$CC" --target=wasm32-wasi --sysroot="$SYSROOT" -O2 -Wl,--stack-first ${extra[@]+"${extra[@]}"} \
+            -o "$tmp" "$src"; then
         rm -f "$tmp"
         echo "error: failed to compile $src" >&2
         exit 1

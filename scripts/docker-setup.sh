@@ -2,7 +2,8 @@
 # Make a Docker engine with runc and gVisor (runsc) ready on this machine, and build the test
 # image; safe to run again. Needs root (or sudo) and the .venv that bootstrap.sh makes.
 #   - Debian packages: docker.io, runsc (gVisor), busybox-static, and gcc/libc6-dev, which
-#     build the container helper and the test probe as static binaries
+#     build the container helper and the test probe as static binaries; iproute2 and
+#     nftables, with which the executor gives a task granted a network its veth and rules
 #   - /etc/docker/daemon.json: runsc registered with --network=none (the only way it starts
 #     here), no default bridge and no iptables rules, so containers get nothing but loopback
 #   - dockerd started (or restarted to pick up the configuration) and waited for
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
-packages=(docker.io runsc busybox-static gcc libc6-dev)
+packages=(docker.io runsc busybox-static gcc libc6-dev iproute2 nftables)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -6,7 +6,6 @@ sends a packet anywhere else (names that resolve elsewhere are only classified, 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 import ssl
@@ -220,21 +219,15 @@ class RawOrigin:
 
 
 class Proxy:
-    """An ``EgressProxy`` on loopback, on its own event loop thread."""
+    """An ``EgressProxy`` on loopback."""
 
     def __init__(
         self, allow: list[str], *, max_bytes: int = 1 << 30, max_connections: int = 256
     ) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.proxy = EgressProxy(
             AllowList.parse(allow), max_bytes=max_bytes, max_connections=max_connections
         )
-        self.port = self._call(self.proxy.start("127.0.0.1"))
-
-    def _call(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+        self.port = self.proxy.start("127.0.0.1")
 
     @property
     def log(self) -> list[Connection]:
@@ -251,10 +244,7 @@ class Proxy:
             return bytes(answer)
 
     def close(self) -> None:
-        self._call(self.proxy.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.proxy.close()
 
 
 @pytest.fixture
@@ -399,13 +389,10 @@ def test_the_byte_and_connection_caps_hold() -> None:
 
 
 def test_a_docker_task_s_grant_is_held_to_the_operator_s(docker_executor: DockerExecutor) -> None:
-    """What the operator allows (``docker.network``) caps a task's grant; the container side of
-    egress is not built yet, so a grant that passes is refused too, never run without it."""
+    """What the operator allows (``docker.network``) caps a task's grant; a grant that cannot
+    be given (runsc) is refused, never run without it."""
     grant = {"allow": ["data.example.org:443"]}
     task = Task(image=TEST_IMAGE, command=["true"], network=grant)
-    with pytest.raises(InvalidInput) as caught:
-        docker_executor.execute(task)
-    assert caught.value.field == "network" and "not available" in caught.value.message
     for settings, field, words in [
         ({"enabled": False}, "network", "grants no network"),
         ({"allow": ["*.example.net:443"]}, "network.allow", "data.example.org:443"),
@@ -416,6 +403,166 @@ def test_a_docker_task_s_grant_is_held_to_the_operator_s(docker_executor: Docker
         assert caught.value.field == field and words in caught.value.message, caught.value
     with pytest.raises(InvalidInput):
         Config(docker={"network": {"allow": ["not a grant"]}})
+    with pytest.raises(InvalidInput) as caught:
+        Config(docker={"network": {"subnet": "8.8.8.0/24"}})
+    assert "private" in caught.value.message
+    runsc = task.model_copy(update={"oci_runtime": "runsc"})
+    with pytest.raises(InvalidInput) as caught:
+        docker_executor.execute(runsc)
+    assert caught.value.field == "network" and "runc" in caught.value.message
+
+
+def host_routes() -> str:
+    return subprocess.run(["ip", "route"], capture_output=True, text=True, check=True).stdout
+
+
+def veths() -> set[str]:
+    found = subprocess.run(["ip", "-o", "link", "show", "type", "veth"], capture_output=True)
+    return {line.split(":")[1].strip().split("@")[0] for line in found.stdout.decode().splitlines()}
+
+
+#: What a task's script prints for each probe: ``NAME=0`` if it worked, else its exit status.
+PROBES = """
+proxy=${HTTP_PROXY#http://}; host=${proxy%:*}
+probe() { name=$1; shift; "$@" >/tmp/out 2>&1; echo "$name=$?"; }
+probe granted timeout 5 wget -q -O /tmp/granted http://localhost:@PORT@/data
+echo "body=$(cat /tmp/granted)"
+probe other_port timeout 5 wget -q -O - http://localhost:@OTHER@/data
+probe host_name_not_granted timeout 5 wget -q -O - http://not-granted.example.org:@PORT@/
+probe direct_tcp_to_host timeout 3 wget -Y off -q -O - http://$host:@OPEN@/
+probe direct_to_proxy_host_other_port timeout 3 nc $host @OPEN@
+probe dns_to_host timeout 3 nslookup example.org $host
+probe route_change ip route add default via $host
+probe address_change ip addr add 10.9.9.9/32 dev lo
+probe ipv6 sh -c 'ip -6 addr | grep -q inet6'
+echo "disable_ipv6=$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6)"
+"""
+
+
+@pytest.fixture
+def docker_runc(docker_executor: DockerExecutor) -> DockerExecutor:
+    if "runc" not in docker_executor.runtimes:
+        pytest.fail("the Docker daemon has no runc runtime")
+    return docker_executor
+
+
+def test_a_docker_task_reaches_what_it_is_granted_and_nothing_else(
+    docker_runc: DockerExecutor, origin: Origin
+) -> None:
+    other = Origin()
+    anywhere = socket.create_server(("0.0.0.0", 0))  # a host service on every address
+    open_port = int(anywhere.getsockname()[1])
+    routes = host_routes()
+    try:
+        script = (
+            PROBES.replace("@PORT@", str(origin.port))
+            .replace("@OTHER@", str(other.port))
+            .replace("@OPEN@", str(open_port))
+        )
+        grant = [f"localhost:{origin.port}", f"127.0.0.0/8:{origin.port}"]
+        task = Task(image=TEST_IMAGE, command=["sh", "-c", script], network={"allow": grant})
+        result = docker_runc.execute(task)
+        probes = dict(
+            line.split("=", 1) for line in result.stdout.decode().splitlines() if "=" in line
+        )
+        assert probes["granted"] == "0" and probes["body"] == "hello", result.stdout
+        for refused in [
+            "other_port",
+            "host_name_not_granted",
+            "direct_tcp_to_host",
+            "direct_to_proxy_host_other_port",
+            "dns_to_host",
+            "route_change",
+            "address_change",
+            "ipv6",
+        ]:
+            assert probes[refused] != "0", (refused, result.stdout)
+        assert probes["disable_ipv6"] == "1"
+        seen = [(c.host, c.port, c.allowed) for c in result.connections]
+        assert ("localhost", origin.port, True) in seen
+        assert ("localhost", other.port, False) in seen
+        assert ("not-granted.example.org", origin.port, False) in seen
+        granted = next(c for c in result.connections if c.allowed)
+        assert granted.address == "127.0.0.1" and granted.received > 0
+        assert host_routes() == routes  # nothing new on the host's routes
+        assert not any(name.startswith("psb") for name in veths())  # gone with the task
+    finally:
+        anywhere.close()
+        other.close()
+
+
+#: Each task tries the proxy port at the first 32 slots' host addresses but its own: what
+#: wget says of each (a proxy that answered would make it say "server returned error").
+OTHER_PROXIES = """
+own=${HTTP_PROXY#http://}; own=${own%:*}
+for n in $(seq 0 31); do
+  address=10.232.0.$((n * 4 + 1))
+  [ "$address" = "$own" ] && continue
+  (said=$(timeout 2 wget -Y off -q -O /dev/null http://$address:3128/ 2>&1); \
+   echo "to $address=$? $said") &
+done
+wait
+"""
+
+
+def test_parallel_tasks_each_get_only_their_own_grant(docker_runc: DockerExecutor) -> None:
+    """20 tasks at once, each granted its own origin: each reaches that one only, and no
+    other task's proxy."""
+    origins = [Origin() for _ in range(20)]
+    try:
+        fetch_all = " ".join(
+            f"timeout 5 wget -q -O /dev/null http://localhost:{o.port}/ && echo {o.port};"
+            for o in origins
+        )
+        tasks = [
+            Task(
+                image=TEST_IMAGE,
+                command=["sh", "-c", fetch_all + OTHER_PROXIES],
+                network={"allow": [f"localhost:{o.port}", f"127.0.0.1/32:{o.port}"]},
+            )
+            for o in origins
+        ]
+        results = docker_runc.execute_many(tasks)
+        for own, result in zip(origins, results, strict=True):
+            assert result.ok, result
+            lines = result.stdout.decode().split("\n")
+            assert [line for line in lines if line.isdigit()] == [str(own.port)], result.stdout
+            others = [line for line in lines if line.startswith("to ")]
+            assert len(others) == 31
+            # no route beyond its own /30 ("unreachable"), or dropped (a timeout)
+            assert all("unreachable" in line or "=124" in line for line in others), others
+    finally:
+        for made in origins:
+            made.close()
+
+
+KILLED_RUN = """
+import sys
+from parity_sandbox import Config, DockerExecutor, Task
+with DockerExecutor(Config(cache={"enabled": False})) as executor:
+    executor.execute(Task(image=sys.argv[1], command=["sleep", "60"],
+                          network={"allow": ["localhost:80", "127.0.0.1/32:80"]}))
+"""
+
+
+def test_a_killed_process_s_egress_is_reaped(docker_runc: DockerExecutor, tmp_path: Any) -> None:
+    before = veths()
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    child = subprocess.Popen([sys.executable, str(script), TEST_IMAGE])
+    try:
+        for _ in range(300):
+            made = {name for name in veths() - before if name.startswith("psb")}
+            if made:
+                break
+            threading.Event().wait(0.1)
+        assert made, "the task's veth did not appear"
+    finally:
+        child.kill()
+        child.wait()
+    assert made <= veths()  # left behind by the SIGKILL
+    docker_runc.reap()
+    assert not made & veths()
 
 
 def test_the_cli_grants_with_allow(wasm: WasmFixtures) -> None:

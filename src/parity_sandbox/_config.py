@@ -15,6 +15,7 @@ key (for example ``PARITY_SANDBOX_WASM_MEMORY_LIMIT=64m``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,6 +130,17 @@ class EgressSettings(_Model):
     #: Connections one task may open, and bytes its connections may carry, in all.
     max_connections: int = Field(default=256, ge=1, le=100_000)
     max_bytes: Size = 1 << 30
+    #: Where the /30 networks of tasks' veths come from: private, and routed nowhere else
+    #: on this host (each task's proxy listens on its veth's host address).
+    subnet: str = "10.232.0.0/16"
+
+    @field_validator("subnet")
+    @classmethod
+    def _private_subnet(cls, value: str) -> str:
+        network = ipaddress.IPv4Network(value, strict=True)
+        if not network.is_private or network.prefixlen > 28:
+            raise ValueError("a private IPv4 network of /28 or wider, like 10.232.0.0/16")
+        return str(network)
 
     @field_validator("allow")
     @classmethod

@@ -143,6 +143,7 @@ class PreparedTask:
                 "task_id": task.id,
                 "labels": task.labels,
                 "events": events_of(report, self.limits),
+                "connections": report.connections,
             }
         )
         return self.recorded(result)
@@ -272,6 +273,8 @@ class RunReport:
     #: never followed: how many, and the first few as ``(path, kind)``.
     not_followed: int = 0
     not_followed_paths: Sequence[tuple[str, str]] = ()
+    #: The connections of a task granted a network (``Result.connections``' fields).
+    connections: Sequence[Mapping[str, Any]] = ()
 
 
 class Executor(ABC):
@@ -357,8 +360,13 @@ class Executor(ABC):
             "limits": {name: getattr(limits, name) for name in names},
             "deterministic": task.deterministic,
         }
-        if task.network is not None:  # only then: the hashes of tasks without one stay as they were
+        # Each only where set: the hashes of tasks without them stay as they were.
+        if task.network is not None:
             document["network"] = {"allow": list(task.network.allow)}
+        if task.entry is not None:
+            document["entry"] = {"call": task.entry, "exit": task.entry_exit}
+        if task.workdir is not None and task.image is None:
+            document["workdir"] = task.workdir
         document.update(cls._spec_fields(task))
         return document
 

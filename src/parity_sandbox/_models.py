@@ -90,7 +90,11 @@ MAX_ID = 2**31 - 2
 #: WebAssembly instructions, seconds of work on current CPUs).
 DETERMINISTIC_FUEL = 10_000_000_000
 #: Fields that only Docker tasks have.
-DOCKER_FIELDS = ("command", "workdir", "user", "oci_runtime", "gpus")
+DOCKER_FIELDS = ("command", "user", "oci_runtime", "gpus")
+#: Fields that only WebAssembly tasks have.
+WASM_FIELDS = ("entry", "entry_exit")
+#: A WebAssembly export a task may name as its entry point.
+_EXPORT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.$-]{0,255}")
 
 
 def _ranged(parse: Any, low: float, high: float, form: str, unit: str = "") -> Any:
@@ -297,7 +301,8 @@ class Task(_Model):
         image: a Docker image (name, ``name@sha256:...`` or image id), instead of a module.
         args: arguments after the program name (WebAssembly).
         command: the container's argv (Docker); default: the image's entrypoint and command.
-        workdir: the container's working directory (Docker; default ``/work``).
+        workdir: the task's working directory, where relative paths resolve (default
+            ``/work``, the workspace; a WebAssembly task's must lie under ``/work``).
         user: ``"uid"`` or ``"uid:gid"`` the container runs as (Docker; default 65534:65534).
         oci_runtime: ``"runc"`` or ``"runsc"`` (gVisor); default: the configured one
             (``docker_runtime``, its old name, is accepted with a DeprecationWarning).
@@ -318,6 +323,11 @@ class Task(_Model):
         id: an optional caller-chosen identifier, echoed in the result.
         labels: free-form key/value labels, echoed in the result.
         runtime: ``"wasm"`` or ``"docker"``; ``None`` picks the configured default.
+        entry: a WebAssembly reactor's entry point (a module without ``_start``):
+            ``_initialize`` runs first if exported, then this export; its integer result is
+            the exit code (CLI ``--invoke``).
+        entry_exit: an export called with that exit code after ``entry`` (a finaliser, such
+            as ``itk_wasm_delayed_exit``).
         network: ``None`` or ``"none"`` (no network: the default), or the egress it is
             granted, ``{"allow": ["data.example.org:443", ...]}`` (Docker; see ``Network``).
     """
@@ -346,6 +356,8 @@ class Task(_Model):
     deterministic: bool = False
     cacheable: bool = False
     network: Network | None = None
+    entry: str | None = None
+    entry_exit: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -387,6 +399,16 @@ class Task(_Model):
     @classmethod
     def _image(cls, value: str | None) -> str | None:
         return None if value is None else check_image_reference(value)
+
+    @field_validator("entry", "entry_exit")
+    @classmethod
+    def _export_name(cls, value: str | None) -> str | None:
+        if value is not None and not _EXPORT_RE.fullmatch(value):
+            raise ValueError(
+                f"{value[:80]!r} is not an export name this accepts (a letter or _, then "
+                "letters, digits, _ . $ -; at most 256)"
+            )
+        return value
 
     @field_validator("workdir")
     @classmethod
@@ -516,7 +538,19 @@ class Task(_Model):
                 raise ValueError(
                     f"{', '.join(docker_only) or 'runtime docker'} needs a Docker task: give image"
                 )
+            if self.workdir is not None and not (
+                self.workdir == "/work" or self.workdir.startswith("/work/")
+            ):
+                raise ValueError(
+                    f"workdir: a WebAssembly task's working directory lies under /work, not "
+                    f"{self.workdir[:80]!r}"
+                )
+            if self.entry_exit is not None and self.entry is None:
+                raise ValueError("entry_exit needs entry: the export whose result it takes")
         else:
+            wasm_only = [f for f in WASM_FIELDS if getattr(self, f) is not None]
+            if wasm_only:
+                raise ValueError(f"{', '.join(wasm_only)}: for WebAssembly tasks (a reactor)")
             if self.runtime == "wasm":
                 raise ValueError("image is a Docker task; a wasm task gives wasm_file")
             if self.args:
@@ -670,6 +704,24 @@ EventValue = str | int | float | bool | None | tuple[str, ...]
 MAX_EVENT_DETAILS = 16
 
 
+class NetworkConnection(BaseModel):
+    """One connection a task granted a network asked its egress proxy for (``Task.network``):
+    where to, whether it was let through (and why not, or why it was cut), the address the
+    proxy connected to, and the bytes it carried each way. ``started``/``ended``: Unix time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str
+    port: int
+    allowed: bool
+    reason: str | None = None
+    address: str | None = None
+    sent: int = 0
+    received: int = 0
+    started: float = 0.0
+    ended: float | None = None
+
+
 class SecurityEvent(BaseModel):
     """Something security-relevant the runtime saw during a task, at ``time`` (UTC).
 
@@ -737,6 +789,8 @@ class Result(BaseModel):
     #: What the runtime saw that matters to security (limits hit, truncation, traps, ...);
     #: not covered by ``result_hash``.
     events: tuple[SecurityEvent, ...] = ()
+    #: The connections a task granted a network asked for, allowed or refused (Docker).
+    connections: tuple[NetworkConnection, ...] = ()
 
     def to_json(self) -> str:
         """This result as JSON, bytes in base64: ``Result.from_json`` gives it back exactly."""

@@ -17,12 +17,16 @@ Every connection, allowed or refused, is logged with host, port, address, bytes 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import fcntl
 import ipaddress
+import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from parity_sandbox._egress import AllowList, IPAddress
@@ -33,7 +37,8 @@ MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
 #: Seconds to connect to the destination.
 CONNECT_TIMEOUT = 10.0
-_CHUNK = 64 * 1024
+#: Bytes read at a time, and buffered per direction: large, for a fast download.
+_CHUNK = 1 << 20
 #: Headers meant for the proxy, never passed on.
 _HOP_HEADERS = frozenset(
     {"proxy-connection", "proxy-authorization", "connection", "keep-alive", "te", "upgrade"}
@@ -64,6 +69,10 @@ class Refused(Exception):
 class EgressProxy:
     """An HTTP proxy that lets one task reach what its allow-list grants, and nothing else.
 
+    A thread accepts connections and a thread serves each; an allowed connection's bytes move
+    between the two sockets by ``splice`` (through a pipe, never through Python), one thread
+    per direction.
+
     Args:
         allow: the task's grants.
         max_connections: connections the task may open in all (refused beyond).
@@ -85,93 +94,185 @@ class EgressProxy:
         self.source = source
         self.log: list[Connection] = []
         self._bytes = 0
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._sockets: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
 
-    async def start(self, host: str, port: int = 0) -> int:
+    def start(self, host: str, port: int = 0) -> int:
         """Listen on ``host:port``; the port it listens on."""
-        self._server = await asyncio.start_server(self._client, host, port)
-        return int(self._server.sockets[0].getsockname()[1])
+        self._listener = socket.create_server((host, port), backlog=128)
+        self._spawn(self._accept, self._listener)
+        return int(self._listener.getsockname()[1])
 
-    async def close(self) -> None:
-        """Stop listening and cut every connection."""
-        if self._server is not None:
-            self._server.close()
-        for handler in list(self._handlers):
-            handler.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+    def close(self) -> None:
+        """Stop listening and cut every connection; returns once every thread has ended."""
+        with self._lock:
+            self._closed = True
+            cut = [*self._sockets, *([self._listener] if self._listener else [])]
+        for sock in cut:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in list(self._threads):
+            thread.join(CONNECT_TIMEOUT + HEAD_TIMEOUT)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._handlers.add(handler)
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+
+        thread = threading.Thread(target=run, name="parity-sandbox-egress-proxy", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _track(self, sock: socket.socket) -> bool:
+        """Count ``sock`` among the open ones (``False``: the proxy closes; it was closed)."""
+        with self._lock:
+            if self._closed:
+                sock.close()
+                return False
+            self._sockets.add(sock)
+            return True
+
+    def _untrack(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            if self._track(client):
+                self._spawn(self._client, client)
+
+    def _client(self, client: socket.socket) -> None:
         try:
-            await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            self._serve(client)
+        except (OSError, ValueError):
             pass
         finally:
-            self._handlers.discard(handler)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            self._untrack(client)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(HEAD_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            return await _answer(writer, 431, "the request head is too large")
-        if len(head) > MAX_HEAD:
-            return await _answer(writer, 431, "the request head is too large")
+    def _serve(self, client: socket.socket) -> None:
+        client.settimeout(HEAD_TIMEOUT)
+        head, rest = _read_head(client)
+        if head is None:
+            return _answer(client, 431, "the request head is too large")
         try:
             method, target, headers = _parse_head(head)
-        except ValueError as exc:
-            return await _answer(writer, 400, str(exc))
-        connect = method == "CONNECT"
-        try:
             host, port = _target(method, target)
         except ValueError as exc:
-            return await _answer(writer, 400, str(exc))
+            return _answer(client, 400, str(exc))
+        connect = method == "CONNECT"
         entry = Connection(host, port, allowed=False)
-        self.log.append(entry)
+        with self._lock:
+            self.log.append(entry)
+            count = len(self.log)
         try:
             named = headers.get("host")
             if named is not None and not _same_authority(named, host, port, connect):
                 raise Refused(f"the Host header names {named[:100]!r}, not {host}:{port}")
-            if len(self.log) > self.max_connections:
+            if count > self.max_connections:
                 raise Refused(f"the task may open {self.max_connections} connections")
-            address = await self._check(host, port)
-            upstream_reader, upstream_writer = await self._open(address, port)
+            address = self._check(host, port)
+            source = (self.source, 0) if self.source else None
+            upstream = socket.create_connection(
+                (str(address), port), timeout=CONNECT_TIMEOUT, source_address=source
+            )
         except Refused as exc:
-            entry.reason = str(exc)
-            entry.ended = time.time()
-            return await _answer(writer, 403, entry.reason)
+            entry.reason, entry.ended = str(exc), time.time()
+            return _answer(client, 403, entry.reason)
         except OSError as exc:
             entry.reason = f"cannot connect: {exc.strerror or exc}"
             entry.ended = time.time()
-            return await _answer(writer, 502, entry.reason)
+            return _answer(client, 502, entry.reason)
+        if not self._track(upstream):
+            return None
         entry.allowed, entry.address = True, str(address)
         try:
             if connect:
-                writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-                await writer.drain()
-                first = await self._first_bytes(reader)
+                client.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                first = rest + _first_bytes(client, rest)
                 problem = _inner_problem(first, host)
                 if problem is not None:
                     entry.allowed, entry.reason = False, problem
                     return None
             else:
-                first = _origin_form(head, target)
-            await self._relay(entry, first, reader, writer, upstream_reader, upstream_writer)
+                first = _origin_form(head, target) + rest
+            if not self._take(entry, len(first), outward=True):
+                return None
+            upstream.sendall(first)
+            client.settimeout(None)
+            upstream.settimeout(None)
+            inward = threading.Thread(
+                target=self._pump, args=(upstream, client, entry, False), daemon=True
+            )
+            inward.start()
+            self._pump(client, upstream, entry, True)
+            inward.join()
         finally:
-            upstream_writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await upstream_writer.wait_closed()
             entry.ended = time.time()
+            self._untrack(upstream)
 
-    async def _check(self, host: str, port: int) -> IPAddress:
+    def _take(self, entry: Connection, size: int, *, outward: bool) -> bool:
+        """Count ``size`` bytes against the cap; ``False`` (the connection is cut) past it."""
+        with self._lock:
+            if self._bytes + size > self.max_bytes:
+                entry.reason = f"the task's connections may carry {self.max_bytes} bytes"
+                return False
+            self._bytes += size
+            if outward:
+                entry.sent += size
+            else:
+                entry.received += size
+            return True
+
+    def _left(self) -> int:
+        with self._lock:
+            return self.max_bytes - self._bytes
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, entry: Connection, outward: bool
+    ) -> None:
+        """Move bytes from ``source`` to ``sink`` until its end, the cap or the close."""
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError):  # a larger pipe moves more per call
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _CHUNK)
+        try:
+            while True:
+                left = self._left()
+                if left <= 0:
+                    self._take(entry, 1, outward=outward)  # names the cap as the reason
+                    break
+                moved = os.splice(source.fileno(), write_end, min(_CHUNK, left))
+                if moved == 0:
+                    with contextlib.suppress(OSError):
+                        sink.shutdown(socket.SHUT_WR)  # pass the end on
+                    return
+                if not self._take(entry, moved, outward=outward):
+                    break
+                while moved:
+                    moved -= os.splice(read_end, sink.fileno(), moved)
+        except OSError:
+            pass
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        # cut: both ways
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _check(self, host: str, port: int) -> IPAddress:
         """The address to connect to for ``host:port``, or ``Refused``."""
         try:
             literal: IPAddress | None = ipaddress.ip_address(host)
@@ -184,9 +285,7 @@ class EgressProxy:
         if not self.allow.name_allowed(host, port):
             raise Refused(f"{host}:{port} is not granted")
         try:
-            found = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
             raise Refused(f"{host} does not resolve: {exc}") from None
         addresses: list[IPAddress] = []
@@ -205,93 +304,56 @@ class EgressProxy:
             raise Refused(f"{host} resolves to no address")
         return addresses[0]
 
-    async def _open(
-        self, address: IPAddress, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        local = (self.source, 0) if self.source else None
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            return await asyncio.open_connection(str(address), port, local_addr=local)
 
-    async def _first_bytes(self, reader: asyncio.StreamReader) -> bytes:
-        """What the client sends first after a ``CONNECT``: a whole TLS record when it starts
-        one (the ClientHello, whose SNI is checked), else what came."""
-        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
-            async with asyncio.timeout(HEAD_TIMEOUT):
-                first = await reader.read(_CHUNK)
-                if first[:1] == b"\x16":
-                    while len(first) < 5:
-                        first += await reader.readexactly(5 - len(first))
-                    size = 5 + int.from_bytes(first[3:5], "big")
-                    if len(first) < size <= MAX_HEAD:
-                        first += await reader.readexactly(size - len(first))
-                return first
-        return b""
-
-    async def _relay(
-        self,
-        entry: Connection,
-        first: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        upstream_reader: asyncio.StreamReader,
-        upstream_writer: asyncio.StreamWriter,
-    ) -> None:
-        async def pump(
-            source: asyncio.StreamReader, sink: asyncio.StreamWriter, outward: bool
-        ) -> None:
-            while True:
-                data = await source.read(_CHUNK)
-                if not data:
-                    if sink.can_write_eof():
-                        with contextlib.suppress(OSError):
-                            sink.write_eof()
-                    return
-                left = self.max_bytes - self._bytes
-                over = len(data) > left
-                data = data[: max(left, 0)]  # up to the cap, then the connection is cut
-                self._bytes += len(data)
-                if outward:
-                    entry.sent += len(data)
-                else:
-                    entry.received += len(data)
-                if data:
-                    sink.write(data)
-                    await sink.drain()
-                if over:
-                    entry.reason = f"the task's connections may carry {self.max_bytes} bytes"
-                    raise Refused(entry.reason)
-
-        if first:
-            self._bytes += len(first)
-            entry.sent += len(first)
-            upstream_writer.write(first)
-            await upstream_writer.drain()
-        pumps = [
-            asyncio.create_task(pump(reader, upstream_writer, True)),
-            asyncio.create_task(pump(upstream_reader, writer, False)),
-        ]
-        try:
-            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-            for finished in done:
-                if isinstance(finished.exception(), Refused):
-                    return  # the cap: both ways are cut
-            await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            for running in pumps:
-                running.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+def _read_head(client: socket.socket) -> tuple[bytes | None, bytes]:
+    """The request head (through its blank line; ``None``: over ``MAX_HEAD``) and what came
+    after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEAD:
+            return None, b""
+        chunk = client.recv(MAX_HEAD)
+        if not chunk:
+            raise ValueError("the client left before its request head ended")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
 
 
-async def _answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+def _first_bytes(client: socket.socket, have: bytes) -> bytes:
+    """More of what the client sends first after a ``CONNECT``: the rest of a TLS record it
+    started (the ClientHello, whose SNI is checked), else what comes within the timeout."""
+    data = b""
+    with contextlib.suppress(TimeoutError, OSError):
+        if not have:
+            data = client.recv(_CHUNK)
+        sofar = have + data
+        if sofar[:1] == b"\x16":
+            while len(sofar) < 5:
+                more = client.recv(5 - len(sofar))
+                if not more:
+                    break
+                data += more
+                sofar += more
+            size = 5 + int.from_bytes(sofar[3:5], "big")
+            while len(sofar) < size <= MAX_HEAD:
+                more = client.recv(size - len(sofar))
+                if not more:
+                    break
+                data += more
+                sofar += more
+    return data
+
+
+def _answer(client: socket.socket, status: int, reason: str) -> None:
     body = f"parity-sandbox egress proxy: {reason}\n".encode()
     phrase = {400: "Bad Request", 403: "Forbidden", 431: "Too Large", 502: "Bad Gateway"}
-    writer.write(
-        f"HTTP/1.1 {status} {phrase.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-        + body
-    )
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
+    with contextlib.suppress(OSError):
+        client.sendall(
+            f"HTTP/1.1 {status} {phrase.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
 
 
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:

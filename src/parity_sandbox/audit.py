@@ -282,6 +282,11 @@ class AuditLog:
                 cached=result.cached,
                 usage=result.usage.model_dump(),
                 events=[event.model_dump(mode="json") for event in result.events],
+                **(
+                    {"connections": [c.model_dump(mode="json") for c in result.connections]}
+                    if result.connections
+                    else {}
+                ),
             )
         except (RuntimeUnavailable, ValueError) as exc:
             self.failures += 1

@@ -226,7 +226,20 @@ def run(
     ] = None,
     gpus: Annotated[str | None, typer.Option(help="GPUs for a Docker task: N or all.")] = None,
     workdir: Annotated[
-        str | None, typer.Option(help="Working directory of a Docker task (default /work).")
+        str | None,
+        typer.Option(help="Working directory (default /work; a WASM task's lies under /work)."),
+    ] = None,
+    invoke: Annotated[
+        str | None,
+        typer.Option(
+            "--invoke",
+            help="A WASM reactor's entry point: _initialize runs first, then this export; "
+            "its integer result is the exit code.",
+        ),
+    ] = None,
+    invoke_exit: Annotated[
+        str | None,
+        typer.Option("--invoke-exit", help="An export called with --invoke's exit code."),
     ] = None,
     user: Annotated[
         str | None, typer.Option(help="UID[:GID] of a Docker task (default 65534:65534).")
@@ -314,6 +327,8 @@ def run(
         if image is not None or runtime == "docker":
             if image is None:
                 raise InvalidInput("--runtime docker needs --image IMAGE", field="image")
+            if invoke is not None or invoke_exit is not None:
+                raise InvalidInput("--invoke: only for WebAssembly tasks", field="entry")
             command = None if target is None else (target, *(args or ()))
             task = Task(
                 image=image,
@@ -334,14 +349,21 @@ def run(
                 for name, value in (
                     ("--oci-runtime", oci_runtime),
                     ("--gpus", gpus),
-                    ("--workdir", workdir),
                     ("--user", user),
                 )
                 if value is not None
             ]
             if docker_only:
                 raise InvalidInput(f"{', '.join(docker_only)}: only for Docker tasks (--image)")
-            task = Task(wasm_file=Path(target), args=tuple(args or ()), runtime=runtime, **common)
+            task = Task(
+                wasm_file=Path(target),
+                args=tuple(args or ()),
+                runtime=runtime,
+                workdir=workdir,
+                entry=invoke,
+                entry_exit=invoke_exit,
+                **common,
+            )
         with _executor_for(runtime or settings.default_runtime, settings, remote) as executor:
             try:
                 result = executor.execute(task)

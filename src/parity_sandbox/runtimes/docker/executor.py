@@ -54,7 +54,7 @@ from parity_sandbox._models import (
 )
 from parity_sandbox.audit import AuditLog
 from parity_sandbox.metrics import Metrics
-from parity_sandbox.runtimes.docker import host, init
+from parity_sandbox.runtimes.docker import egress, host, init
 from parity_sandbox.runtimes.docker.daemon import (
     API_TIMEOUT,
     DAEMON_HINT,
@@ -67,6 +67,7 @@ from parity_sandbox.runtimes.docker.daemon import (
     remove_container,
     split_reference,
 )
+from parity_sandbox.runtimes.docker.egress import Egress
 from parity_sandbox.runtimes.docker.pool import Warm, WarmPool
 from parity_sandbox.runtimes.docker.run import Run
 from parity_sandbox.runtimes.docker.seccomp import security_opt
@@ -165,6 +166,8 @@ class DockerExecutor(Executor):
         self._derive_locks: dict[str, threading.Lock] = {}
         #: This executor's runs in flight: run id -> container id, once created.
         self._live: dict[str, str | None] = {}
+        #: The egress of tasks granted a network (made for the first such task).
+        self._egress: Egress | None = None
         self._blkio = self._blkio_settings()
         self._hosts = self._hosts_file()
         self._warned_seccomp = False
@@ -227,6 +230,7 @@ class DockerExecutor(Executor):
     def _close(self) -> None:
         if self._pool is not None:
             self._pool.close()
+        self._egress = None
         # Runs see the executor closed within a second and remove their containers; the
         # client must stay open for that (a request after it closes opens a new connection
         # that nothing would close).
@@ -293,10 +297,9 @@ class DockerExecutor(Executor):
             metrics=self.metrics,
         )
 
-    def _check_egress(self, network: Network) -> None:
-        """Refuse a grant the operator does not allow (``docker.network``), and for now any
-        grant: the container side of egress (a veth to the task's egress proxy, nftables) is
-        not built yet, and a task is refused rather than run without what it was granted."""
+    def _check_egress(self, network: Network, runtime: str) -> None:
+        """Refuse a grant the operator does not allow (``docker.network``), or that cannot be
+        given here: a task is refused rather than run without what it was granted."""
         settings = self._settings.network
         if not settings.enabled:
             raise InvalidInput(
@@ -312,11 +315,28 @@ class DockerExecutor(Executor):
                     f"operator allows ({', '.join(map(str, cap.grants))})",
                     field="network.allow",
                 )
-        raise InvalidInput(
-            "network: egress for Docker tasks is not available in this version yet (the "
-            "egress proxy and its allow-list are; the container side is next)",
-            field="network",
-        )
+        if runtime == "runsc":
+            raise InvalidInput(
+                "network: a task granted a network runs under runc for now (gVisor's runsc, "
+                "registered with --network=none, sees only loopback); set oci_runtime: runc",
+                field="network",
+            )
+        problem = egress.support_problem()
+        if problem is not None:
+            raise RuntimeUnavailable(problem)
+
+    def _egress_for(self) -> Egress:
+        """The egress of this executor's tasks, made on first use."""
+        with self._lock:
+            if self._egress is None:
+                self._check_open()
+                settings = self._settings.network
+                self._egress = Egress(
+                    settings.subnet,
+                    max_connections=settings.max_connections,
+                    max_bytes=settings.max_bytes,
+                )
+            return self._egress
 
     def _plan(self, task: Task, contents: dict[str, bytes] | None = None) -> tuple[Plan, ImageInfo]:
         if task.runtime_name != "docker" or task.image is None:
@@ -325,9 +345,9 @@ class DockerExecutor(Executor):
                 "wasm runtime)",
                 field="image",
             )
-        if task.network is not None:
-            self._check_egress(task.network)
         runtime = task.oci_runtime or self._settings.oci_runtime
+        if task.network is not None:
+            self._check_egress(task.network, runtime)
         if runtime not in self.runtimes:
             raise RuntimeUnavailable(
                 f"the Docker daemon has no {runtime!r} runtime; install gVisor (Debian: apt-get "
@@ -705,9 +725,12 @@ class DockerExecutor(Executor):
         me = host.owner_id()
         with docker_errors("list leftover containers"):
             containers = self._api.containers(all=True, filters={"label": f"{host.MANAGED}=true"})
+        #: Runs (their ids' first 8 digits, as their veths are named) that are still going.
+        alive: set[str] = set()
         for found in containers:
             labels = found.get("Labels") or {}
             if not self._leftover(labels, me):
+                alive.add(labels.get(host.RUN_ID, "")[:8])
                 continue
             with docker_errors("remove a leftover container"):
                 try:
@@ -727,6 +750,9 @@ class DockerExecutor(Executor):
             with contextlib.suppress(docker.errors.APIError):
                 self._api.remove_volume(volume["Name"])  # fails if a container took it meanwhile
                 removed += 1
+        with _LIVE_LOCK:
+            alive.update(run_id[:8] for run_id in _LIVE)
+        removed += egress.reap(lambda prefix: prefix in alive)
         if removed and self.audit is not None:
             self.audit.record("leftover_reaped", runtime="docker", removed=removed)
         if removed and self.metrics is not None:

@@ -9,15 +9,17 @@
  *    'a' one argv element, 'e' one NAME=VALUE, 'o' one OUTPUT path under /work, 'w' the
  *    working directory. The rest of stdin is the task's. Since the task comes this late, a
  *    container can be started ahead of demand (a warm pool) and still serve exactly one task.
- * 2. Runs the command as its child and reaps every zombie of the container while it runs.
+ * 2. Makes the parent folders of each OUTPUT (and out, the default one) in /work, then runs
+ *    the command as its child and reaps every zombie of the container while it runs.
  * 3. When the command exits, kills every other process of the container (orphans included:
  *    kill(-1) from process 1 reaches the whole PID namespace), then writes the secret and the
  *    command's status (one byte: the exit code, or 128 + the signal) to stdout. The attach
  *    stream does not end when a process closes its output, so this trailer is how the host
  *    learns that the task and all it started are gone; no task process can forge it, as none
- *    knows the secret. Then a byte says whether any OUTPUT exists, and two bytes whether the
- *    command could not be started at all ('w': its working directory, 'x': the exec) and the
- *    errno, so that the host can tell "never started" from a command that exits 126 or 127.
+ *    knows the secret. Then a byte says whether any OUTPUT exists (an empty folder is none),
+ *    and two bytes whether the command could not be started at all ('w': its working
+ *    directory, 'x': the exec) and the errno, so that the host can tell "never started" from
+ *    a command that exits 126 or 127.
  * 4. Closes its streams and waits for SIGUSR1, keeping the container alive while the host
  *    reads its cgroup's usage (gone with the container: a quick task would otherwise lose it)
  *    and copies the outputs out of its tmpfs workspace; then exits with the command's status:
@@ -27,6 +29,7 @@
  * it is also made non-dumpable so that a task running as the same user cannot read its memory.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -60,14 +63,47 @@ static int write_all(int fd, const unsigned char *data, size_t size) {
     return 0;
 }
 
+/* Whether a directory holds anything (an empty one, as made_output_dirs leaves it, is no
+   output). */
+static int has_entries(const char *path) {
+    DIR *dir = opendir(path);
+    if (!dir) return 1; /* unreadable: let the collection look */
+    struct dirent *entry;
+    int found = 0;
+    while (!found && (entry = readdir(dir)) != NULL)
+        found = strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0;
+    closedir(dir);
+    return found;
+}
+
 static int any_exists(char **outputs, int count) {
     char path[4200];
     struct stat info;
     for (int i = 0; i < count; i++) {
         if (snprintf(path, sizeof path, "/work/%s", outputs[i]) >= (int)sizeof path) continue;
-        if (lstat(path, &info) == 0) return 1;
+        if (lstat(path, &info) != 0) continue;
+        if (!S_ISDIR(info.st_mode) || has_entries(path)) return 1;
     }
     return 0;
+}
+
+/* Before the task starts: the parent folders of each output, and "out" itself (the default
+   output, a folder), so that a program writes out/x or results/y.txt without making them
+   first. Best effort: a folder that cannot be made is the task's to miss. */
+static void make_output_dirs(char **outputs, int count) {
+    char path[4200];
+    for (int i = 0; i < count; i++) {
+        int length = snprintf(path, sizeof path, "/work/%s", outputs[i]);
+        if (length < 0 || length >= (int)sizeof path) continue;
+        int whole = strcmp(outputs[i], "out") == 0;
+        for (char *slash = path + 6; *slash; slash++) {
+            if (*slash != '/') continue;
+            *slash = 0;
+            mkdir(path, 0755);
+            *slash = '/';
+        }
+        if (whole) mkdir(path, 0755);
+    }
 }
 
 static int read_all(unsigned char *into, size_t size) {
@@ -151,6 +187,7 @@ int main(void) {
     }
     unsigned char failure[2] = {0, 0};
     int code = 126;
+    make_output_dirs(command.outputs, command.output_count);
     pid_t child = fork();
     if (child == 0) {
         close(launch[0]);

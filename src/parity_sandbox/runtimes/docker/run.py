@@ -7,14 +7,15 @@ import secrets
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import docker.errors
 
+from parity_sandbox._egress import AllowList
 from parity_sandbox._exceptions import RuntimeUnavailable
 from parity_sandbox._executor import Cancelled, PreparedTask, RunReport
 from parity_sandbox._fs import OutputCaps
-from parity_sandbox._models import LimitName, Result, RuntimeInfo, Status
+from parity_sandbox._models import LimitName, Network, Result, RuntimeInfo, Status
 from parity_sandbox.runtimes.docker import host
 from parity_sandbox.runtimes.docker.daemon import (
     API_TIMEOUT,
@@ -24,7 +25,15 @@ from parity_sandbox.runtimes.docker.daemon import (
     let_init_exit,
     remove_container,
 )
-from parity_sandbox.runtimes.docker.spec import INPUT_DIR, WORKDIR, ImageInfo, Plan
+from parity_sandbox.runtimes.docker.egress import Slot
+from parity_sandbox.runtimes.docker.spec import (
+    INPUT_DIR,
+    WORKDIR,
+    ImageInfo,
+    Plan,
+    argv_of,
+    command_block,
+)
 from parity_sandbox.runtimes.docker.streams import (
     SECRET_BYTES,
     STDERR,
@@ -71,6 +80,11 @@ class Run:
         self.started = 0.0
         #: Seconds from the task's go (secret and command sent) to its end (or the deadline).
         self.duration = 0.0
+        #: The task's command for init (with its proxy's address, for a task granted egress).
+        self.command = self.plan.command
+        #: Its egress (a task granted a network), and its connections once it ended.
+        self.slot: Slot | None = None
+        self.connections: list[dict[str, Any]] = []
 
     def run(self) -> Result:
         with self.executor._runs_over:
@@ -83,7 +97,9 @@ class Run:
                 self.executor._runs_over.notify_all()
 
     def _run(self) -> Result:
-        warm = self.executor._take_warm(self.plan.shape)
+        network = self.prepared.task.network
+        # A task granted a network gets a container of its own: never a warm one.
+        warm = None if network is not None else self.executor._take_warm(self.plan.shape)
         try:
             if warm is None:
                 try:
@@ -98,6 +114,8 @@ class Run:
                 self.warm = True
             self.container, self.run_id = warm.container, warm.run_id
             raw = warm.raw
+            if network is not None:
+                self._attach_egress(network)
             self.started = time.monotonic()
             deadline = self.started + self.plan.timeout
             if self.plan.inputs is not None:
@@ -106,8 +124,10 @@ class Run:
             self._send_stdin(raw)
             ended = self._pump(raw, deadline)
             self.duration = time.monotonic() - self.started
+            self._release_egress()  # the task ended: its connection log is whole
             return self._finish(ended)
         finally:
+            self._release_egress()
             if warm is not None:
                 # Before the removal: a daemon blocked writing output into an open attach
                 # connection cannot remove the container.
@@ -119,10 +139,28 @@ class Run:
                 self._remove()
                 self.executor._untrack(self.run_id)
 
+    def _attach_egress(self, network: Network) -> None:
+        """Give the container, whose init waits for the task, its veth and proxy, and the
+        task the proxy's address."""
+        assert self.container is not None
+        egress = self.executor._egress_for()
+        self.slot = egress.allocate(self.run_id, AllowList.parse(network.allow))
+        with docker_errors("inspect the container"):
+            pid = int(self.api.inspect_container(self.container)["State"]["Pid"])
+        egress.attach(self.slot, pid)
+        task = self.prepared.task
+        env = {**task.env, **self.slot.environment()}
+        self.command = command_block(argv_of(task, self.image), env, task.workdir, task.outputs)
+
+    def _release_egress(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            self.connections = self.executor._egress_for().release(slot)
+
     def _send_stdin(self, raw: socket.socket) -> None:
         """Send the secret and the command (the task starts on them), then the task's stdin,
         then end-of-file."""
-        data = self.demux.secret + self.plan.command + self.plan.stdin
+        data = self.demux.secret + self.command + self.plan.stdin
         if len(data) <= _INLINE_STDIN:
             _feed(raw.dup(), data, API_TIMEOUT)
             return
@@ -307,6 +345,7 @@ class Run:
             worker_lost=lost,
             not_followed=collected.not_followed.count if collected else 0,
             not_followed_paths=collected.not_followed.paths if collected else (),
+            connections=self.connections,
         )
         return self.prepared.result(report)
 

@@ -318,9 +318,13 @@ class WasmExecutor(Executor):
             self._watch(flight, queued=False)
             reply = None
             while reply is None:
-                # The deadline thread kills the worker at the deadline: then it is readable.
-                await _readable(flight.worker.fd)
-                reply = self._receive(flight)
+                # The deadline thread (or close()) kills the worker: then it is readable, or
+                # its socket is closed under the wait (no event comes for a closed one: the
+                # wait looks every WATCH seconds, and never waits on a killed worker's fd).
+                worker = flight.worker
+                ready = worker.dead or await _readable(worker.fd, WATCH)
+                if ready or worker.dead or worker.exited or self.closed:
+                    reply = self._receive(flight)
         except BaseException:
             # Cancelled or closed: the worker may be mid-task, so it dies.
             self._deadlines.finish(flight)
@@ -606,6 +610,9 @@ class WasmExecutor(Executor):
             output_caps=_output_caps(resolved.output_files_or_default),
             seed=seed,
             spec_hash=spec,
+            entry=task.entry,
+            entry_exit=task.entry_exit,
+            workdir=task.workdir,
         )
         return PreparedTask(
             task,
@@ -769,6 +776,10 @@ class WasmExecutor(Executor):
         self._release()
 
 
+#: Seconds between looks at a worker whose reply an event loop awaits (``_run_async``).
+WATCH = 0.5
+
+
 def _settle_future(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -780,13 +791,17 @@ def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None
         loop.call_soon_threadsafe(_settle_future, future)
 
 
-async def _readable(fd: int) -> None:
-    """Return once ``fd`` has something to read (or its other end closed)."""
+async def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has something to read (or its other end closed) within ``timeout``."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
     loop.add_reader(fd, _settle_future, ready)
     try:
-        await ready
+        async with asyncio.timeout(timeout):
+            await ready
+        return True
+    except TimeoutError:
+        return False
     finally:
         loop.remove_reader(fd)
 

@@ -107,6 +107,12 @@ class RunRequest:
     output_caps: OutputCaps = field(default_factory=OutputCaps)
     #: Deterministic mode: where the guest's clocks and random bytes come from (32 bytes).
     seed: bytes | None = None
+    #: A reactor's entry point (``_initialize`` runs first, if exported) and the export that
+    #: takes its result (``None``: run ``_start``).
+    entry: str | None = None
+    entry_exit: str | None = None
+    #: The guest's working directory, under ``/work`` (``None``: ``/work``).
+    workdir: str | None = None
     #: The parent's own bookkeeping (the task's spec hash, for its result); never sent.
     spec_hash: str | None = None
 
@@ -195,6 +201,9 @@ def encode(message: Message) -> bytes:
                     caps.max_entries,
                 ),
                 message.seed,
+                message.entry,
+                message.entry_exit,
+                message.workdir,
             )
         )
     if isinstance(message, RunReply):
@@ -234,6 +243,9 @@ def decode(data: bytes) -> Message:
                 limits=_limits(tuple(item[9])),
                 output_caps=_caps(tuple(item[10])),
                 seed=item[11],
+                entry=item[12],
+                entry_exit=item[13],
+                workdir=item[14],
             )
         if kind == "reply":
             return RunReply(*item[1:])

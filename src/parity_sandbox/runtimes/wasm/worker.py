@@ -26,6 +26,7 @@ import platform
 import resource
 import select
 import signal
+import stat
 import struct
 import sys
 import threading
@@ -35,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 
@@ -387,12 +389,12 @@ class ModuleCache:
                 module = wasmtime.Module(engine, module_bytes)
             except wasmtime.WasmtimeError as exc:
                 raise InvalidModule(f"not a valid WebAssembly module: {_first_line(exc)}") from None
-            _check_command_module(module)
+            _check_imports(module)
             if path is not None:
                 _write_atomically(path, bytes(module.serialize()))
                 _evict(path.parent, DISK_CACHE_FILES)
         else:
-            _check_command_module(module)
+            _check_imports(module)
         pre = linker.instantiate_pre(module)
         self._memory[(key, sha)] = pre
         while len(self._memory) > MEMORY_CACHE_SIZE:
@@ -448,16 +450,15 @@ def _evict(directory: Path, keep: int) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _check_command_module(module: wasmtime.Module) -> None:
+def _check_imports(module: wasmtime.Module) -> None:
+    """Refuse a module that imports anything but WASI preview 1 (what it exports is checked
+    when it runs: a command's ``_start``, or the entry point a task names)."""
     for item in module.imports:
         if item.module != WASI_MODULE:
             raise InvalidModule(
                 f"module imports {item.module}.{item.name}; only WASI preview 1 "
                 f"({WASI_MODULE}) is provided"
             )
-    start = [e for e in module.exports if e.name == "_start"]
-    if not start or not isinstance(start[0].type, wasmtime.FuncType):
-        raise InvalidModule("module exports no _start function; it is not a WASI command")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -501,6 +502,8 @@ class Runner:
         self._fsize_hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         self._last_store: wasmtime.Store | None = None
         self._used_stdin = self._used_inputs = self._dirty = True
+        #: The output folders made for the task now running (``_make_output_dirs``).
+        self._made: list[Path] = []
 
     def prepare(self, conn: Connection, request: RunRequest) -> wasmtime.InstancePre | None:
         settings = store_settings(request.limits)
@@ -531,7 +534,7 @@ class Runner:
                 self._file_size_cap(settings.file_size_limit),
                 self.disk.watching(request.seq, limits.disk),
             ):
-                ending, memory = _call_start(pre, store, limits)
+                ending, memory = _call_start(pre, store, limits, request)
         finally:
             self.pipes.active = False
             duration = time.perf_counter() - started
@@ -545,6 +548,8 @@ class Runner:
         files: dict[str, bytes] = {}
         files_truncated = False
         not_followed = NotFollowed()
+        for folder in reversed(self._made):  # those the task left empty: as if never made
+            _remove_if_empty(self.work, folder)
         with os.scandir(self.work) as entries:
             self._dirty = next(entries, None) is not None
         usage = DiskUsage()
@@ -603,6 +608,13 @@ class Runner:
         wasi.inherit_stdout()
         wasi.inherit_stderr()
         wasi.preopen_dir(str(self.work), "/work")
+        # Also as the working directory: relative paths resolve in the workspace (or in the
+        # folder under it that the task names), as they do in a Docker task.
+        here = self.work / request.workdir.removeprefix("/work/") if request.workdir else None
+        if here is not None and here != self.work:
+            here.mkdir(parents=True, exist_ok=True, mode=0o700)
+        wasi.preopen_dir(str(here or self.work), ".")
+        self._made = _make_output_dirs(self.work, request.outputs)
         if request.input_files:
             self._used_inputs = True
             self.inputs.mkdir()
@@ -666,19 +678,89 @@ class _Ending:
         return self.outcome == "trap" or (self.outcome == "exit" and self.exit_code != 0)
 
 
+def _make_output_dirs(work: Path, outputs: tuple[str, ...]) -> list[Path]:
+    """Make the parent folders of each output, and ``out`` itself (the default output, a
+    folder), so that a program writes ``out/x`` or ``results/y.txt`` without making them
+    first; the folders made, outermost first."""
+    made: list[Path] = []
+    for output in outputs:
+        parts = Path(output).parts
+        folder = work
+        for part in parts if output == "out" else parts[:-1]:
+            folder = folder / part
+            if not folder.exists():
+                folder.mkdir(mode=0o700)
+                made.append(folder)
+    return made
+
+
+def _remove_if_empty(work: Path, folder: Path) -> None:
+    """Remove ``folder`` (under ``work``) if it is still an empty folder, following no link
+    the task made: each folder on the way must still be a folder (the guest has ended, so
+    nothing changes them meanwhile)."""
+    path = work
+    for part in folder.relative_to(work).parts:
+        path = path / part
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return
+        except OSError:
+            return
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # fails unless empty; never follows a last component
+
+
+def _function(exports: Any, name: str) -> wasmtime.Func | None:
+    found = exports.get(name)
+    return found if isinstance(found, wasmtime.Func) else None
+
+
 def _call_start(
-    pre: wasmtime.InstancePre, store: wasmtime.Store, limits: WasmLimits
+    pre: wasmtime.InstancePre, store: wasmtime.Store, limits: WasmLimits, request: RunRequest
 ) -> tuple[_Ending, wasmtime.Memory | None]:
-    """Instantiate and run ``_start``; returns how it ended and the guest's memory."""
+    """Instantiate and run ``_start`` (a command), or ``_initialize`` and then the entry point
+    (a reactor: its integer result is the exit code, passed to ``entry_exit`` if there is
+    one); returns how it ended and the guest's memory. ``InvalidModule`` if the module lacks
+    what it is asked to run."""
     memory = None
     try:
         instance = pre.instantiate(store)
         exports = instance.exports(store)
         found = exports.get("memory")
         memory = found if isinstance(found, wasmtime.Memory) else None
-        start = exports["_start"]
-        assert isinstance(start, wasmtime.Func)
-        start(store)
+        if request.entry is None:
+            start = _function(exports, "_start")
+            if start is None:
+                raise InvalidModule(
+                    "module exports no _start function: it is not a WASI command (for a "
+                    "reactor, give Task.entry, the export to call)"
+                )
+            start(store)
+            return _Ending("exit", 0), memory
+        entry = _function(exports, request.entry)
+        finish = _function(exports, request.entry_exit) if request.entry_exit else None
+        missing = [
+            name
+            for name, function in ((request.entry, entry), (request.entry_exit, finish))
+            if name and function is None
+        ]
+        if missing or entry is None:
+            names = sorted(name for name in exports if _function(exports, name) is not None)
+            raise InvalidModule(
+                f"entry: the module exports no function {missing[0]!r}; it exports "
+                f"{', '.join(names[:20]) or 'no functions'}"
+            )
+        initialize = _function(exports, "_initialize")
+        if initialize is not None:
+            initialize(store)
+        value = entry(store)
+        code = value if isinstance(value, int) else 0
+        if finish is not None:
+            if finish.type(store).params:
+                finish(store, code)
+            else:
+                finish(store)
+        return _Ending("exit", code), memory
     except wasmtime.ExitTrap as exc:
         return _Ending("exit", exc.code), memory
     except wasmtime.Trap as trap:
@@ -688,7 +770,6 @@ def _call_start(
         if "memory" in message and "limit" in message:
             return _Ending("limit", None, "memory", f"memory limit: {message}"), memory
         return _Ending("trap", None, None, message), memory
-    return _Ending("exit", 0), memory
 
 
 def _classify_trap(trap: wasmtime.Trap, limits: WasmLimits) -> _Ending:

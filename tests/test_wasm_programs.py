@@ -1,0 +1,127 @@
+"""Ordinary programs run unchanged: relative paths, output folders that exist, WASI reactors.
+
+The modules are compiled from ``tests/fixtures/wasm/*.c`` (``relpath``: a command that writes
+by relative path; ``reactor``: a reactor built with ``-mexec-model=reactor``, as the
+``itkwasm-*-wasi`` modules are).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TEST_IMAGE, WasmFixtures
+from parity_sandbox import DockerExecutor, InvalidInput, Status, Task, WasmExecutor
+from parity_sandbox._executor import spec_hash
+
+
+def test_relative_paths_resolve_in_the_workspace(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    """``data.txt`` and ``out/result.txt``, written with no mkdir, come back; and the first is
+    the same file as ``/work/data.txt``."""
+    result = executor.execute(Task(wasm_file=wasm.relpath, outputs=("data.txt", "out")))
+    assert result.ok, result.stderr
+    assert result.stdout == b"relative\n"
+    assert result.files == {"data.txt": b"relative\n", "out/result.txt": b"in out\n"}
+
+
+def test_the_working_directory_may_be_a_folder_of_the_workspace(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    task = Task(
+        wasm_file=wasm.relpath,
+        workdir="/work/job",
+        outputs=("job/data.txt", "job/out/result.txt"),
+    )
+    result = executor.execute(task)
+    # Its relative writes land in /work/job; its read back of /work/data.txt finds nothing.
+    assert result.exit_code == 3 and b"/work/data.txt" in result.stderr, result
+    assert result.files == {"job/data.txt": b"relative\n", "job/out/result.txt": b"in out\n"}
+    with pytest.raises(InvalidInput) as caught:
+        Task(wasm_file=wasm.relpath, workdir="/input")
+    assert "under /work" in caught.value.message
+
+
+def test_output_folders_left_empty_are_no_output(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    result = executor.execute(Task(wasm_file=wasm.hello, outputs=("out", "results/a.txt")))
+    assert result.ok and result.files == {}
+
+
+def test_a_reactor_runs_through_its_entry_point(executor: WasmExecutor, wasm: WasmFixtures) -> None:
+    """``_initialize`` first (its constructors ran: 42), then the entry point; its result
+    (7) goes to the finaliser, which exits 0 for it."""
+    task = Task(
+        wasm_file=wasm.reactor,
+        entry="delayed_start",
+        entry_exit="delayed_exit",
+        outputs=("data.txt", "out"),
+    )
+    result = executor.execute(task)
+    assert result.ok, result
+    assert result.stdout == b"started after _initialize: 42\nfinishing with 7\n"
+    assert result.files == {"data.txt": b"initialized 42\n", "out/result.txt": b"done\n"}
+    # without the finaliser, the entry point's result is the exit code
+    alone = executor.execute(Task(wasm_file=wasm.reactor, entry="delayed_start"))
+    assert alone.status is Status.FAILED and alone.exit_code == 7
+
+
+def test_what_a_module_cannot_run_is_refused_naming_its_exports(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        executor.execute(Task(wasm_file=wasm.reactor))  # a reactor has no _start
+    assert "_start" in caught.value.message and "Task.entry" in caught.value.message
+    with pytest.raises(InvalidInput) as caught:
+        executor.execute(Task(wasm_file=wasm.reactor, entry="nope"))
+    assert "'nope'" in caught.value.message and "delayed_start" in caught.value.message
+    for fields in [
+        {"entry": "has space"},
+        {"entry": "1starts_with_digit"},
+        {"entry": "x" * 300},
+        {"entry_exit": "delayed_exit"},  # a finaliser without an entry point
+    ]:
+        with pytest.raises(InvalidInput):
+            Task(wasm_file=wasm.reactor, **fields)
+    with pytest.raises(InvalidInput):
+        Task(image=TEST_IMAGE, entry="run")
+
+
+def test_entry_points_are_part_of_the_spec_hash(wasm: WasmFixtures) -> None:
+    plain = spec_hash(Task(wasm_file=wasm.reactor))
+    entry = spec_hash(Task(wasm_file=wasm.reactor, entry="delayed_start"))
+    both = spec_hash(Task(wasm_file=wasm.reactor, entry="delayed_start", entry_exit="delayed_exit"))
+    assert len({plain, entry, both}) == 3
+
+
+def test_the_cli_invokes_an_entry_point(wasm: WasmFixtures) -> None:
+    cli = [sys.executable, "-m", "parity_sandbox.cli", "run"]
+    done = subprocess.run(
+        [*cli, "--invoke", "delayed_start", "--invoke-exit", "delayed_exit", str(wasm.reactor)],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"started after _initialize: 42\nfinishing with 7\n"
+
+
+def test_a_docker_task_finds_its_output_folders_made(docker_executor: DockerExecutor) -> None:
+    script = "echo made > out/a.txt && echo nested > results/b.txt && echo here > data.txt"
+    task = Task(
+        image=TEST_IMAGE,
+        command=["sh", "-c", script],
+        outputs=("out", "results/b.txt", "data.txt"),
+    )
+    result = docker_executor.execute(task)
+    assert result.ok, result.stderr
+    assert result.files == {
+        "out/a.txt": b"made\n",
+        "results/b.txt": b"nested\n",
+        "data.txt": b"here\n",
+    }
+    empty = docker_executor.execute(Task(image=TEST_IMAGE, command=["true"]))
+    assert empty.ok and empty.files == {}
