@@ -3,6 +3,7 @@ the CLI, a free port on loopback; started, killed and restarted as a test needs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,3 +109,28 @@ class Service:
     def client(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+@contextlib.contextmanager
+def running_service(
+    tmp_path_factory: Any, extra_env: dict[str, str] | None = None
+) -> Iterator[Service]:
+    """A started server with the keys ``alice``, ``bob`` and ``root`` (admin); stopped after,
+    and its log must then hold no traceback."""
+    state = tmp_path_factory.mktemp("state")
+    server = Service(state, tmp_path_factory.mktemp("cache"))
+    server.extra_env.update({k: v.format(state=state) for k, v in (extra_env or {}).items()})
+    server.make_key("alice")
+    server.make_key("bob")
+    server.make_key("root", "--admin")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()
+
+
+def module_task(path: Path, **fields: Any) -> dict[str, Any]:
+    """A task in record form whose module travels with it (base64)."""
+    return {"wasm_module": base64.b64encode(path.read_bytes()).decode(), **fields}

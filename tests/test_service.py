@@ -19,27 +19,15 @@ import pytest
 
 from conftest import TEST_IMAGE, WasmFixtures
 from postgres import PostgresServer, empty_database
-from service_server import CLI, Service
+from service_server import CLI, Service, module_task, running_service
 
 pytest.importorskip("fastapi")
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    server = Service(tmp_path_factory.mktemp("state"), tmp_path_factory.mktemp("cache"))
-    server.make_key("alice")
-    server.make_key("bob")
-    server.make_key("root", "--admin")
-    server.start()
-    try:
+    with running_service(tmp_path_factory) as server:
         yield server
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log(), server.log()
-
-
-def module_task(path: Path, **fields: Any) -> dict[str, Any]:
-    return {"wasm_module": base64.b64encode(path.read_bytes()).decode(), **fields}
 
 
 def result_of(view: dict[str, Any]) -> dict[str, Any]:

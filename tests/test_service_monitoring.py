@@ -5,7 +5,6 @@ key's id, the configuration), ``/v1/stats``, and the dashboard in a real headles
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from conftest import WasmFixtures
-from service_server import Service
+from service_server import Service, module_task, running_service
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
@@ -30,22 +29,9 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    state = tmp_path_factory.mktemp("state")
-    server = Service(state, tmp_path_factory.mktemp("cache"))
-    server.extra_env["PARITY_SANDBOX_AUDIT_PATH"] = str(state / "audit.log")
-    server.make_key("alice")
-    server.make_key("bob")
-    server.make_key("root", "--admin")
-    server.start()
-    try:
+    audit = {"PARITY_SANDBOX_AUDIT_PATH": "{state}/audit.log"}
+    with running_service(tmp_path_factory, audit) as server:
         yield server
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log(), server.log()
-
-
-def module_task(path: Path, **fields: Any) -> dict[str, Any]:
-    return {"wasm_module": base64.b64encode(path.read_bytes()).decode(), **fields}
 
 
 def is_problem(response: httpx.Response, status: int) -> None:
