@@ -125,3 +125,33 @@ def test_a_docker_task_finds_its_output_folders_made(docker_executor: DockerExec
     }
     empty = docker_executor.execute(Task(image=TEST_IMAGE, command=["true"]))
     assert empty.ok and empty.files == {}
+
+
+def test_a_missing_required_output_fails_the_task_whatever_its_exit_code(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    missing = executor.execute(Task(wasm_file=wasm.hello, required_outputs=("out/result.txt",)))
+    assert missing.status is Status.FAILED and missing.exit_code == 0
+    assert missing.error is not None and missing.error.type == "MissingOutput"
+    assert "out/result.txt" in missing.error.message
+    written = executor.execute(
+        Task(wasm_file=wasm.write_outputs, required_outputs=("out/result.txt", "out/sub"))
+    )
+    assert written.ok and written.error is None, written
+    with pytest.raises(InvalidInput) as caught:
+        Task(wasm_file=wasm.hello, outputs=("out",), required_outputs=("elsewhere.txt",))
+    assert "under none of outputs" in caught.value.message
+    with pytest.raises(InvalidInput):
+        Task(wasm_file=wasm.hello, required_outputs=("out/../../etc/passwd",))
+    hashes = {
+        spec_hash(Task(wasm_file=wasm.hello)),
+        spec_hash(Task(wasm_file=wasm.hello, required_outputs=("out/result.txt",))),
+    }
+    assert len(hashes) == 2
+
+
+def test_a_docker_task_s_required_output_is_checked_too(docker_executor: DockerExecutor) -> None:
+    task = Task(image=TEST_IMAGE, command=["true"], required_outputs=("out/report.json",))
+    result = docker_executor.execute(task)
+    assert result.status is Status.FAILED and result.exit_code == 0
+    assert result.error is not None and result.error.type == "MissingOutput"

@@ -113,13 +113,22 @@ class PreparedTask:
         """The ``Result`` of a run of this task that the runtime described in ``report``: the
         one place results are made, so that every runtime's have the same form and meaning."""
         error_type = report.error_type or _ERROR_TYPE.get(report.status)
+        status, message = report.status, report.message
         files = report.files
+        missing = _missing_outputs(self.task.required_outputs, files)
+        if missing and status in (Status.SUCCEEDED, Status.FAILED):
+            status, error_type = Status.FAILED, "MissingOutput"
+            message = f"required output{'s' * (len(missing) > 1)} not written: " + ", ".join(
+                missing[:10]
+            )
+            if report.files_truncated:
+                message += " (the outputs were truncated at their caps)"
         output_bytes = len(report.stdout) + len(report.stderr) + sum(map(len, files.values()))
         task = self.task
         # model_validate on a plain dict is pydantic's fastest path, faster than model_construct.
         result = Result.model_validate(
             {
-                "status": report.status,
+                "status": status,
                 "exit_code": report.exit_code,
                 "stdout": report.stdout,
                 "stderr": report.stderr,
@@ -139,7 +148,7 @@ class PreparedTask:
                 "runtime": report.runtime,
                 "spec_hash": self.spec_hash if self.cacheable else None,
                 "limit": report.limit,
-                "error": ({"type": error_type, "message": report.message} if error_type else None),
+                "error": ({"type": error_type, "message": message} if error_type else None),
                 "task_id": task.id,
                 "labels": task.labels,
                 "events": events_of(report, self.limits),
@@ -165,6 +174,16 @@ class PreparedTask:
                 limits=self.limits.model_dump(exclude_none=True),
             )
         return result
+
+
+def _missing_outputs(required: tuple[str, ...], files: Mapping[str, bytes]) -> list[str]:
+    """Those of ``required`` that ``files`` lacks: a file by its path, a folder by any file
+    under it."""
+    return [
+        path
+        for path in required
+        if path not in files and not any(name.startswith(path + "/") for name in files)
+    ]
 
 
 #: Paths (and their length) an ``output_not_followed`` event names at most.
@@ -365,6 +384,8 @@ class Executor(ABC):
             document["network"] = {"allow": list(task.network.allow)}
         if task.entry is not None:
             document["entry"] = {"call": task.entry, "exit": task.entry_exit}
+        if task.required_outputs:
+            document["required_outputs"] = list(task.required_outputs)
         if task.workdir is not None and task.image is None:
             document["workdir"] = task.workdir
         document.update(cls._spec_fields(task))

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -319,6 +320,8 @@ class Task(_Model):
         input_files: files made read-only under ``/input``: name -> bytes, or name -> host
             ``pathlib.Path`` whose content is copied in when the task runs.
         outputs: paths under ``/work`` collected after the run (default ``out``).
+        required_outputs: outputs (or paths under them) the task must leave: one missing
+            ends it ``failed`` with a ``MissingOutput`` error, whatever its exit code.
         limits: overrides of the configured limits.
         id: an optional caller-chosen identifier, echoed in the result.
         labels: free-form key/value labels, echoed in the result.
@@ -349,6 +352,7 @@ class Task(_Model):
     )
     input_files: dict[str, bytes | Path] = Field(default_factory=dict, repr=False)
     outputs: tuple[str, ...] = ("out",)
+    required_outputs: tuple[str, ...] = ()
     limits: Limits = Field(default_factory=Limits)
     id: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
@@ -503,6 +507,20 @@ class Task(_Model):
         return tuple(
             _check_relative_path(path.removeprefix("/work/"), "output path") for path in value
         )
+
+    @field_validator("required_outputs")
+    @classmethod
+    def _required(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if len(value) > MAX_OUTPUT_PATHS:
+            raise ValueError(f"more than {MAX_OUTPUT_PATHS} required outputs")
+        outputs = info.data.get("outputs", ())
+        paths = []
+        for path in value:
+            path = _check_relative_path(path.removeprefix("/work/"), "required output")
+            if not any(path == out or path.startswith(out + "/") for out in outputs):
+                raise ValueError(f"{path!r} lies under none of outputs ({', '.join(outputs)})")
+            paths.append(path)
+        return tuple(paths)
 
     @field_validator("id")
     @classmethod

@@ -258,6 +258,13 @@ def run(
     env: Annotated[
         list[str] | None, typer.Option("--env", help="K=V for the task's environment.")
     ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            help="An output the task must leave (under /work/out); else it ends failed.",
+        ),
+    ] = None,
     allow: Annotated[
         list[str] | None,
         typer.Option(
@@ -323,6 +330,7 @@ def run(
             "limits": limits,
             "deterministic": deterministic,
             "network": {"allow": allow} if allow else None,
+            "required_outputs": tuple(require or ()),
         }
         if image is not None or runtime == "docker":
             if image is None:

@@ -96,6 +96,19 @@ _TASK_BODY: dict[str, Any] = {
             "additionalProperties": {"type": "string", "contentEncoding": "base64"},
         },
         "outputs": {"type": "array", "items": {"type": "string"}},
+        "required_outputs": {"type": "array", "items": {"type": "string"}},
+        "workdir": {"type": "string"},
+        "entry": {"type": "string"},
+        "entry_exit": {"type": "string"},
+        "network": {
+            "oneOf": [
+                {"type": "string", "enum": ["none"]},
+                {
+                    "type": "object",
+                    "properties": {"allow": {"type": "array", "items": {"type": "string"}}},
+                },
+            ]
+        },
         "limits": {"type": "object"},
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         "id": {"type": "string"},
