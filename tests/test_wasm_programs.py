@@ -155,3 +155,64 @@ def test_a_docker_task_s_required_output_is_checked_too(docker_executor: DockerE
     result = docker_executor.execute(task)
     assert result.status is Status.FAILED and result.exit_code == 0
     assert result.error is not None and result.error.type == "MissingOutput"
+
+
+FIXTURE = {"fixture/a.txt": b"A", "fixture/sub/b.txt": b"B", "plain.txt": b"P"}
+
+
+def test_an_input_tree_is_mounted_read_only_where_the_task_says(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    def read(path: str) -> tuple[int | None, bytes, bytes]:
+        task = Task(
+            wasm_file=wasm.readpath, args=(path,), input_files=FIXTURE, mounts={"/data": "fixture"}
+        )
+        result = executor.execute(task)
+        return result.exit_code, result.stdout, result.stderr
+
+    assert read("/data/a.txt") == (0, b"A", b"write denied\n")
+    assert read("/data/sub/b.txt") == (0, b"B", b"write denied\n")
+    assert read("/input/plain.txt")[:2] == (0, b"P")
+    assert read("/input/fixture/a.txt")[0] == 2  # mounted at /data, not under /input
+    with_mount = spec_hash(
+        Task(wasm_file=wasm.readpath, input_files=FIXTURE, mounts={"/d": "fixture"})
+    )
+    without = spec_hash(Task(wasm_file=wasm.readpath, input_files=FIXTURE))
+    assert with_mount != without
+
+
+@pytest.mark.parametrize(
+    "mounts",
+    [
+        {"/": "fixture"},
+        {"/work/data": "fixture"},
+        {"/input/x": "fixture"},
+        {"/etc/data": "fixture"},
+        {"/data/../etc": "fixture"},
+        {"data": "fixture"},
+        {"/data": "nothing-there"},
+        {"/data": "fixture", "/data/more": "fixture/sub"},
+        {"/a": "fixture", "/b": "fixture/sub"},  # one folder inside another
+    ],
+)
+def test_a_bad_mount_is_refused(wasm: WasmFixtures, mounts: dict[str, str]) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        Task(wasm_file=wasm.readpath, input_files=FIXTURE, mounts=mounts)
+    assert caught.value.field == "mounts"
+
+
+def test_a_docker_task_sees_its_mounted_tree_read_only(docker_executor: DockerExecutor) -> None:
+    script = (
+        "cat /data/a.txt /data/sub/b.txt /input/plain.txt; echo; "
+        "test -e /input/fixture && echo visible-under-input; "
+        "echo x >> /data/a.txt 2>/dev/null && echo write-ok || echo write-denied"
+    )
+    task = Task(
+        image=TEST_IMAGE,
+        command=["sh", "-c", script],
+        input_files=FIXTURE,
+        mounts={"/data": "fixture"},
+    )
+    result = docker_executor.execute(task)
+    assert result.ok, result.stderr
+    assert result.stdout == b"ABP\nwrite-denied\n"

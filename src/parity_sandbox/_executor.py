@@ -386,6 +386,8 @@ class Executor(ABC):
             document["entry"] = {"call": task.entry, "exit": task.entry_exit}
         if task.required_outputs:
             document["required_outputs"] = list(task.required_outputs)
+        if task.mounts:
+            document["mounts"] = dict(sorted(task.mounts.items()))
         if task.workdir is not None and task.image is None:
             document["workdir"] = task.workdir
         document.update(cls._spec_fields(task))

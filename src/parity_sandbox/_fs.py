@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -410,3 +410,22 @@ def _empty_dir(fd: int, stage_fd: int, counter: itertools.count[int], skip: str 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=fd)
     return moved
+
+
+def mounted_trees(
+    files: Mapping[str, bytes], mounts: Mapping[str, str] | Iterable[tuple[str, str]]
+) -> tuple[dict[str, bytes], list[tuple[str, dict[str, bytes]]]]:
+    """A task's input files split by its mounts (guest path -> folder of the files): those
+    that stay under ``/input``, and each mounted tree, by guest path, with names relative to
+    its folder."""
+    pairs = sorted(dict(mounts).items())
+    plain: dict[str, bytes] = {}
+    trees: list[tuple[str, dict[str, bytes]]] = [(guest, {}) for guest, _ in pairs]
+    for name, content in files.items():
+        for index, (_, folder) in enumerate(pairs):
+            if name.startswith(folder + "/"):
+                trees[index][1][name[len(folder) + 1 :]] = content
+                break
+        else:
+            plain[name] = content
+    return plain, trees

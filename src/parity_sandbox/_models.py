@@ -92,6 +92,38 @@ MAX_ID = 2**31 - 2
 DETERMINISTIC_FUEL = 10_000_000_000
 #: Fields that only Docker tasks have.
 DOCKER_FIELDS = ("command", "user", "oci_runtime", "gpus")
+#: Trees a task may mount (``Task.mounts``).
+MAX_MOUNTS = 16
+#: Where a mount may not go: the sandbox's own places and the system's (a task would shadow
+#: what runs it, or what it runs on).
+_RESERVED_MOUNTS = (
+    "/work",
+    "/input",
+    "/tmp",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/usr",
+    "/.parity",
+)
+
+
+def check_mount_path(path: str) -> str:
+    """Validate a guest path a tree is mounted at; ``ValueError`` saying why not."""
+    if not isinstance(path, str) or not path.startswith("/") or path == "/":
+        raise ValueError(f"{str(path)[:80]!r} must be an absolute path such as /data")
+    _check_relative_path(path[1:], "mount path")
+    for reserved in _RESERVED_MOUNTS:
+        if path == reserved or path.startswith(reserved + "/"):
+            raise ValueError(f"{path[:80]!r} lies in {reserved}, which is reserved")
+    return path
+
+
 #: Fields that only WebAssembly tasks have.
 WASM_FIELDS = ("entry", "entry_exit")
 #: A WebAssembly export a task may name as its entry point.
@@ -320,6 +352,9 @@ class Task(_Model):
         input_files: files made read-only under ``/input``: name -> bytes, or name -> host
             ``pathlib.Path`` whose content is copied in when the task runs.
         outputs: paths under ``/work`` collected after the run (default ``out``).
+        mounts: guest path -> a folder of ``input_files``: that tree, read-only, at that path
+            instead of under ``/input`` (``{"/data": "fixture"}`` shows ``input_files``'
+            ``fixture/a.txt`` as ``/data/a.txt``), in both runtimes alike.
         required_outputs: outputs (or paths under them) the task must leave: one missing
             ends it ``failed`` with a ``MissingOutput`` error, whatever its exit code.
         limits: overrides of the configured limits.
@@ -353,6 +388,7 @@ class Task(_Model):
     input_files: dict[str, bytes | Path] = Field(default_factory=dict, repr=False)
     outputs: tuple[str, ...] = ("out",)
     required_outputs: tuple[str, ...] = ()
+    mounts: dict[str, str] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
     id: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
@@ -507,6 +543,28 @@ class Task(_Model):
         return tuple(
             _check_relative_path(path.removeprefix("/work/"), "output path") for path in value
         )
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounted_trees(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if len(value) > MAX_MOUNTS:
+            raise ValueError(f"at most {MAX_MOUNTS}")
+        names = list(info.data.get("input_files") or {})
+        for guest, folder in value.items():
+            check_mount_path(guest)
+            _check_relative_path(folder, "mounts folder")
+            if not any(name.startswith(folder + "/") for name in names):
+                raise ValueError(
+                    f"{guest}: no input file lies under {folder!r}: give its files as "
+                    f"input_files {folder}/NAME"
+                )
+        for one, other in itertools.pairwise(sorted(value)):
+            if other.startswith(one + "/"):
+                raise ValueError(f"{other} lies inside {one}")
+        for one, other in itertools.pairwise(sorted(value.values())):
+            if other == one or other.startswith(one + "/"):
+                raise ValueError(f"the folder {other!r} is mounted twice (in {one!r})")
+        return value
 
     @field_validator("required_outputs")
     @classmethod

@@ -121,6 +121,9 @@ class Run:
             if self.plan.inputs is not None:
                 with docker_errors("copy the input files in"):
                     self.api.put_archive(self.container, INPUT_DIR, self.plan.inputs)
+            for guest, tree in self.plan.mount_archives:
+                with docker_errors("copy a mounted tree in"):
+                    self.api.put_archive(self.container, guest, tree)
             self._send_stdin(raw)
             ended = self._pump(raw, deadline)
             self.duration = time.monotonic() - self.started

@@ -48,6 +48,7 @@ from docker.types import DeviceRequest, DriverConfig, LogConfig, Mount, Ulimit
 
 from parity_sandbox._config import DockerSettings
 from parity_sandbox._exceptions import InvalidInput
+from parity_sandbox._fs import mounted_trees
 from parity_sandbox._models import Limits, Task, check_input_bytes
 from parity_sandbox.runtimes.docker.streams import archive_bytes, input_archive
 
@@ -95,6 +96,8 @@ class Shape:
     file_size: int = 0
     #: The size of the ``/input`` tmpfs; 0: no ``/input``.
     input_size: int = 0
+    #: Trees mounted read-only elsewhere (``Task.mounts``): (guest path, tmpfs size).
+    mounts: tuple[tuple[str, int], ...] = ()
     gpus: int | str | None = None
     privileged: bool = False
 
@@ -120,6 +123,8 @@ class Plan:
     #: The program the task runs (for messages).
     argv0: str = ""
     inputs: bytes | None = field(default=None, repr=False)
+    #: The archives of the trees mounted elsewhere: (guest path, archive).
+    mount_archives: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
     @property
     def runtime(self) -> str:
@@ -193,6 +198,7 @@ def shape_of(
     *,
     init_image: str,
     input_size: int = 0,
+    mounts: tuple[tuple[str, int], ...] = (),
 ) -> Shape:
     """The container ``task`` needs under ``limits``.
 
@@ -220,6 +226,7 @@ def shape_of(
         open_files=limits.open_files_or_default,
         file_size=limits.file_size if limits.file_size is not None else limits.disk,
         input_size=input_size,
+        mounts=mounts,
         gpus=task.gpus,
         privileged=bool(task.privileged),
     )
@@ -242,6 +249,8 @@ def container(
     mounts = [_tmpfs_volume(WORKDIR, f"size={disk},uid={uid},gid={gid},mode=0700", labels)]
     if shape.input_size:
         mounts.append(_tmpfs_volume(INPUT_DIR, f"size={shape.input_size},mode=0755", labels))
+    for guest, size in shape.mounts:  # read-only to the task: root's, 0755
+        mounts.append(_tmpfs_volume(guest, f"size={size},mode=0755", labels))
     # Process 1 is ours, not the task's: the task gets ``pids`` processes besides it.
     pids = shape.pids + 1
     nproc = pids if shape.runtime == "runsc" else max(HOST_NPROC, pids)
@@ -327,11 +336,16 @@ def plan(
     contents = dict(inputs) if inputs is not None else task.embedded_inputs()
     input_bytes = len(task.input) + sum(map(len, contents.values()))
     check_input_bytes(input_bytes, limits)
+    plain, trees = mounted_trees(contents, task.mounts)
     archive, input_size = None, 0
-    if contents:
-        input_size = archive_bytes(contents) + MiB
-        archive = input_archive(contents)
-    shape = shape_of(task, limits, settings, init_image=init_image, input_size=input_size)
+    if plain:
+        input_size = archive_bytes(plain) + MiB
+        archive = input_archive(plain)
+    mount_archives = tuple((guest, input_archive(tree)) for guest, tree in trees)
+    sizes = tuple((guest, archive_bytes(tree) + MiB) for guest, tree in trees)
+    shape = shape_of(
+        task, limits, settings, init_image=init_image, input_size=input_size, mounts=sizes
+    )
     create, host_config = container(shape, labels=labels, seccomp=seccomp, blkio=blkio, hosts=hosts)
     return Plan(
         shape=shape,
@@ -346,4 +360,5 @@ def plan(
         input_bytes=input_bytes,
         argv0=argv[0],
         inputs=archive,
+        mount_archives=mount_archives,
     )

@@ -613,6 +613,7 @@ class WasmExecutor(Executor):
             entry=task.entry,
             entry_exit=task.entry_exit,
             workdir=task.workdir,
+            mounts=tuple(sorted(task.mounts.items())),
         )
         return PreparedTask(
             task,

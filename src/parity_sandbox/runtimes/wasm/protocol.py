@@ -113,6 +113,8 @@ class RunRequest:
     entry_exit: str | None = None
     #: The guest's working directory, under ``/work`` (``None``: ``/work``).
     workdir: str | None = None
+    #: Trees of ``input_files`` mounted read-only elsewhere: (guest path, folder).
+    mounts: tuple[tuple[str, str], ...] = ()
     #: The parent's own bookkeeping (the task's spec hash, for its result); never sent.
     spec_hash: str | None = None
 
@@ -204,6 +206,7 @@ def encode(message: Message) -> bytes:
                 message.entry,
                 message.entry_exit,
                 message.workdir,
+                message.mounts,
             )
         )
     if isinstance(message, RunReply):
@@ -246,6 +249,7 @@ def decode(data: bytes) -> Message:
                 entry=item[12],
                 entry_exit=item[13],
                 workdir=item[14],
+                mounts=tuple(tuple(pair) for pair in item[15]),
             )
         if kind == "reply":
             return RunReply(*item[1:])

@@ -46,6 +46,7 @@ from parity_sandbox._fs import (
     NotFollowed,
     collect_outputs,
     disk_usage,
+    mounted_trees,
     remove_tree,
     write_all,
     write_files,
@@ -618,8 +619,17 @@ class Runner:
         if request.input_files:
             self._used_inputs = True
             self.inputs.mkdir()
-            write_files(self.inputs, request.input_files)
-            wasi.preopen_dir(str(self.inputs), "/input", fs_mutable=False)
+            plain, trees = mounted_trees(request.input_files, request.mounts)
+            if plain:
+                files = self.inputs / "files"
+                files.mkdir()
+                write_files(files, plain)
+                wasi.preopen_dir(str(files), "/input", fs_mutable=False)
+            for index, (guest, tree) in enumerate(trees):
+                folder = self.inputs / f"mount{index}"
+                folder.mkdir()
+                write_files(folder, tree)
+                wasi.preopen_dir(str(folder), guest, fs_mutable=False)
         return wasi
 
     @staticmethod
