@@ -185,7 +185,7 @@ def test_an_input_tree_is_mounted_read_only_where_the_task_says(
     "mounts",
     [
         {"/": "fixture"},
-        {"/work/data": "fixture"},
+        {"/work": "fixture"},
         {"/input/x": "fixture"},
         {"/etc/data": "fixture"},
         {"/data/../etc": "fixture"},
@@ -216,3 +216,29 @@ def test_a_docker_task_sees_its_mounted_tree_read_only(docker_executor: DockerEx
     result = docker_executor.execute(task)
     assert result.ok, result.stderr
     assert result.stdout == b"ABP\nwrite-denied\n"
+
+
+def test_a_tree_under_work_is_a_writable_copy(
+    executor: WasmExecutor, docker_executor: DockerExecutor, wasm: WasmFixtures
+) -> None:
+    wasm_task = Task(
+        wasm_file=wasm.readpath,
+        args=("/work/fixture/a.txt",),
+        input_files=FIXTURE,
+        mounts={"/work/fixture": "fixture"},
+        outputs=("fixture",),
+    )
+    result = executor.execute(wasm_task)
+    assert result.stdout == b"A" and result.stderr == b"write ok\n", result
+    assert result.files == {"fixture/a.txt": b"A", "fixture/sub/b.txt": b"B"}
+    script = "echo more >> /work/fixture/a.txt && cat /work/fixture/a.txt"
+    docker_task = Task(
+        image=TEST_IMAGE,
+        command=["sh", "-c", script],
+        input_files=FIXTURE,
+        mounts={"/work/fixture": "fixture"},
+        outputs=("fixture",),
+    )
+    done = docker_executor.execute(docker_task)
+    assert done.ok and done.stdout == b"Amore\n", done
+    assert done.files["fixture/a.txt"] == b"Amore\n"

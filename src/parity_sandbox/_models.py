@@ -114,10 +114,13 @@ _RESERVED_MOUNTS = (
 
 
 def check_mount_path(path: str) -> str:
-    """Validate a guest path a tree is mounted at; ``ValueError`` saying why not."""
+    """Validate a guest path a tree is mounted at (under ``/work``: a writable copy in the
+    workspace); ``ValueError`` saying why not."""
     if not isinstance(path, str) or not path.startswith("/") or path == "/":
         raise ValueError(f"{str(path)[:80]!r} must be an absolute path such as /data")
     _check_relative_path(path[1:], "mount path")
+    if path.startswith("/work/"):
+        return path
     for reserved in _RESERVED_MOUNTS:
         if path == reserved or path.startswith(reserved + "/"):
             raise ValueError(f"{path[:80]!r} lies in {reserved}, which is reserved")
@@ -354,7 +357,8 @@ class Task(_Model):
         outputs: paths under ``/work`` collected after the run (default ``out``).
         mounts: guest path -> a folder of ``input_files``: that tree, read-only, at that path
             instead of under ``/input`` (``{"/data": "fixture"}`` shows ``input_files``'
-            ``fixture/a.txt`` as ``/data/a.txt``), in both runtimes alike.
+            ``fixture/a.txt`` as ``/data/a.txt``), in both runtimes alike; under ``/work``,
+            a writable copy in the workspace (counted in ``disk``).
         required_outputs: outputs (or paths under them) the task must leave: one missing
             ends it ``failed`` with a ``MissingOutput`` error, whatever its exit code.
         limits: overrides of the configured limits.

@@ -341,10 +341,23 @@ def plan(
     if plain:
         input_size = archive_bytes(plain) + MiB
         archive = input_archive(plain)
-    mount_archives = tuple((guest, input_archive(tree)) for guest, tree in trees)
-    sizes = tuple((guest, archive_bytes(tree) + MiB) for guest, tree in trees)
+    read_only = [(guest, tree) for guest, tree in trees if not guest.startswith("/work/")]
+    sizes = tuple((guest, archive_bytes(tree) + MiB) for guest, tree in read_only)
     shape = shape_of(
         task, limits, settings, init_image=init_image, input_size=input_size, mounts=sizes
+    )
+    # A tree under /work is a writable copy: the task's own files, in its workspace.
+    mount_archives = tuple(
+        (guest, input_archive(tree))
+        if not guest.startswith("/work/")
+        else (
+            WORKDIR,
+            input_archive(
+                {f"{guest.removeprefix('/work/')}/{name}": data for name, data in tree.items()},
+                owner=(shape.uid, shape.gid),
+            ),
+        )
+        for guest, tree in trees
     )
     create, host_config = container(shape, labels=labels, seccomp=seccomp, blkio=blkio, hosts=hosts)
     return Plan(

@@ -110,8 +110,9 @@ class Demux:
         return bytes(kept[: min(self.cap, printed)]), printed > self.cap
 
 
-def input_archive(files: Mapping[str, bytes]) -> bytes:
-    """A tar of ``files`` (validated relative names) owned by root, read-only for the task."""
+def input_archive(files: Mapping[str, bytes], owner: tuple[int, int] | None = None) -> bytes:
+    """A tar of ``files`` (validated relative names) owned by root, read-only for the task;
+    or, given ``owner`` (the task's uid and gid), the task's own and writable."""
     buffer = io.BytesIO()
     made: set[str] = set()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
@@ -121,9 +122,11 @@ def input_archive(files: Mapping[str, bytes]) -> bytes:
                 directory = "/".join(parts[:depth])
                 if directory not in made:
                     made.add(directory)
-                    archive.addfile(_entry(directory, tarfile.DIRTYPE, 0o555))
+                    archive.addfile(
+                        _entry(directory, tarfile.DIRTYPE, 0o755 if owner else 0o555, owner)
+                    )
             data = files[name]
-            entry = _entry(name, tarfile.REGTYPE, 0o444)
+            entry = _entry(name, tarfile.REGTYPE, 0o644 if owner else 0o444, owner)
             entry.size = len(data)
             archive.addfile(entry, io.BytesIO(data))
     return buffer.getvalue()
@@ -134,11 +137,13 @@ def archive_bytes(files: Mapping[str, bytes]) -> int:
     return sum(-(-len(content) // 4096) * 4096 + 4096 for content in files.values())
 
 
-def _entry(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
+def _entry(
+    name: str, kind: bytes, mode: int, owner: tuple[int, int] | None = None
+) -> tarfile.TarInfo:
     entry = tarfile.TarInfo(name)
     entry.type = kind
     entry.mode = mode
-    entry.uid = entry.gid = 0
+    entry.uid, entry.gid = owner or (0, 0)
     return entry
 
 

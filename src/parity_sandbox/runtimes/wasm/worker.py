@@ -626,6 +626,10 @@ class Runner:
                 write_files(files, plain)
                 wasi.preopen_dir(str(files), "/input", fs_mutable=False)
             for index, (guest, tree) in enumerate(trees):
+                if guest.startswith("/work/"):  # a writable copy, in the workspace
+                    where = guest.removeprefix("/work/")
+                    write_files(self.work, {f"{where}/{name}": data for name, data in tree.items()})
+                    continue
                 folder = self.inputs / f"mount{index}"
                 folder.mkdir()
                 write_files(folder, tree)
