@@ -532,6 +532,27 @@ def test_events_follow_a_task_to_its_end(service: Service, wasm: WasmFixtures) -
         is_problem(bob.get(f"/v1/tasks/{view['id']}/events"), 404)
 
 
+def test_a_key_grants_network_egress_only_as_its_operator_allows(service: Service) -> None:
+    granted = {
+        "image": TEST_IMAGE,
+        "command": ["true"],
+        "oci_runtime": "runc",
+        "network": {"allow": ["localhost:8080", "127.0.0.1/32:8080"]},
+    }
+    with service.client(service.keys["alice"]) as alice:  # a key is given no egress by default
+        is_problem(alice.post("/v1/tasks", json=granted), 403, "network")
+    narrow = service.make_key(
+        "nora", "--network", "localhost:8080", "--network", "127.0.0.1/32:8080"
+    )
+    with service.client(narrow) as nora:
+        wider = {**granted, "network": {"allow": ["localhost:9090"]}}
+        is_problem(nora.post("/v1/tasks", json=wider), 403, "network.allow")
+        view = nora.post("/v1/tasks?wait=30", json=granted).json()
+        assert view["state"] == "succeeded", view
+    bad = service.cli("keys", "create", "nemo", "--network", "not a grant")
+    assert bad.returncode != 0 and b"--network" in bad.stderr
+
+
 def test_a_key_is_held_to_its_caps_and_its_daily_cpu_budget(
     service: Service, wasm: WasmFixtures
 ) -> None:

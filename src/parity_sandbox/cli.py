@@ -41,6 +41,7 @@ from parity_sandbox._batch import read_tasks
 from parity_sandbox._batch import run_batch as run_batch_results
 from parity_sandbox._cache import ResultCache, open_cache
 from parity_sandbox._config import Config, load_config
+from parity_sandbox._egress import parse_grants
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Executor
 from parity_sandbox._executor import portable as make_portable
@@ -848,6 +849,14 @@ def keys_create(
     cpu_seconds_per_day: Annotated[
         float | None, typer.Option(help="CPU seconds its tasks may use per UTC day.")
     ] = None,
+    network: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--network",
+            help="Egress its tasks may be granted: a grant such as HOST:PORT (repeatable), "
+            "or any; without it, none.",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Make an API key and print it, once: the store keeps only its hash."""
@@ -873,6 +882,13 @@ def keys_create(
         caps["runtimes"] = sorted(set(runtimes))
     if images:
         caps["images"] = list(images)
+    if network:
+        try:
+            caps["network"] = (
+                ["any"] if network == ["any"] else [str(g) for g in parse_grants(network)]
+            )
+        except ValueError as exc:
+            raise _fail(InvalidInput(f"--network: {exc}", field="--network"), False) from None
     with _service_store(config) as store:
         if any(key.name == name for key in store.list_keys()):
             raise _fail(InvalidInput(f"a key named {name!r} exists", field="name"), False)

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import parity_sandbox
 from parity_sandbox import runtimes
 from parity_sandbox._config import Config
+from parity_sandbox._egress import AllowList
 from parity_sandbox._exceptions import InvalidInput, SandboxError
 from parity_sandbox._models import Task
 from parity_sandbox._record import task_from_document
@@ -1012,13 +1013,32 @@ _shown: dict[str, Any] = {
 
 def _check_caps(key: Key, parsed: Parsed, config: Config, where: str = "") -> None:
     """403 naming the field if the task asks for more than its key may (a runtime, an image,
-    a limit above the key's cap): asking again does not help, unlike a 429."""
+    a limit above the key's cap, network egress it was not given): asking again does not
+    help, unlike a 429."""
     caps, task = key.caps, parsed.task
-    if not caps:
-        return
 
     def refuse(detail: str, field: str) -> Problem:
         return Problem(403, "Forbidden", f"{where}{detail}", field=f"{where}{field}")
+
+    if task.network is not None:
+        # A key grants no egress unless the operator gave it some (keys create --network).
+        given = caps.get("network")
+        if not given:
+            raise refuse(
+                "network: this key may not grant network egress (an operator gives it with "
+                "parity-sandbox keys create --network)",
+                "network",
+            )
+        if given != ["any"]:
+            outside = AllowList.parse(task.network.allow).outside(AllowList.parse(given))
+            if outside:
+                raise refuse(
+                    f"network.allow: this key may grant only {', '.join(given)}, not "
+                    f"{', '.join(map(str, outside))}",
+                    "network.allow",
+                )
+    if not caps:
+        return
 
     allowed = caps.get("runtimes")
     if allowed and parsed.runtime not in allowed:
