@@ -432,6 +432,7 @@ probe host_name_not_granted timeout 5 wget -q -O - http://not-granted.example.or
 probe direct_tcp_to_host timeout 3 wget -Y off -q -O - http://$host:@OPEN@/
 probe direct_to_proxy_host_other_port timeout 3 nc $host @OPEN@
 probe dns_to_host timeout 3 nslookup example.org $host
+echo datagram | timeout 2 nc -u $host @UDP@ >/dev/null 2>&1
 probe route_change ip route add default via $host
 probe address_change ip addr add 10.9.9.9/32 dev lo
 probe ipv6 sh -c 'ip -6 addr | grep -q inet6'
@@ -452,12 +453,16 @@ def test_a_docker_task_reaches_what_it_is_granted_and_nothing_else(
     other = Origin()
     anywhere = socket.create_server(("0.0.0.0", 0))  # a host service on every address
     open_port = int(anywhere.getsockname()[1])
+    datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # and a UDP one
+    datagrams.bind(("0.0.0.0", 0))
+    datagrams.setblocking(False)
     routes = host_routes()
     try:
         script = (
             PROBES.replace("@PORT@", str(origin.port))
             .replace("@OTHER@", str(other.port))
             .replace("@OPEN@", str(open_port))
+            .replace("@UDP@", str(datagrams.getsockname()[1]))
         )
         grant = [f"localhost:{origin.port}", f"127.0.0.0/8:{origin.port}"]
         task = Task(image=TEST_IMAGE, command=["sh", "-c", script], network={"allow": grant})
@@ -484,10 +489,13 @@ def test_a_docker_task_reaches_what_it_is_granted_and_nothing_else(
         assert ("not-granted.example.org", origin.port, False) in seen
         granted = next(c for c in result.connections if c.allowed)
         assert granted.address == "127.0.0.1" and granted.received > 0
+        with pytest.raises(BlockingIOError):  # the task's datagram never reached the host
+            datagrams.recvfrom(64)
         assert host_routes() == routes  # nothing new on the host's routes
         assert not any(name.startswith("psb") for name in veths())  # gone with the task
     finally:
         anywhere.close()
+        datagrams.close()
         other.close()
 
 
