@@ -454,6 +454,7 @@ class Store:
         #: The threads' own SQLite connections (``_fast``), to close with the store.
         self._local = threading.local()
         self._own: list[sqlite3.Connection] = []
+        self._own_lock = threading.Lock()
         #: (key id, sha256) -> module, least recently used first.
         self._modules: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._modules_size = 0
@@ -471,7 +472,7 @@ class Store:
         self._compiled = _compile(self.engine.dialect)
 
     def close(self) -> None:
-        with self._modules_lock:
+        with self._own_lock:
             own, self._own = self._own, []
         for connection in own:
             connection.close()
@@ -551,7 +552,7 @@ class Store:
             )
             _sqlite_pragmas(connection, None)
             self._local.connection = connection
-            with self._modules_lock:
+            with self._own_lock:
                 self._own.append(connection)
         return connection
 
