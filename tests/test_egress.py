@@ -565,6 +565,10 @@ def test_a_killed_process_s_egress_is_reaped(docker_runc: DockerExecutor, tmp_pa
                 break
             threading.Event().wait(0.1)
         assert made, "the task's veth did not appear"
+        # The veth is made just before the task's go; killed before it, the container's init
+        # would see its stdin end and exit, taking the veth with it. A moment later the task
+        # runs (sleep 60), and only a reap cleans up.
+        threading.Event().wait(1.0)
     finally:
         child.kill()
         child.wait()
