@@ -4,9 +4,10 @@ costs a download. Both measured against their baseline in the same run, in turns
     .venv/bin/python bench/egress_bench.py            # the tables
     .venv/bin/python bench/egress_bench.py --quick    # fewer runs
 
-1. Cold start under runc: ``true`` in a fresh container (no warm pool), without a grant and
-   with one (a veth, nftables element and proxy made and removed per task); p50 of each and
-   the difference. Target: <= 60 ms added.
+1. Cold start under runc, then under runsc: ``true`` in a fresh container (no warm pool),
+   without a grant and with one (a veth and proxy made and removed per task; under runsc also
+   the pause container that holds the namespace); p50 of each and the difference. Target
+   (runc): <= 60 ms added; under runsc the figure is reported, with no target.
 2. Proxy throughput: one 100 MB download from an origin on loopback, through an
    ``EgressProxy`` (plain HTTP) and straight from the origin; MB/s of each. Target: the proxy
    keeps >= 50% of the direct rate.
@@ -101,12 +102,12 @@ def throughput(rounds: int) -> list[str]:
     ]
 
 
-def cold_start(rounds: int) -> list[str]:
-    plain = Task(image=IMAGE, command=["true"], oci_runtime="runc")
+def cold_start(rounds: int, runtime: str) -> list[str]:
+    plain = Task(image=IMAGE, command=["true"], oci_runtime=runtime)
     granted = Task(
         image=IMAGE,
         command=["true"],
-        oci_runtime="runc",
+        oci_runtime=runtime,
         network={"allow": ["data.example.org:443"]},
     )
     times: dict[str, list[float]] = {"without a grant": [], "with a grant": []}
@@ -120,14 +121,21 @@ def cold_start(rounds: int) -> list[str]:
                 times[name].append(time.perf_counter() - started)
     p50 = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     added = p50["with a grant"] - p50["without a grant"]
-    met = "met" if added <= MOST_ADDED_MS else "NOT met"
+    if runtime == "runc":
+        met = "met" if added <= MOST_ADDED_MS else "NOT met"
+        target = f"Target: <= {MOST_ADDED_MS:g} ms added: {met}."
+    else:
+        target = (
+            "No target under runsc: a grant adds a pause container (runc) that holds the "
+            "namespace, started before the sandbox, and gVisor's network stack."
+        )
     return [
-        "| runc cold start of `true` | p50 (ms) |",
+        f"| {runtime} cold start of `true` | p50 (ms) |",
         "| --- | ---: |",
         *(f"| {name} | {value:.1f} |" for name, value in p50.items()),
         "",
         f"{rounds} runs each, in turns. Added by a grant: {added:+.1f} ms.",
-        f"Target: <= {MOST_ADDED_MS:g} ms added: {met}.",
+        target,
     ]
 
 
@@ -135,8 +143,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs")
     quick = parser.parse_args().quick
-    print("\n".join(["## Cold start", "", *cold_start(5 if quick else 20)]), flush=True)
-    print("\n".join(["", "## Proxy throughput", "", *throughput(2 if quick else 5)]))
+    for runtime in ("runc", "runsc"):
+        lines = cold_start(5 if quick else 20, runtime)
+        print("\n".join([f"## Cold start ({runtime})", "", *lines, ""]), flush=True)
+    print("\n".join(["## Proxy throughput", "", *throughput(2 if quick else 5)]))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 #   - Debian packages: docker.io, runsc (gVisor), busybox-static, and gcc/libc6-dev, which
 #     build the container helper and the test probe as static binaries; iproute2 and
 #     nftables, with which the executor gives a task granted a network its veth and rules
-#   - /etc/docker/daemon.json: runsc registered with --network=none (the only way it starts
-#     here), no default bridge and no iptables rules, so containers get nothing but loopback
+#   - /etc/docker/daemon.json: runsc registered with --network=none (a task sees only
+#     loopback), and runsc-egress (scripts/runsc-egress, installed as /usr/local/lib/parity-sandbox/runsc-egress)
+#     with --network=sandbox for tasks granted a network under gVisor (their only interface is the
+#     veth to their proxy); no default bridge and no iptables rules
 #   - dockerd started (or restarted to pick up the configuration) and waited for
 #   - the image parity-sandbox-test/busybox: busybox plus the probe in tests/fixtures/docker
 set -euo pipefail
@@ -25,9 +27,18 @@ if [ ${#missing[@]} -gt 0 ]; then
         "${missing[@]}" >/dev/null
 fi
 
+# The wrapper can change without a restart of dockerd: it is run afresh for every command.
+wrapper=/usr/local/lib/parity-sandbox/runsc-egress
+if ! cmp -s scripts/runsc-egress "$wrapper" 2>/dev/null; then
+    $sudo install -D -m 0755 scripts/runsc-egress "$wrapper"
+fi
+
 config=/etc/docker/daemon.json
 wanted='{
-  "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--oci-seccomp"]}},
+  "runtimes": {
+    "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--oci-seccomp"]},
+    "runsc-egress": {"path": "'"$wrapper"'", "runtimeArgs": ["--network=sandbox", "--oci-seccomp"]}
+  },
   "bridge": "none",
   "iptables": false
 }'
@@ -42,7 +53,7 @@ if ! cmp -s <(echo "$wanted") "$config" 2>/dev/null; then
     changed=1
 fi
 
-python=.venv/bin/python
+python=${PYTHON:-.venv/bin/python}
 daemon_ok() {
     "$python" - <<'PY' 2>/dev/null
 import sys, docker
@@ -50,7 +61,8 @@ try:
     info = docker.from_env(timeout=5).info()
 except Exception:
     sys.exit(1)
-sys.exit(0 if "runsc" in info.get("Runtimes", {}) else 2)
+runtimes = info.get("Runtimes", {})
+sys.exit(0 if "runsc" in runtimes and "runsc-egress" in runtimes else 2)
 PY
 }
 wait_for_daemon() {

@@ -12,7 +12,16 @@ from parity_sandbox import Config, DockerSettings, InvalidInput, Limits, Task
 from parity_sandbox._config import DEFAULT_LIMITS
 from parity_sandbox.runtimes.docker import host
 from parity_sandbox.runtimes.docker.seccomp import profile, security_opt
-from parity_sandbox.runtimes.docker.spec import ImageInfo, Plan, command_block, plan
+from parity_sandbox.runtimes.docker.spec import (
+    PAUSE_ROLE,
+    ROLE,
+    ImageInfo,
+    Plan,
+    command_block,
+    joining,
+    pause_container,
+    plan,
+)
 
 IMAGE = ImageInfo(reference="img", id="sha256:" + "a" * 64, entrypoint=(), cmd=("sh",))
 
@@ -63,6 +72,39 @@ def test_hardened_defaults() -> None:
     assert built.create["entrypoint"] == ["/.parity/init"]
     assert "command" not in built.create and "environment" not in built.create
     assert built.command == command_block(["true"], {}, None, ("out",))
+
+
+def test_the_pause_container_is_hardened_like_a_task_s() -> None:
+    """It holds a runsc task's network namespace: runc, no capability, read-only, our
+    seccomp profile, tiny limits, loopback only, and the run's labels (for reap)."""
+    built = make(Task(image="img", command=["true"], oci_runtime="runsc"))
+    labels = {"parity_sandbox.managed": "true", "parity_sandbox.run": "r1"}
+    create, host_config = pause_container(
+        built.shape, labels=labels, seccomp=security_opt("x86_64")
+    )
+    assert host_config["runtime"] == "runc" and host_config["network_mode"] == "none"
+    assert create["network_disabled"] is True
+    assert host_config["cap_drop"] == ["ALL"] and host_config["read_only"] is True
+    assert "no-new-privileges:true" in host_config["security_opt"]
+    assert any(opt.startswith("seccomp=") for opt in host_config["security_opt"])
+    assert host_config["mem_limit"] <= 64 << 20 and host_config["pids_limit"] <= 64
+    assert "privileged" not in host_config and "mounts" not in host_config
+    assert create["user"] == "65534:65534" and create["entrypoint"] == ["/.parity/init"]
+    assert create["labels"] == {**labels, ROLE: PAUSE_ROLE}
+
+
+def test_a_task_s_container_joins_the_pause_container_s_network() -> None:
+    built = make(Task(image="img", command=["true"], oci_runtime="runsc"))
+    create, host_config = joining(built.create, built.host_config, "abc", "runsc-egress")
+    assert host_config["network_mode"] == "container:abc"
+    assert host_config["runtime"] == "runsc-egress"
+    # Docker refuses these with a joined network, and would ignore the join if disabled.
+    assert "hostname" not in create and create["network_disabled"] is False
+    assert "dns" not in host_config and "extra_hosts" not in host_config
+    # the rest is the task's hardened container, unchanged (and the plan itself untouched)
+    assert built.host_config["network_mode"] == "none" and built.host_config["runtime"] == "runsc"
+    for key in ("cap_drop", "security_opt", "read_only", "mem_limit", "ulimits", "mounts"):
+        assert host_config[key] == built.host_config[key]
 
 
 def test_open_files_and_file_size_become_ulimits() -> None:

@@ -7,6 +7,7 @@ sends a packet anywhere else (names that resolve elsewhere are only classified, 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import ssl
 import subprocess
@@ -18,11 +19,19 @@ from typing import Any
 
 import pytest
 
-from conftest import TEST_IMAGE, WasmFixtures
-from parity_sandbox import Config, DockerExecutor, InvalidInput, Task, WasmExecutor
+from conftest import TEST_IMAGE, WasmFixtures, containers_of, managed_containers
+from parity_sandbox import (
+    Config,
+    DockerExecutor,
+    ExecutionTimeout,
+    InvalidInput,
+    Task,
+    WasmExecutor,
+)
 from parity_sandbox._egress import AllowList, is_public, parse_grant
 from parity_sandbox._executor import spec_hash
 from parity_sandbox._proxy import Connection, EgressProxy, client_hello_sni
+from parity_sandbox.runtimes.docker import spec as docker_spec
 
 # -- grants ----------------------------------------------------------------------------------
 
@@ -388,9 +397,8 @@ def test_the_byte_and_connection_caps_hold() -> None:
         big.close()
 
 
-def test_a_docker_task_s_grant_is_held_to_the_operator_s(docker_executor: DockerExecutor) -> None:
-    """What the operator allows (``docker.network``) caps a task's grant; a grant that cannot
-    be given (runsc) is refused, never run without it."""
+def test_a_docker_task_s_grant_is_held_to_the_operator_s() -> None:
+    """What the operator allows (``docker.network``) caps a task's grant."""
     grant = {"allow": ["data.example.org:443"]}
     task = Task(image=TEST_IMAGE, command=["true"], network=grant)
     for settings, field, words in [
@@ -406,10 +414,6 @@ def test_a_docker_task_s_grant_is_held_to_the_operator_s(docker_executor: Docker
     with pytest.raises(InvalidInput) as caught:
         Config(docker={"network": {"subnet": "8.8.8.0/24"}})
     assert "private" in caught.value.message
-    runsc = task.model_copy(update={"oci_runtime": "runsc"})
-    with pytest.raises(InvalidInput) as caught:
-        docker_executor.execute(runsc)
-    assert caught.value.field == "network" and "runc" in caught.value.message
 
 
 def host_routes() -> str:
@@ -436,19 +440,32 @@ echo datagram | timeout 2 nc -u $host @UDP@ >/dev/null 2>&1
 probe route_change ip route add default via $host
 probe address_change ip addr add 10.9.9.9/32 dev lo
 probe ipv6 sh -c 'ip -6 addr | grep -q inet6'
-echo "disable_ipv6=$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6)"
+echo "disable_ipv6=$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null)"
+echo "links=$(ip -o link | cut -d: -f2 | tr '\\n' ,)"
+echo "routes=$(ip -4 route | cut -d' ' -f1 | tr '\\n' ' ')"
 """
 
 
-@pytest.fixture
-def docker_runc(docker_executor: DockerExecutor) -> DockerExecutor:
-    if "runc" not in docker_executor.runtimes:
-        pytest.fail("the Docker daemon has no runc runtime")
-    return docker_executor
+@pytest.fixture(params=["runc", "runsc"])
+def egress_runtime(request: pytest.FixtureRequest, docker_executor: DockerExecutor) -> str:
+    """Each test that takes this runs its tasks granted a network under runc and under runsc
+    (gVisor, through the runsc-egress runtime that scripts/docker-setup.sh registers)."""
+    name: str = request.param
+    if name not in docker_executor.runtimes:
+        pytest.fail(f"the Docker daemon has no {name} runtime")
+    if name == "runsc":
+        problem = docker_executor.runsc_egress_problem()
+        assert problem is None, problem
+    return name
+
+
+def test_doctor_says_whether_runsc_egress_is_available() -> None:
+    usable, said = DockerExecutor.diagnose(Config(cache={"enabled": False}))
+    assert usable and "runsc egress: yes" in said, said
 
 
 def test_a_docker_task_reaches_what_it_is_granted_and_nothing_else(
-    docker_runc: DockerExecutor, origin: Origin
+    docker_executor: DockerExecutor, egress_runtime: str, origin: Origin
 ) -> None:
     other = Origin()
     anywhere = socket.create_server(("0.0.0.0", 0))  # a host service on every address
@@ -465,8 +482,15 @@ def test_a_docker_task_reaches_what_it_is_granted_and_nothing_else(
             .replace("@UDP@", str(datagrams.getsockname()[1]))
         )
         grant = [f"localhost:{origin.port}", f"127.0.0.0/8:{origin.port}"]
-        task = Task(image=TEST_IMAGE, command=["sh", "-c", script], network={"allow": grant})
-        result = docker_runc.execute(task)
+        task = Task(
+            id=f"egress-{egress_runtime}-{os.getpid()}",
+            image=TEST_IMAGE,
+            command=["sh", "-c", script],
+            oci_runtime=egress_runtime,
+            network={"allow": grant},
+        )
+        result = docker_executor.execute(task)
+        assert result.runtime is not None and result.runtime.oci_runtime == egress_runtime
         probes = dict(
             line.split("=", 1) for line in result.stdout.decode().splitlines() if "=" in line
         )
@@ -482,7 +506,18 @@ def test_a_docker_task_reaches_what_it_is_granted_and_nothing_else(
             "ipv6",
         ]:
             assert probes[refused] != "0", (refused, result.stdout)
-        assert probes["disable_ipv6"] == "1"
+        # Loopback and its veth, and a route to its /30 only (no default), under runc and
+        # under gVisor alike.
+        links = [name.strip().split("@")[0] for name in probes["links"].split(",")]
+        interfaces = sorted(name for name in links if name)
+        assert interfaces[0] == "lo" and len(interfaces) == 2, result.stdout
+        assert interfaces[1].startswith("psb"), result.stdout
+        task_routes = set(probes["routes"].split()) - {"127.0.0.0/8"}
+        assert len(task_routes) == 1, result.stdout
+        (subnet,) = task_routes
+        assert ipaddress.ip_network(subnet).prefixlen == 30, result.stdout
+        if egress_runtime == "runc":
+            assert probes["disable_ipv6"] == "1"
         seen = [(c.host, c.port, c.allowed) for c in result.connections]
         assert ("localhost", origin.port, True) in seen
         assert ("localhost", other.port, False) in seen
@@ -492,11 +527,45 @@ def test_a_docker_task_reaches_what_it_is_granted_and_nothing_else(
         with pytest.raises(BlockingIOError):  # the task's datagram never reached the host
             datagrams.recvfrom(64)
         assert host_routes() == routes  # nothing new on the host's routes
-        assert not any(name.startswith("psb") for name in veths())  # gone with the task
+        assert managed_containers(docker_executor, task.id) == []  # task and pause gone
+        gone_within(f"{interfaces[1][:-1]}h", 5.0)
     finally:
         anywhere.close()
         datagrams.close()
         other.close()
+
+
+def test_a_granted_task_that_times_out_leaves_nothing(
+    docker_executor: DockerExecutor, egress_runtime: str
+) -> None:
+    """At the deadline the task's container goes, and with it (under runsc) the pause
+    container that holds its namespace, and its veth."""
+    task = Task(
+        id=f"egress-timeout-{egress_runtime}-{os.getpid()}",
+        image=TEST_IMAGE,
+        command=["sh", "-c", "ip -o link | grep -o 'psb[0-9a-f]*c'; sleep 60"],
+        oci_runtime=egress_runtime,
+        limits={"timeout": "3s"},
+        network={"allow": ["localhost:80", "127.0.0.1/32:80"]},
+    )
+    with pytest.raises(ExecutionTimeout) as caught:
+        docker_executor.execute(task)
+    partial = caught.value.result
+    assert partial is not None
+    task_end = partial.stdout.decode().strip()
+    assert task_end.startswith("psb") and task_end.endswith("c"), partial
+    assert managed_containers(docker_executor, task.id) == []
+    gone_within(f"{task_end[:-1]}h", 5.0)
+
+
+def gone_within(veth: str, seconds: float) -> None:
+    """Assert that the host's end of a task's veth is gone within ``seconds`` (it is removed
+    in the background)."""
+    for _ in range(int(seconds * 10)):
+        if veth not in veths():
+            return
+        threading.Event().wait(0.1)
+    assert veth not in veths()
 
 
 #: Each task tries the proxy port at the first 32 slots' host addresses but its own: what
@@ -513,10 +582,12 @@ wait
 """
 
 
-def test_parallel_tasks_each_get_only_their_own_grant(docker_runc: DockerExecutor) -> None:
-    """20 tasks at once, each granted its own origin: each reaches that one only, and no
-    other task's proxy."""
-    origins = [Origin() for _ in range(20)]
+def test_parallel_tasks_each_get_only_their_own_grant(
+    docker_executor: DockerExecutor, egress_runtime: str
+) -> None:
+    """20 tasks at once (6 under gVisor, whose sandboxes are heavier), each granted its own
+    origin: each reaches that one only, and no other task's proxy."""
+    origins = [Origin() for _ in range(20 if egress_runtime == "runc" else 6)]
     try:
         fetch_all = " ".join(
             f"timeout 5 wget -q -O /dev/null http://localhost:{o.port}/ && echo {o.port};"
@@ -526,19 +597,24 @@ def test_parallel_tasks_each_get_only_their_own_grant(docker_runc: DockerExecuto
             Task(
                 image=TEST_IMAGE,
                 command=["sh", "-c", fetch_all + OTHER_PROXIES],
+                oci_runtime=egress_runtime,
                 network={"allow": [f"localhost:{o.port}", f"127.0.0.1/32:{o.port}"]},
             )
             for o in origins
         ]
-        results = docker_runc.execute_many(tasks)
+        results = docker_executor.execute_many(tasks)
         for own, result in zip(origins, results, strict=True):
             assert result.ok, result
             lines = result.stdout.decode().split("\n")
             assert [line for line in lines if line.isdigit()] == [str(own.port)], result.stdout
             others = [line for line in lines if line.startswith("to ")]
             assert len(others) == 31
-            # no route beyond its own /30 ("unreachable"), or dropped (a timeout)
-            assert all("unreachable" in line or "=124" in line for line in others), others
+            # no route beyond its own /30 ("Network unreachable"; gVisor says "No route to
+            # host"), or dropped (a timeout)
+            assert all(
+                "unreachable" in line or "No route to host" in line or "=124" in line
+                for line in others
+            ), others
     finally:
         for made in origins:
             made.close()
@@ -548,23 +624,39 @@ KILLED_RUN = """
 import sys
 from parity_sandbox import Config, DockerExecutor, Task
 with DockerExecutor(Config(cache={"enabled": False})) as executor:
-    executor.execute(Task(image=sys.argv[1], command=["sleep", "60"],
+    executor.execute(Task(image=sys.argv[1], command=["sleep", "60"], oci_runtime=sys.argv[2],
                           network={"allow": ["localhost:80", "127.0.0.1/32:80"]}))
 """
 
 
-def test_a_killed_process_s_egress_is_reaped(docker_runc: DockerExecutor, tmp_path: Any) -> None:
+def test_a_killed_process_s_egress_is_reaped(
+    docker_executor: DockerExecutor, egress_runtime: str, tmp_path: Any
+) -> None:
+    """A SIGKILL leaves the veth and the containers (under runsc: the task's and the pause
+    container that holds its namespace) to the next reap, which finds and removes them."""
+    api = docker_executor._api
     before = veths()
     script = tmp_path / "run.py"
     script.write_text(KILLED_RUN)
-    child = subprocess.Popen([sys.executable, str(script), TEST_IMAGE])
+    child = subprocess.Popen([sys.executable, str(script), TEST_IMAGE, egress_runtime])
+    expected = 2 if egress_runtime == "runsc" else 1
+    made: set[str] = set()
+    containers: list[str] = []
     try:
         for _ in range(300):
             made = {name for name in veths() - before if name.startswith("psb")}
-            if made:
+            containers = containers_of(docker_executor, child.pid)
+            running = [c for c in containers if api.inspect_container(c)["State"]["Running"]]
+            if made and len(running) == expected:
                 break
             threading.Event().wait(0.1)
         assert made, "the task's veth did not appear"
+        assert len(containers) == expected, containers
+        roles = sorted(
+            (api.inspect_container(c)["Config"]["Labels"] or {}).get(docker_spec.ROLE, "task")
+            for c in containers
+        )
+        assert roles == (["netns", "task"] if egress_runtime == "runsc" else ["task"])
         # The veth is made just before the task's go; killed before it, the container's init
         # would see its stdin end and exit, taking the veth with it. A moment later the task
         # runs (sleep 60), and only a reap cleans up.
@@ -573,8 +665,10 @@ def test_a_killed_process_s_egress_is_reaped(docker_runc: DockerExecutor, tmp_pa
         child.kill()
         child.wait()
     assert made <= veths()  # left behind by the SIGKILL
-    docker_runc.reap()
+    assert set(containers) <= set(containers_of(docker_executor, child.pid))
+    docker_executor.reap()
     assert not made & veths()
+    assert containers_of(docker_executor, child.pid) == []
 
 
 def test_the_cli_grants_with_allow(wasm: WasmFixtures) -> None:

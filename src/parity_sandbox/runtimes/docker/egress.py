@@ -1,13 +1,24 @@
-"""The container side of network egress (runc): a task granted a network reaches its own
-egress proxy, and nothing else.
+"""The container side of network egress: a task granted a network reaches its own egress
+proxy, and nothing else.
 
-A task's container keeps the network namespace Docker gave it (``network_mode: none``: only
-``lo``). Once it has started, and before its command runs, the host adds one veth pair: the
-task's end moves into that namespace with a /30 address and no route beyond the /30 (so no
-default route, and IPv6 off there); the host's end gets the other address, on which the
+Under runc, a task's container keeps the network namespace Docker gave it (``network_mode:
+none``: only ``lo``). Once it has started, and before its command runs, the host adds one veth
+pair: the task's end moves into that namespace with a /30 address and no route beyond the /30
+(so no default route, and IPv6 off there); the host's end gets the other address, on which the
 task's :class:`~parity_sandbox._proxy.EgressProxy` listens. The task learns it as
 ``HTTP_PROXY``/``HTTPS_PROXY``. An nftables table on the host lets a task's veth reach only its
 own proxy's address and port, and never forwards anything from or to a task's veth.
+
+Under runsc, gVisor's own network stack serves the task: started with ``--network=sandbox``
+(the OCI runtime :data:`RUNSC_RUNTIME`, registered by ``scripts/docker-setup.sh``), it copies
+the interfaces, addresses and routes of its namespace once, when it starts, takes the
+addresses off the host's side and speaks to the veth through a raw socket. So the veth must be
+in place before the sandbox starts: a "pause" container (runc, hardened like a task's, see
+``spec.pause_container``) is started first and gets the veth as above, then the task's
+container joins its namespace (``network_mode: container:PAUSE``). gVisor then sees what a
+runc task sees: ``lo`` and the /30, no default route, no IPv6 address; a task has no
+capability to change that, and the host's table is the same. The pause container carries the
+run's labels, so it goes with the task, and ``reap`` finds it after a crash.
 
 Everything is per task and named after the run (``psb`` and 8 hex digits of its run id, then
 ``h`` for the host's end): the veth goes with the container's namespace and the proxy when
@@ -37,6 +48,9 @@ PREFIX = "psb"
 TABLE = "parity_sandbox_egress"
 #: The port a task's proxy listens on, at its veth's host address.
 PROXY_PORT = 3128
+#: The OCI runtime that runs a task granted a network under gVisor (runsc with
+#: ``--network=sandbox``, through scripts/runsc-egress).
+RUNSC_RUNTIME = "runsc-egress"
 _TOOLS = ("ip", "nft", "nsenter")
 #: Seconds a network command may take.
 _COMMAND_TIMEOUT = 20.0

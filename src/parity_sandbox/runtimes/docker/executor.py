@@ -207,6 +207,10 @@ class DockerExecutor(Executor):
             if "runsc" in runtimes:
                 seccomp = "yes" if executor.runsc_applies_seccomp() else "NO (add --oci-seccomp)"
                 parts.append(f"runsc seccomp: {seccomp}")
+                problem = executor.runsc_egress_problem()
+                if problem is None and not executor.runsc_applies_seccomp(egress.RUNSC_RUNTIME):
+                    problem = f"add --oci-seccomp to {egress.RUNSC_RUNTIME}"
+                parts.append(f"runsc egress: {'yes' if problem is None else f'no ({problem})'}")
             else:
                 parts.append("(gVisor: apt-get install runsc, register it in daemon.json)")
             gpu = "yes" if executor.has_gpu_runtime() else "no (no nvidia runtime)"
@@ -252,12 +256,27 @@ class DockerExecutor(Executor):
         """The OCI runtimes the daemon has registered (``runc``, ``runsc``, ...)."""
         return set(self._info.get("Runtimes") or {})
 
-    def runsc_applies_seccomp(self) -> bool:
-        """Whether the daemon runs runsc with ``--oci-seccomp``, so that our seccomp profile
-        also holds inside gVisor (without it, gVisor's own kernel is the only filter)."""
-        runsc = (self._info.get("Runtimes") or {}).get("runsc") or {}
+    def runsc_applies_seccomp(self, runtime: str = "runsc") -> bool:
+        """Whether the daemon runs runsc (as OCI runtime ``runtime``) with ``--oci-seccomp``,
+        so that our seccomp profile also holds inside gVisor (without it, gVisor's own kernel
+        is the only filter)."""
+        runsc = (self._info.get("Runtimes") or {}).get(runtime) or {}
         args = runsc.get("runtimeArgs") or runsc.get("args") or []
         return any(str(arg).lstrip("-").startswith("oci-seccomp") for arg in args)
+
+    def runsc_egress_problem(self) -> str | None:
+        """Why tasks granted a network cannot run under runsc here (``None``: they can)."""
+        entry = (self._info.get("Runtimes") or {}).get(egress.RUNSC_RUNTIME)
+        if entry is None:
+            return (
+                f"network egress under runsc needs the OCI runtime {egress.RUNSC_RUNTIME!r} "
+                "(runsc with --network=sandbox, through scripts/runsc-egress); "
+                "scripts/docker-setup.sh registers it in /etc/docker/daemon.json"
+            )
+        args = [str(arg) for arg in entry.get("runtimeArgs") or entry.get("args") or []]
+        if "--network=sandbox" not in args:
+            return f"the OCI runtime {egress.RUNSC_RUNTIME!r} must run runsc with --network=sandbox"
+        return None
 
     def has_gpu_runtime(self) -> bool:
         """Whether the daemon has the NVIDIA container runtime, which GPU requests need."""
@@ -315,13 +334,9 @@ class DockerExecutor(Executor):
                     f"operator allows ({', '.join(map(str, cap.grants))})",
                     field="network.allow",
                 )
-        if runtime == "runsc":
-            raise InvalidInput(
-                "network: a task granted a network runs under runc for now (gVisor's runsc, "
-                "registered with --network=none, sees only loopback); set oci_runtime: runc",
-                field="network",
-            )
         problem = egress.support_problem()
+        if problem is None and runtime == "runsc":
+            problem = self.runsc_egress_problem()
         if problem is not None:
             raise RuntimeUnavailable(problem)
 
@@ -357,11 +372,13 @@ class DockerExecutor(Executor):
                 if runtime == "runsc"
                 else f"the Docker daemon has no {runtime!r} runtime"
             )
-        if runtime == "runsc" and not self._warned_seccomp and not self.runsc_applies_seccomp():
+        # The runtime that will run it: a runsc task granted a network runs under runsc-egress.
+        oci = egress.RUNSC_RUNTIME if runtime == "runsc" and task.network is not None else runtime
+        if runtime == "runsc" and not self._warned_seccomp and not self.runsc_applies_seccomp(oci):
             self._warned_seccomp = True
             warnings.warn(
-                "runsc runs without --oci-seccomp: the seccomp profile is not applied inside "
-                "gVisor (add it to runsc's runtimeArgs in /etc/docker/daemon.json)",
+                f"{oci} runs without --oci-seccomp: the seccomp profile is not applied inside "
+                f"gVisor (add it to {oci}'s runtimeArgs in /etc/docker/daemon.json)",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -511,8 +528,9 @@ class DockerExecutor(Executor):
             warm.hang_up()
             self._untrack(warm.run_id)
 
-    def _remove_later(self, container: str, run_id: str) -> None:
-        """Remove a container whose task has ended (its init waits to be let go), off the
+    def _remove_later(self, container: str, run_id: str, then: tuple[str, ...] = ()) -> None:
+        """Remove a container whose task has ended (its init waits to be let go), and after
+        it the containers ``then`` (the pause container of a runsc task's network), off the
         task's path."""
 
         def remove() -> None:
@@ -522,7 +540,11 @@ class DockerExecutor(Executor):
                         self._api.wait(container, timeout=EXIT_TIMEOUT)
                 remove_container(self._api, container)
             finally:
-                self._untrack(run_id)
+                try:
+                    for other in then:
+                        remove_container(self._api, other)
+                finally:
+                    self._untrack(run_id)
 
         future: Future[None] | None = None
         # A remover shut down (closing) refuses work: then it is removed here.

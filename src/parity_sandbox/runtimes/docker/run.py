@@ -25,14 +25,19 @@ from parity_sandbox.runtimes.docker.daemon import (
     let_init_exit,
     remove_container,
 )
-from parity_sandbox.runtimes.docker.egress import Slot
+from parity_sandbox.runtimes.docker.egress import RUNSC_RUNTIME, Slot
+from parity_sandbox.runtimes.docker.seccomp import security_opt
 from parity_sandbox.runtimes.docker.spec import (
     INPUT_DIR,
+    PAUSE_ROLE,
+    ROLE,
     WORKDIR,
     ImageInfo,
     Plan,
     argv_of,
     command_block,
+    joining,
+    pause_container,
 )
 from parity_sandbox.runtimes.docker.streams import (
     SECRET_BYTES,
@@ -84,6 +89,9 @@ class Run:
         self.command = self.plan.command
         #: Its egress (a task granted a network), and its connections once it ended.
         self.slot: Slot | None = None
+        #: The container that holds the task's network namespace (runsc egress); ``""``
+        #: while it is being made.
+        self.pause: str | None = None
         self.connections: list[dict[str, Any]] = []
 
     def run(self) -> Result:
@@ -102,10 +110,16 @@ class Run:
         warm = None if network is not None else self.executor._take_warm(self.plan.shape)
         try:
             if warm is None:
+                create, host_config = self.plan.create, self.plan.host_config
+                if network is not None and self.plan.runtime == "runsc":
+                    # gVisor copies its namespace's interfaces when it starts: the veth
+                    # must be there first, in a namespace the task's container then joins.
+                    pid = self._start_pause()
+                    self._attach_egress(network, pid)
+                    assert self.pause is not None
+                    create, host_config = joining(create, host_config, self.pause, RUNSC_RUNTIME)
                 try:
-                    warm = self.executor._start(
-                        self.plan.create, self.plan.host_config, self.run_id
-                    )
+                    warm = self.executor._start(create, host_config, self.run_id)
                 except RuntimeUnavailable as exc:
                     if self.plan.runtime == "runsc" and "exit status 137" in str(exc.__cause__):
                         return self._no_room_for_gvisor()
@@ -114,8 +128,10 @@ class Run:
                 self.warm = True
             self.container, self.run_id = warm.container, warm.run_id
             raw = warm.raw
-            if network is not None:
-                self._attach_egress(network)
+            if network is not None and self.slot is None:
+                with docker_errors("inspect the container"):
+                    pid = int(self.api.inspect_container(self.container)["State"]["Pid"])
+                self._attach_egress(network, pid)
             self.started = time.monotonic()
             deadline = self.started + self.plan.timeout
             if self.plan.inputs is not None:
@@ -135,21 +151,60 @@ class Run:
                 # Before the removal: a daemon blocked writing output into an open attach
                 # connection cannot remove the container.
                 warm.hang_up()
+            # The pause container goes after the task's (which lives in its namespace).
+            then = self._pause_to_remove()
             if self.container is not None and self.exiting and not self.executor.closed:
                 # The trailer came: nothing of the task runs any more; init waits to be let go.
-                self.executor._remove_later(self.container, self.run_id)
+                self.executor._remove_later(self.container, self.run_id, then)
             elif self.container is not None:
                 self._remove()
+                for container in then:
+                    remove_container(self.api, container)
+                self.executor._untrack(self.run_id)
+            elif then:
+                for container in then:
+                    remove_container(self.api, container)
                 self.executor._untrack(self.run_id)
 
-    def _attach_egress(self, network: Network) -> None:
-        """Give the container, whose init waits for the task, its veth and proxy, and the
-        task the proxy's address."""
-        assert self.container is not None
+    def _start_pause(self) -> int:
+        """Start the container whose network namespace the task's joins (runsc egress);
+        its init's pid. The run counts as live from before it exists (no reap takes it)."""
+        self.executor._track(self.run_id, None)
+        self.pause = ""  # being made: found by its labels if the daemon made it unseen
+        create, host_config = pause_container(
+            self.plan.shape,
+            labels=self.plan.create["labels"],
+            seccomp=security_opt(runtime="runc"),
+        )
+        with docker_errors("create the task's network namespace (its pause container)"):
+            self.pause = str(
+                self.api.create_container(
+                    host_config=self.api.create_host_config(**host_config), **create
+                )["Id"]
+            )
+            self.api.start(self.pause)
+            return int(self.api.inspect_container(self.pause)["State"]["Pid"])
+
+    def _pause_to_remove(self) -> tuple[str, ...]:
+        """The pause container, if one was made (looked up by its labels if its creation was
+        cut short)."""
+        pause, self.pause = self.pause, None
+        if pause is None:
+            return ()
+        if pause:
+            return (pause,)
+        with best_effort():
+            labels = [f"{host.RUN_ID}={self.run_id}", f"{ROLE}={PAUSE_ROLE}"]
+            found = self.api.containers(all=True, filters={"label": labels})
+            return tuple(str(item["Id"]) for item in found)
+        return ()
+
+    def _attach_egress(self, network: Network, pid: int) -> None:
+        """Give the network namespace of process ``pid`` (the task's init, waiting for the
+        task, or the pause container's) its veth and proxy, and the task the proxy's
+        address."""
         egress = self.executor._egress_for()
         self.slot = egress.allocate(self.run_id, AllowList.parse(network.allow))
-        with docker_errors("inspect the container"):
-            pid = int(self.api.inspect_container(self.container)["State"]["Pid"])
         egress.attach(self.slot, pid)
         task = self.prepared.task
         env = {**task.env, **self.slot.environment()}

@@ -36,6 +36,12 @@ Every hardened default is set here, each with its reason:
 - never a host mount, a device, the Docker socket, or a privileged container (unless the
   operator sets ``allow_privileged``).
 - ``oom_score_adj`` 1000: when the host itself runs out of memory, tasks go first.
+
+A task granted a network under runsc runs in the network namespace of a "pause" container
+(:func:`pause_container`, under runc, hardened the same way, running nothing but our init
+waiting on stdin), which holds the task's veth before gVisor starts: gVisor copies the
+interfaces of its namespace once, at its start (see ``egress``). :func:`joining` makes the
+task's container join it.
 """
 
 from __future__ import annotations
@@ -59,6 +65,13 @@ NOBODY = 65534
 #: The container's host name; /etc/hosts maps it (and ``localhost``) to loopback.
 HOSTNAME = "sandbox"
 NOFILE = 4096
+#: The label that marks the container that holds a task's network namespace (runsc egress).
+ROLE = "parity_sandbox.role"
+PAUSE_ROLE = "netns"
+#: The pause container's limits: its init only waits (it never forks); runc's own setup, in the
+#: container's cgroup until it execs init, needs more (a Go program: threads, memory).
+PAUSE_MEMORY = 32 * (1 << 20)
+PAUSE_PIDS = 32
 #: ``nproc`` under runc: a host-wide backstop per UID (see the module docstring).
 HOST_NPROC = 16384
 MiB = 1 << 20
@@ -375,3 +388,66 @@ def plan(
         inputs=archive,
         mount_archives=mount_archives,
     )
+
+
+def pause_container(
+    shape: Shape, *, labels: dict[str, str], seccomp: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``create_container`` and host-config arguments of the container whose network
+    namespace a task of ``shape`` joins (runsc egress).
+
+    It runs under runc with the hardened defaults of a task's container and tiny limits: its
+    process is our init, waiting forever on a stdin that no one writes to (it never starts a
+    task), and ``network_disabled``: a namespace of its own with loopback only, until the
+    executor adds the task's veth. ``seccomp`` is the runc profile.
+    """
+    host_config: dict[str, Any] = {
+        "network_mode": "none",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true", seccomp],
+        "read_only": True,
+        "mem_limit": PAUSE_MEMORY,
+        "memswap_limit": PAUSE_MEMORY,
+        "nano_cpus": 250_000_000,
+        "pids_limit": PAUSE_PIDS,
+        "ulimits": [
+            Ulimit(name="nofile", soft=64, hard=64),
+            Ulimit(name="fsize", soft=0, hard=0),
+            Ulimit(name="core", soft=0, hard=0),
+        ],
+        "ipc_mode": "private",
+        "log_config": LogConfig(type="none"),
+        "runtime": "runc",
+        "oom_score_adj": 1000,
+    }
+    create: dict[str, Any] = {
+        "image": shape.init_image,
+        "entrypoint": [INIT_PATH],
+        "user": f"{NOBODY}:{NOBODY}",
+        "labels": {**labels, ROLE: PAUSE_ROLE},
+        "hostname": HOSTNAME,
+        "network_disabled": True,
+        "stdin_open": True,
+        "tty": False,
+    }
+    return create, host_config
+
+
+def joining(
+    create: dict[str, Any], host_config: dict[str, Any], pause: str, runtime: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A task's container arguments changed to join the network namespace of container
+    ``pause`` and to run under OCI runtime ``runtime``.
+
+    Docker refuses a host name, DNS servers or extra hosts for a container that joins
+    another's network (its host name is the pause container's); ``network_disabled`` would make
+    it ignore the join and get a namespace of its own.
+    """
+    create = {key: value for key, value in create.items() if key != "hostname"}
+    create["network_disabled"] = False
+    host_config = {
+        key: value for key, value in host_config.items() if key not in ("dns", "extra_hosts")
+    }
+    host_config["network_mode"] = f"container:{pause}"
+    host_config["runtime"] = runtime
+    return create, host_config
