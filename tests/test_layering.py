@@ -25,12 +25,14 @@ LAYERS: list[set[str]] = [
         "runtimes.docker.seccomp",
         "service",  # the HTTP service (extra [service]); its package imports nothing
         "service.store",
+        "cluster",  # distributed execution on Ray (extra [ray]); its package imports nothing
+        "cluster.launch",  # Ray's command, imported when it runs
     },
-    {"_fs", "_proxy", "runtimes", "runtimes.docker.daemon", "service.views"},
+    {"_fs", "_proxy", "runtimes", "runtimes.docker.daemon", "service.views", "cluster._ray"},
     {"runtimes.wasm.protocol", "runtimes.docker.streams"},
     {"runtimes.wasm.worker", "_models"},
     {"_config", "runtimes.wasm.modules"},
-    {"_cache", "_inputs", "audit", "runtimes.docker.spec"},
+    {"_cache", "_inputs", "audit", "runtimes.docker.spec", "cluster.node"},
     {
         "_executor",
         "runtimes.docker.init",
@@ -41,8 +43,8 @@ LAYERS: list[set[str]] = [
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},
     {"runtimes.docker.executor", "runtimes.wasm.executor", "_record"},
-    {"service.webhooks"},
-    {"_batch", "service.dispatch", "remote"},
+    {"service.webhooks", "cluster.agent"},
+    {"_batch", "service.dispatch", "remote", "cluster.executor"},
     {"cli", "service.app"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}

@@ -374,6 +374,22 @@ class ServiceSettings(_Model):
         return f"sqlite:///{self.resolved_state_dir(environ) / 'service.sqlite3'}"
 
 
+class RaySettings(_Model):
+    """The ``ray`` section: running tasks on a Ray cluster (``RayExecutor``, extra ``[ray]``)."""
+
+    #: The cluster's GCS address (``HOST:PORT``) when none is given to the executor.
+    address: str | None = None
+    #: Runs of a task whose node was lost (died, or its raylet did) before it is an error.
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 2
+    #: Seconds past a task's timeout the driver waits for its node before it gives up.
+    grace: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    #: Memory a node reserves for a task beyond its memory limit (the sandbox's own).
+    overhead: Size = 64 * 1024 * 1024
+    #: The file that holds the cluster's token (default: ``$RAY_AUTH_TOKEN_PATH`` or Ray's
+    #: ``~/.ray/auth_token``).
+    token_file: Path | None = None
+
+
 class Config(_LimitSettings):
     """Effective configuration of an executor.
 
@@ -388,6 +404,7 @@ class Config(_LimitSettings):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
     #: Where compiled modules are kept between processes (default: the user cache dir).
     cache_dir: Path | None = None
     #: The sections of runtimes registered beside the package's own (``sandbox: {NAME:

@@ -631,10 +631,15 @@ class Executor(ABC):
             raise
         if prepared.cacheable and result.spec_hash is None:
             result = result.model_copy(update={"spec_hash": prepared.spec_hash})
-        if cached:
+        if cached and self._keeps(result):
             assert self.cache is not None
             self.cache.put(prepared.spec_hash, result)
         return result
+
+    def _keeps(self, result: Result) -> bool:
+        """Whether the result cache may keep ``result`` of a cacheable task: a run's, yes; an
+        executor whose own errors stand in for a run (a lost node) says no to those."""
+        return True
 
     async def execute_async(self, task: Task | PreparedTask, *, use_cache: bool = True) -> Result:
         """Run one task without blocking the event loop; cancelling the await stops the task.

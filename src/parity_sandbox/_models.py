@@ -747,6 +747,8 @@ class RuntimeInfo(BaseModel):
     oci_runtime: str | None = None
     #: Docker: whether the container was started ahead of the task by a warm pool.
     warm: bool | None = None
+    #: The Ray node that ran the task (``RayExecutor``): its node id.
+    node: str | None = None
 
 
 class EventKind(StrEnum):
@@ -871,6 +873,9 @@ class Result(BaseModel):
     events: tuple[SecurityEvent, ...] = ()
     #: The connections a task granted a network asked for, allowed or refused (Docker).
     connections: tuple[NetworkConnection, ...] = ()
+    #: Runs it took, where an executor retries a task whose node was lost (``RayExecutor``);
+    #: not covered by ``result_hash``.
+    attempts: int | None = None
 
     def to_json(self) -> str:
         """This result as JSON, bytes in base64: ``Result.from_json`` gives it back exactly."""
