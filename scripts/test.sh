@@ -9,10 +9,10 @@ bash scripts/docker-setup.sh
 bash scripts/services-setup.sh
 bash scripts/fetch-itkwasm.sh
 export WASM_FIXTURE_DIR="$PWD/tests/fixtures/wasm/build"
-# The Docker, Redis, PostgreSQL, promtool and Chromium tests must run here: a missing engine,
+# The Docker, Redis, PostgreSQL, promtool, Chromium and Ray tests must run here: a missing engine,
 # server or tool fails them instead of skipping them.
 export PARITY_TEST_DOCKER=required PARITY_TEST_REDIS=required PARITY_TEST_POSTGRES=required
-export PARITY_TEST_ITKWASM=required
+export PARITY_TEST_ITKWASM=required PARITY_TEST_RAY=required
 export PARITY_TEST_PROMTOOL=required PARITY_TEST_CHROMIUM=required
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

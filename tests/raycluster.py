@@ -12,8 +12,10 @@ import contextlib
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -50,7 +52,8 @@ class Cluster:
     """Nodes of one cluster on loopback, each started by ``node start``."""
 
     def __init__(self, root: Path, *, grace: float = 3.0) -> None:
-        self.root = root
+        # Ray's socket paths must fit in 107 bytes: the nodes' temp dirs are kept short.
+        self.root = Path(tempfile.mkdtemp(prefix="psbray-", dir="/tmp"))
         self.token_file = root / "token"
         self.token_file.write_text(secrets.token_hex(32))
         self.token_file.chmod(0o600)
@@ -74,6 +77,7 @@ class Cluster:
         oci_runtimes: Collection[str] | None = None,
         gpus: int = 0,
         num_cpus: int = 1,
+        failure_after: float = nodes.FAILURE_AFTER,
     ) -> nodes.NodeState:
         ports_from = self.base if head else _free_base()
         state = nodes.start(
@@ -88,6 +92,7 @@ class Cluster:
             ports_from=ports_from,
             runtimes=runtimes,
             oci_runtimes=oci_runtimes,
+            failure_after=failure_after,
         )
         self.started[name] = state
         self.ever.append(state.pid)
@@ -119,6 +124,7 @@ class Cluster:
     def close(self) -> None:
         nodes.stop(self.state_dir)
         self.started.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def wait_gone(self, timeout: float = 30.0) -> set[int]:
         """The processes of every node ever started that are still alive after ``timeout``."""

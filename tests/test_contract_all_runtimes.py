@@ -1,6 +1,7 @@
 """The executor contract, run against every registered runtime: WASM, Docker under runc and
-under runsc, the fake runtime of ``tests/plugins`` (registered with one line), and the remote
-executor over a real service."""
+under runsc, the fake runtime of ``tests/plugins`` (registered with one line), the remote
+executor over a real service, and the Ray executor over a real three-node cluster (WASM and
+Docker tasks)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from parity_sandbox import (
     Task,
     runtimes,
 )
+from raycluster import Cluster, cluster_or_skip
 from service_server import Service
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -65,6 +67,19 @@ def contract_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def contract_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-node Ray cluster for the Ray executor's run of the contract."""
+    nodes = cluster_or_skip(tmp_path_factory.mktemp("ray"))
+    try:
+        nodes.add("head", head=True, runtimes=("wasm",))
+        nodes.add("n1", runtimes=("wasm", "docker"), oci_runtimes=("runc",))
+        nodes.add("n2", runtimes=("wasm", "docker"), oci_runtimes=("runc",))
+        yield nodes
+    finally:
+        nodes.close()
+
+
 @pytest.fixture(
     params=[
         "wasm",
@@ -72,6 +87,8 @@ def contract_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
         pytest.param("docker-runsc", marks=pytest.mark.docker),
         "fake",
         "remote",
+        pytest.param("ray-wasm", marks=pytest.mark.slow),
+        pytest.param("ray-docker", marks=[pytest.mark.docker, pytest.mark.slow]),
     ]
 )
 def subject(
@@ -96,6 +113,21 @@ def subject(
             lambda **f: Task(image=TEST_IMAGE, command=["cat"], oci_runtime=oci, **f),
             lambda said: said,
         )
+    elif name.startswith("ray-"):
+        from parity_sandbox.cluster.executor import RayExecutor
+
+        cluster = request.getfixturevalue("contract_cluster")
+        ray_config = config.model_copy(update={"ray": cluster.config.ray})
+        executor = RayExecutor(cluster.address, config=ray_config)
+        if name == "ray-wasm":
+            echo = wasm.echo_stdin
+            yield Subject(executor, lambda **f: Task(wasm_file=echo, **f), lambda said: said)
+        else:
+            yield Subject(
+                executor,
+                lambda **f: Task(image=TEST_IMAGE, command=["cat"], runtime="docker", **f),
+                lambda said: said,
+            )
     elif name == "remote":
         from parity_sandbox import RemoteExecutor
 

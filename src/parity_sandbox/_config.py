@@ -317,6 +317,17 @@ class WebhookSettings(_Model):
     timeout: Seconds = 10.0
 
 
+def check_backend(value: str) -> str:
+    """``value`` if it names a service backend (``local``, ``ray://HOST:PORT``); else
+    ``ValueError``."""
+    if value == "local":
+        return value
+    host, _, port = value.removeprefix("ray://").rpartition(":")
+    if not value.startswith("ray://") or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"local, or ray://HOST:PORT for a Ray cluster (got {value!r})")
+    return value
+
+
 class ServiceSettings(_Model):
     """The ``service`` section: ``parity-sandbox serve`` (the HTTP API, extra ``[service]``)."""
 
@@ -350,6 +361,14 @@ class ServiceSettings(_Model):
     #: Serve ``GET /metrics`` to anyone who can reach the server; otherwise only to admin keys.
     metrics_open: bool = False
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    #: Where its tasks run: ``local`` (this host's executors) or ``ray://HOST:PORT`` (a Ray
+    #: cluster, through ``RayExecutor``; extra ``[ray]``).
+    backend: str = "local"
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        return check_backend(value)
 
     @field_validator("lease")
     @classmethod

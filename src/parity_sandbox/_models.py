@@ -978,4 +978,5 @@ class Result(BaseModel):
             "spec_hash": self.spec_hash,
             "cached": self.cached,
             "events": [event.model_dump(mode="json") for event in self.events],
+            **({"attempts": self.attempts} if self.attempts is not None else {}),
         }

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import secrets
 import sys
 import warnings
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ from rich.table import Table
 from parity_sandbox._batch import read_tasks
 from parity_sandbox._batch import run_batch as run_batch_results
 from parity_sandbox._cache import ResultCache, open_cache
-from parity_sandbox._config import Config, load_config
+from parity_sandbox._config import Config, check_backend, load_config
 from parity_sandbox._egress import parse_grants
 from parity_sandbox._exceptions import InvalidInput, RuntimeUnavailable, SandboxError
 from parity_sandbox._executor import Executor
@@ -73,6 +75,10 @@ audit_app = typer.Typer(help="Check or follow an audit log.", no_args_is_help=Tr
 app.add_typer(audit_app, name="audit")
 metrics_app = typer.Typer(help="Expose metrics for Prometheus.", no_args_is_help=True)
 app.add_typer(metrics_app, name="metrics")
+node_app = typer.Typer(
+    help="Start or stop a Ray node that runs tasks (the ray extra).", no_args_is_help=True
+)
+app.add_typer(node_app, name="node")
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _out = Console(highlight=False, soft_wrap=True)
@@ -211,6 +217,13 @@ def run(
         str | None,
         typer.Option(
             help="Run on a parity-sandbox service at this URL (key: $PARITY_SANDBOX_API_KEY)."
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run on the Ray cluster at this address (HOST:PORT; extra [ray]).",
         ),
     ] = None,
     image: Annotated[
@@ -373,7 +386,7 @@ def run(
                 entry_exit=invoke_exit,
                 **common,
             )
-        with _executor_for(runtime or settings.default_runtime, settings, remote) as executor:
+        with _executor_for(runtime or settings.default_runtime, settings, remote, ray) as executor:
             try:
                 result = executor.execute(task)
             except SandboxError as exc:
@@ -416,6 +429,13 @@ def run_batch(
             help="Run on a parity-sandbox service at this URL (key: $PARITY_SANDBOX_API_KEY)."
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run on the Ray cluster at this address (HOST:PORT; extra [ray]).",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Run a file of tasks; write one JSON Result per line, in the order of the tasks.
@@ -450,7 +470,7 @@ def run_batch(
             read_tasks(source),
             settings,
             max_parallel=parallel,
-            make_executor=lambda name: _executor_for(name, settings, remote),
+            make_executor=lambda name: _executor_for(name, settings, remote, ray),
         )
         try:
             with progress:
@@ -478,8 +498,19 @@ def run_batch(
     raise typer.Exit(code)
 
 
-def _executor_for(runtime: str, settings: Config, remote: str | None) -> Executor:
-    """The executor a command runs on: the runtime's here, or a service's (``--remote``)."""
+def _executor_for(
+    runtime: str, settings: Config, remote: str | None, ray: str | None = None
+) -> Executor:
+    """The executor a command runs on: the runtime's here, a service's (``--remote``), or a
+    Ray cluster's (``--ray``)."""
+    if remote is not None and ray is not None:
+        raise InvalidInput("--remote and --ray: give one of them", field="--ray")
+    if ray is not None:
+        try:
+            from parity_sandbox.cluster.executor import RayExecutor
+        except ImportError as exc:
+            raise RuntimeUnavailable(str(exc)) from None
+        return RayExecutor(ray, config=settings)
     if remote is None:
         return executor_class(runtime)(settings)
     try:
@@ -802,6 +833,13 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="Port to listen on (default: service.port).")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="Where tasks run: local, or ray://HOST:PORT (a Ray cluster; default: "
+            "service.backend)."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Run the HTTP API (extra [service]) until SIGINT or SIGTERM."""
@@ -814,6 +852,12 @@ def serve(
         settings = load_config(config)
         if port is not None and not 0 <= port <= 65535:
             raise InvalidInput("--port: 0 to 65535", field="--port")
+        if backend is not None:
+            try:
+                service = settings.service.model_copy(update={"backend": check_backend(backend)})
+            except ValueError as exc:
+                raise InvalidInput(f"--backend: {exc}", field="--backend") from None
+            settings = settings.model_copy(update={"service": service})
         run_server(settings, host=host, port=port)
     except SandboxError as exc:
         raise _fail(exc, as_json=False) from None
@@ -1014,6 +1058,121 @@ def metrics_serve(
         )
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
+
+
+def _ray_state_dir(settings: Config) -> Path:
+    return settings.service.resolved_state_dir() / "ray"
+
+
+@node_app.command("start")
+def node_start(
+    address: Annotated[
+        str | None,
+        typer.Option(help="The head's address, HOST:PORT (with --head: default NODE_IP:PORT)."),
+    ] = None,
+    head: Annotated[bool, typer.Option("--head", help="Start the cluster's head.")] = False,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The head's port.")] = 6379,
+    node_ip: Annotated[
+        str, typer.Option(help="The address this node listens on (loopback by default).")
+    ] = "127.0.0.1",
+    name: Annotated[
+        str | None, typer.Option(help="A name for this node (default: random).")
+    ] = None,
+    temp_dir: Annotated[
+        Path | None,
+        typer.Option(help="Ray's directory for this node (default: /tmp/psbray-NAME)."),
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(min=0, help="CPUs to offer.")] = None,
+    gpus: Annotated[
+        int | None, typer.Option(min=0, help="GPUs to offer (default: probed).")
+    ] = None,
+    runtime: Annotated[
+        list[str] | None, typer.Option(help="Offer only this runtime (repeatable).")
+    ] = None,
+    oci_runtime: Annotated[
+        list[str] | None, typer.Option(help="Offer only this OCI runtime (repeatable).")
+    ] = None,
+    ports_from: Annotated[
+        int | None,
+        typer.Option(min=1024, max=65435, help="Use ports PORTS_FROM+1 to +99 (default: Ray's)."),
+    ] = None,
+    failure_after: Annotated[
+        float,
+        typer.Option(min=0.5, max=600, help="Head: seconds before a silent node counts as dead."),
+    ] = 5.0,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="The cluster's token (default: ray.token_file, else Ray's own)."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Start a Ray node that advertises what it can run, with its agent.
+
+    The node keeps running after this command returns; `parity-sandbox node stop` stops it.
+    """
+    try:
+        from parity_sandbox.cluster import node as nodes
+    except ImportError as exc:
+        _err.print(f"parity-sandbox: pip install 'parity-sandbox[ray]' ({exc})", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        settings = load_config(config)
+        if token_file is not None:
+            settings = settings.model_copy(
+                update={"ray": settings.ray.model_copy(update={"token_file": token_file})}
+            )
+        if address is None:
+            if not head:
+                raise InvalidInput("--address HOST:PORT of the head (or --head)", field="address")
+            address = f"{node_ip}:{port}"
+        name = name or secrets.token_hex(4)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
+            raise InvalidInput("--name: 1 to 32 of A-Z, a-z, 0-9, _ and -", field="--name")
+        state = nodes.start(
+            address,
+            head=head,
+            name=name,
+            node_ip=node_ip,
+            temp_dir=temp_dir or Path(f"/tmp/psbray-{name}"),
+            state_dir=_ray_state_dir(settings),
+            config=settings,
+            num_cpus=num_cpus,
+            gpus=gpus,
+            ports_from=ports_from,
+            runtimes=runtime,
+            oci_runtimes=oci_runtime,
+            failure_after=failure_after,
+        )
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    offers = ", ".join(f"{k}={v:g}" for k, v in sorted(state.resources.items()))
+    print(f"node {state.name} ({state.node_id}) joined {state.address}, pid {state.pid}")
+    print(f"offers: {offers}")
+    print(f"stop it with: parity-sandbox node stop --name {state.name}")
+
+
+@node_app.command("stop")
+def node_stop(
+    name: Annotated[
+        str | None, typer.Option(help="The node to stop (default: every node started here).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Stop the nodes `node start` started on this host: their processes, by PID."""
+    try:
+        from parity_sandbox.cluster import node as nodes
+    except ImportError as exc:
+        _err.print(f"parity-sandbox: pip install 'parity-sandbox[ray]' ({exc})", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        stopped = nodes.stop(_ray_state_dir(load_config(config)), name)
+    except SandboxError as exc:
+        raise _fail(exc, as_json=False) from None
+    for state in stopped:
+        print(f"stopped node {state.name} (pid {state.pid})")
+    if name is not None and not stopped:
+        _err.print(f"parity-sandbox: no node {name} was started here", markup=False)
+        raise typer.Exit(1)
 
 
 def _one_line_warning(

@@ -122,6 +122,12 @@ def connect(address: str, token_file: Path | None = None) -> None:
     global _connected, _owned
     with _connect_lock:
         if ray.is_initialized():
+            current = ray.get_runtime_context().gcs_address
+            if current.rpartition(":")[2] != address.rpartition(":")[2]:
+                raise RuntimeUnavailable(
+                    f"this process is connected to the Ray cluster at {current}, not to "
+                    f"{address} (a process has one Ray connection)"
+                )
             _connected += 1
             return
         use_token(token_file)

@@ -86,6 +86,22 @@ class NodeAgent:
             "tasks": self.tasks,
         }
 
+    def image_id(self, reference: str) -> Outcome:
+        """The id of image ``reference`` on this node (``{"id": ...}``), or the error."""
+        try:
+            docker: Any = self._executor("docker")
+            return {"id": docker.image_id(reference)}
+        except SandboxError as exc:
+            return {"error": type(exc).__name__, "message": exc.message, "field": _field(exc)}
+
+    def image_ids(self) -> list[str]:
+        """The ids of the images this node's Docker host has (none without Docker)."""
+        try:
+            docker: Any = self._executor("docker")
+            return sorted(docker.image_ids())
+        except SandboxError:
+            return []
+
     def reap(self) -> int:
         """Remove what lost runs left on this node now; how many things were removed."""
         removed = 0
@@ -170,6 +186,11 @@ class NodeAgent:
             self.reap()
             if self._stopping.wait(REAP_EVERY):
                 return
+
+
+def _field(exc: SandboxError) -> str | None:
+    field: str | None = getattr(exc, "field", None)
+    return field
 
 
 _agents: dict[str, Any] = {}

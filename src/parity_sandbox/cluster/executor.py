@@ -64,6 +64,8 @@ CHUNK_WIDTH = 4
 #: Seconds between two looks at the cluster's nodes (and at a waiting caller's cancel).
 NODES_TTL = 2.0
 POLL = 0.25
+#: Seconds an image reference's id, and a node's list of images, are trusted.
+IMAGES_TTL = 10.0
 #: Modules this executor keeps in the object store (the least recently used are dropped).
 MODULE_REFS = 64
 
@@ -75,6 +77,8 @@ class _Need:
     resources: tuple[tuple[str, float], ...]
     gpus: int
     memory: int
+    #: A Docker task's image, by id: only nodes that have it can run it.
+    image: str | None = None
 
 
 @dataclass
@@ -151,6 +155,9 @@ class RayExecutor(Executor):
         self._placed: dict[str, list[int]] = {}
         #: The agents' handles, by node id.
         self._agents: dict[str, Any] = {}
+        #: Images: the id each reference named when last asked, and each node's ids.
+        self._image_refs: dict[str, tuple[str, float]] = {}
+        self._node_images: dict[str, tuple[set[str], float]] = {}
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -164,7 +171,8 @@ class RayExecutor(Executor):
         """The task as a node will run it: files read here, once; limits resolved under this
         executor's configuration; the module named by its sha256."""
         runtime = task.runtime_name or self.config.default_runtime
-        sent = portable(task, self.config)
+        image_id = None if task.image is None else self._image_id(task.image)
+        sent = portable(task, self.config, image_id=image_id)
         module = sent.wasm_module
         document = _task_document(sent.model_copy(update={"wasm_module": None}))
         if module is None:
@@ -248,14 +256,63 @@ class RayExecutor(Executor):
             resources[oci_resource(oci)] = 1.0
         gpus = 0 if task.gpus is None else 1 if task.gpus == "all" else task.gpus
         memory = (prepared.limits.memory or 0) + self.config.ray.overhead
-        return _Need(tuple(sorted(resources.items())), gpus, memory)
+        image = prepared.program if task.image is not None else None
+        return _Need(tuple(sorted(resources.items())), gpus, memory, image)
+
+    def _image_id(self, reference: str) -> str:
+        """The id image ``reference`` names on the cluster's Docker nodes now (asked of one of
+        them, remembered for ``IMAGES_TTL`` seconds), so that the spec hash names it."""
+        if reference.startswith("sha256:"):
+            return reference
+        now = time.monotonic()
+        known = self._image_refs.get(reference)
+        if known is not None and now - known[1] < IMAGES_TTL:
+            return known[0]
+        docker = runtime_resource("docker")
+        nodes = [node for node in self.nodes() if docker in node["Resources"]]
+        if not nodes:
+            raise RuntimeUnavailable(
+                f"no node of the Ray cluster at {self.address} runs Docker tasks"
+            )
+        outcome: Outcome = ray.get(
+            self._agent(str(nodes[0]["NodeID"])).image_id.remote(reference), timeout=60
+        )
+        if "id" not in outcome:
+            raise _error_of(outcome)
+        image_id = str(outcome["id"])
+        self._image_refs[reference] = (image_id, now)
+        return image_id
+
+    def _has_image(self, node_id: str, image: str) -> bool:
+        """Whether node ``node_id`` has image ``image`` (its list, asked at most every
+        ``IMAGES_TTL`` seconds, or again when the image is missing from it)."""
+        now = time.monotonic()
+        known = self._node_images.get(node_id)
+        if known is not None and (image in known[0] or now - known[1] < IMAGES_TTL / 10):
+            return image in known[0]
+        if known is None or now - known[1] >= IMAGES_TTL / 10:
+            try:
+                ids = set(ray.get(self._agent(node_id).image_ids.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - a node that cannot say has nothing to offer
+                ids = set()
+            self._node_images[node_id] = (ids, now)
+            return image in ids
+        return False
 
     def _check_feasible(self, need: _Need, memory: int) -> None:
         """Raise ``RuntimeUnavailable`` unless some live node has all that ``need`` asks
         (``memory`` being the chunk's), naming what no node has."""
         for fresh in (False, True):
             nodes = self.nodes(fresh=fresh)
-            if any(_fits(node["Resources"], need, memory) for node in nodes):
+            fitting = [node for node in nodes if _fits(node["Resources"], need, memory)]
+            if need.image is not None and fitting:
+                if any(self._has_image(str(node["NodeID"]), need.image) for node in fitting):
+                    return
+                raise RuntimeUnavailable(
+                    f"no node of the Ray cluster at {self.address} that could run this task "
+                    f"has its image {need.image}: import it there (parity-sandbox image import)"
+                )
+            if fitting:
                 return
         missing = []
         for name, _ in need.resources:
@@ -327,6 +384,8 @@ class RayExecutor(Executor):
         """The least loaded live node that has what ``need`` asks and room for ``memory``
         (and its GPUs) now, reserved; ``None`` when none has room."""
         nodes = [node for node in self.nodes() if _fits(node["Resources"], need, memory)]
+        if need.image is not None:
+            nodes = [node for node in nodes if self._has_image(str(node["NodeID"]), need.image)]
         elsewhere = [node for node in nodes if node["NodeID"] not in lost_on]
         with self._room:
             best: str | None = None
@@ -458,7 +517,6 @@ class RayExecutor(Executor):
         task = prepared.task
         return Result(
             status=Status.TIMEOUT,
-            limit="timeout",
             error=ErrorInfo(
                 type="ExecutionTimeout",
                 message=(

@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,13 +36,20 @@ from parity_sandbox.runtimes import executor_class, names
 START_TIMEOUT = 90.0
 #: How long ``stop`` waits for its processes after SIGTERM before SIGKILL.
 STOP_GRACE = 10.0
-#: How the head notices a node that stopped answering: checks every PERIOD ms, dead after
-#: THRESHOLD missed ones (Ray's default takes about 15 s).
-HEALTH_CHECK = {
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "5",
-}
+#: Seconds after which the head takes a node that stopped answering for dead (its tasks
+#: then run elsewhere); Ray's own default is about 15 s. A node stopped for less comes back.
+FAILURE_AFTER = 5.0
+
+
+def health_check_env(failure_after: float) -> dict[str, str]:
+    """The head's settings that make it take a silent node for dead after ``failure_after``
+    seconds: a check every second (or sooner), each answered within that time."""
+    period = min(1000, max(100, int(failure_after * 1000 / 3)))
+    return {
+        "RAY_health_check_period_ms": str(period),
+        "RAY_health_check_timeout_ms": str(period),
+        "RAY_health_check_failure_threshold": str(max(1, round(failure_after * 1000 / period))),
+    }
 
 
 #: The ``ray start`` processes this process started and has not stopped, by PID (kept, so
@@ -166,11 +174,13 @@ def start(
     runtimes: Collection[str] | None = None,
     oci_runtimes: Collection[str] | None = None,
     extra_resources: Mapping[str, float] | None = None,
+    failure_after: float = FAILURE_AFTER,
 ) -> NodeState:
     """Start a node (the head, with ``head``) of the cluster at ``address`` with its agent;
     return what was started, also written to ``<state_dir>/node-<name>.json``. ``gpus``,
     ``runtimes`` and ``oci_runtimes`` say what it offers (default: what ``probe`` finds);
-    ``ports_from`` fixes its ports (``ports_from + 1`` to ``+ 99``; default: Ray's choice).
+    ``ports_from`` fixes its ports (``ports_from + 1`` to ``+ 99``; default: Ray's choice);
+    ``failure_after`` (the head's) is how long a node may be silent before it counts as dead.
 
     Raises:
         RuntimeUnavailable: the node did not join, or its agent did not start.
@@ -187,8 +197,7 @@ def start(
     _ray.use_token(config.ray.token_file)
     env = dict(os.environ)
     if head:
-        for key, value in HEALTH_CHECK.items():
-            env.setdefault(key, value)
+        env.update(health_check_env(failure_after))
     args = ray_start_args(
         address=address,
         head=head,
@@ -235,6 +244,9 @@ def _joined(address: str, marker: str, process: subprocess.Popen[bytes], config:
                 f"ray start exited with {process.returncode} (see its log, node.log)"
             )
         if not connected:
+            if not _answers(address):  # the GCS is not up yet (ray.init would wait long)
+                time.sleep(0.2)
+                continue
             try:
                 _ray.connect(address, config.ray.token_file)
                 connected = True
@@ -246,6 +258,15 @@ def _joined(address: str, marker: str, process: subprocess.Popen[bytes], config:
                 return str(node["NodeID"])
         time.sleep(0.2)
     raise RuntimeUnavailable(f"the node did not join the cluster at {address} in time")
+
+
+def _answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def state_file(state_dir: Path, name: str) -> Path:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -482,7 +484,7 @@ class Dispatcher:
         async with lock:
             executor = self._executors.get(runtime)
             if executor is None:
-                cls = executor_class(runtime)
+                cls = _backend_class(self.config, runtime)
                 monitoring: dict[str, Any] = {}
                 if self.audit is not None:
                     monitoring["audit"] = self.audit
@@ -503,3 +505,19 @@ class Dispatcher:
     def running_here(self) -> int:
         """Tasks this server runs now."""
         return len(self._running)
+
+
+def _backend_class(config: Config, runtime: str) -> Callable[..., Executor]:
+    """What makes the executor of ``runtime``: its class here, or (``service.backend`` is
+    ``ray://HOST:PORT``) a ``RayExecutor`` on that cluster, which runs every runtime."""
+    backend = config.service.backend
+    if backend == "local":
+        return executor_class(runtime)
+    from parity_sandbox.cluster.executor import RayExecutor
+
+    return functools.partial(_ray_executor, RayExecutor, backend.removeprefix("ray://"))
+
+
+def _ray_executor(cls: Any, address: str, config: Config, **monitoring: Any) -> Executor:
+    executor: Executor = cls(address, config=config, **monitoring)
+    return executor

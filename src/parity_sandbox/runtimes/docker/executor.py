@@ -607,6 +607,16 @@ class DockerExecutor(Executor):
             cmd=tuple(config.get("Cmd") or ()),
         )
 
+    def image_id(self, reference: str) -> str:
+        """The id (``sha256:...``) that ``reference`` names here now, pulled if the pull
+        policy allows. Raises ``InvalidInput`` (not allowed) or ``RuntimeUnavailable``."""
+        return self._image(reference).id
+
+    def image_ids(self) -> set[str]:
+        """The ids of the images this Docker host has."""
+        with docker_errors("list images"):
+            return {str(image) for image in self._api.images(quiet=True)}
+
     def _pull(self, reference: str) -> None:
         name, tag = split_reference(reference)
         try:
