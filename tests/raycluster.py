@@ -103,8 +103,7 @@ class Cluster:
         roots = [self.started[name].pid] if name else self.ever
         found: set[int] = set()
         for pid in roots:
-            found |= {p for p in nodes.descendants(pid) if nodes._alive(p)}
-            found |= {p for p in nodes._session_members(pid) if nodes._alive(p)}
+            found |= nodes.processes(pid)
         return found
 
     def signal(self, name: str, signum: int) -> None:

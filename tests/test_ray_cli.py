@@ -64,7 +64,7 @@ def test_node_start_run_and_node_stop(
     states = sorted((tmp_path / "state" / "ray").glob("node-*.json"))
     assert [p.name for p in states] == ["node-head.json", "node-w1.json"]
     pids = {json.loads(p.read_text())["pid"] for p in states}
-    members = {m for pid in pids for m in [*nodes.descendants(pid), *nodes._session_members(pid)]}
+    members = {m for pid in pids for m in nodes.processes(pid)}
     assert len(members) > 4, "the nodes' processes were not found"
 
     address = f"127.0.0.1:{base}"
@@ -93,5 +93,5 @@ def test_node_start_run_and_node_stop(
     stopped = run_cli("node", "stop", f"--config={config}")
     assert stopped.returncode == 0, stopped.stderr.decode()
     assert b"stopped node head" in stopped.stdout and b"stopped node w1" in stopped.stdout
-    assert not [m for m in members if nodes._alive(m)], "node processes left after node stop"
+    assert not [m for m in members if nodes.alive(m)], "node processes left after node stop"
     assert not list((tmp_path / "state" / "ray").glob("node-*.json"))

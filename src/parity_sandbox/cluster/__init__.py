@@ -2,8 +2,8 @@
 
 - ``_ray``: importing Ray, connecting to a cluster (a loopback address kept loopback), the
   names nodes and agents are known by, what a task needs of a node.
-- ``agent``: ``NodeAgent``, the long-lived actor on each node that owns its executors, and
-  the relay task that Ray places on a node able to run a chunk of tasks.
+- ``agent``: ``NodeAgent``, the long-lived actor on each node that owns its executors and
+  runs the chunks of tasks sent to it.
 - ``executor``: ``RayExecutor``, the executor contract over a cluster.
 - ``node``: ``parity-sandbox node start|stop``: a node that advertises what it can run.
 - ``launch``: Ray's own ``ray`` command with a loopback address kept loopback.

@@ -1,18 +1,16 @@
-"""The node agent and the relay: how a chunk of tasks reaches a node's own executors.
+"""The node agent: how a chunk of tasks reaches a node's own executors.
 
 ``NodeAgent`` is one long-lived, detached actor per node (named by the node's id, pinned to
 it). It owns the node's executors (WASM workers, Docker with its warm pools), keeps the
 modules sent to it by their sha256, and reaps what a lost run left (Docker containers past
 their deadline, or whose owner died) every ``REAP_EVERY`` seconds and when it starts.
 
-``relay`` is the Ray task the driver submits for a chunk: Ray places it on a node with the
-resources the chunk needs (runtime, OCI runtime, GPUs, memory), and it hands the chunk to that
-node's agent and waits. Tasks never run in a Ray worker's process: the agent's executors run
-them in their sandboxes (a WASM worker process, a container) exactly as locally.
-
-A chunk travels as task documents (the record form, the module left out and named by its
-sha256) and a map of the modules' object refs; each task comes back as an outcome: its result
-as JSON, or the error that kept it from running (type, message, field).
+The driver (``RayExecutor``) calls ``run`` with a chunk: its tasks as prepared there (limits
+resolved, files embedded, the module left out and named by its sha256) and a map of the
+modules' object refs; each task comes back as an outcome: its ``Result``, or the error that
+kept it from running (type, message, field). Tasks never run in the agent's own process: its
+executors run them in their sandboxes (a WASM worker process, a container), exactly as
+locally.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from typing import Any
 from parity_sandbox._config import Config, load_config
 from parity_sandbox._exceptions import SandboxError
 from parity_sandbox._executor import Executor
-from parity_sandbox._record import task_from_document
+from parity_sandbox._models import Task
 from parity_sandbox.cluster._ray import NAMESPACE, agent_name, ray
 from parity_sandbox.runtimes import executor_class
 
@@ -36,8 +34,6 @@ from parity_sandbox.runtimes import executor_class
 REAP_EVERY = 10.0
 #: Bytes of modules an agent keeps in memory (the least recently used go first).
 MODULE_BYTES = 512 * 1024 * 1024
-#: Document field that names a chunk's module by its sha256 (the module is not in it).
-MODULE_FIELD = "wasm_module_sha256"
 
 Outcome = dict[str, Any]
 
@@ -64,17 +60,18 @@ class NodeAgent:
     # -- called by the relay and the driver ------------------------------------------------
 
     async def run(
-        self, documents: list[dict[str, Any]], modules: dict[str, list[Any]], use_cache: bool
+        self, tasks: list[tuple[Task, str | None]], modules: dict[str, list[Any]], use_cache: bool
     ) -> list[Outcome]:
         """Run a chunk of tasks here, all at once (each executor admits them as it can), and
-        return their outcomes in order."""
-        self.tasks += len(documents)
+        return their outcomes in order. Each task comes with its module's sha256 (``None``:
+        a Docker task), and ``modules`` holds the refs of those this node may not have."""
+        self.tasks += len(tasks)
         for sha, (ref,) in modules.items():
             if sha not in self._modules:
                 self._keep_module(sha, await ref)
-        if len(documents) == 1:
-            return [await self._one(documents[0], use_cache)]
-        return list(await asyncio.gather(*(self._one(doc, use_cache) for doc in documents)))
+        if len(tasks) == 1:
+            return [await self._one(*tasks[0], use_cache)]
+        return list(await asyncio.gather(*(self._one(*each, use_cache) for each in tasks)))
 
     def describe(self) -> dict[str, Any]:
         """This node: its id, the agent's process, the runtimes it has made."""
@@ -125,14 +122,10 @@ class NodeAgent:
 
     # -- the work ----------------------------------------------------------------------------
 
-    async def _one(self, document: dict[str, Any], use_cache: bool) -> Outcome:
+    async def _one(self, task: Task, sha: str | None, use_cache: bool) -> Outcome:
         try:
-            document = dict(document)
-            raw: dict[str, bytes] = {}
-            sha = document.pop(MODULE_FIELD, None)
             if sha is not None:
-                raw["wasm_module"] = self._module(sha)
-            task = task_from_document(document, **raw)
+                task = task.model_copy(update={"wasm_module": self._module(sha)})
             runtime = task.runtime_name or self.config.default_runtime
             executor = self._executors.get(runtime)
             if executor is None:
@@ -150,13 +143,11 @@ class NodeAgent:
                     "field": getattr(exc, "field", None),
                 }
             result = exc.result
-        except ValueError as exc:  # a document that is not a task (bad base64)
-            return {"error": "InvalidInput", "message": str(exc), "field": None}
         if result.runtime is not None:
             result = result.model_copy(
                 update={"runtime": result.runtime.model_copy(update={"node": self.node_id})}
             )
-        return {"result": result.to_json()}
+        return {"result": result}
 
     def _executor(self, runtime: str) -> Executor:
         with self._making:
@@ -221,11 +212,3 @@ def start_agent(node_id: str, config_json: str | None = None) -> Any:
         max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(config_json)
-
-
-@ray.remote(max_retries=0)
-def relay(
-    documents: list[dict[str, Any]], modules: dict[str, list[Any]], use_cache: bool
-) -> list[Outcome]:
-    """Hand a chunk to the agent of the node Ray placed this task on; its outcomes."""
-    return ray.get(local_agent().run.remote(documents, modules, use_cache))  # type: ignore[no-any-return]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import math
 import threading
 import time
@@ -47,15 +46,17 @@ from parity_sandbox._exceptions import (
     RuntimeUnavailable,
     SandboxError,
 )
-from parity_sandbox._executor import Cancelled, Executor, PreparedTask, portable
-from parity_sandbox._models import ErrorInfo, Result, Status, Task
-from parity_sandbox._record import _task_document
+from parity_sandbox._executor import Cancelled, Executor, PreparedTask
+from parity_sandbox._inputs import read_inputs
+from parity_sandbox._models import ErrorInfo, Limits, Result, Status, Task
 from parity_sandbox._units import format_size
 from parity_sandbox.audit import AuditLog
 from parity_sandbox.cluster import _ray
 from parity_sandbox.cluster._ray import oci_resource, ray, runtime_resource
-from parity_sandbox.cluster.agent import MODULE_FIELD, Outcome, start_agent
+from parity_sandbox.cluster.agent import Outcome, start_agent
 from parity_sandbox.metrics import Metrics
+from parity_sandbox.runtimes import executor_class
+from parity_sandbox.runtimes.wasm.modules import ModuleFiles
 
 #: Most tasks ``map`` sends in one chunk.
 CHUNK = 16
@@ -155,6 +156,8 @@ class RayExecutor(Executor):
         self._placed: dict[str, list[int]] = {}
         #: The agents' handles, by node id.
         self._agents: dict[str, Any] = {}
+        self._module_files = ModuleFiles()
+        self._limits: dict[str, Limits] = {}
         #: Images: the id each reference named when last asked, and each node's ids.
         self._image_refs: dict[str, tuple[str, float]] = {}
         self._node_images: dict[str, tuple[set[str], float]] = {}
@@ -168,29 +171,39 @@ class RayExecutor(Executor):
         return max(2, int(2 * cpus))
 
     def _prepare(self, task: Task) -> PreparedTask:
-        """The task as a node will run it: files read here, once; limits resolved under this
-        executor's configuration; the module named by its sha256."""
+        """The task as a node will run it (``portable``): files read here, once; limits
+        resolved under this executor's configuration (only those its runtime applies); the
+        module named by its sha256, the image by its id."""
         runtime = task.runtime_name or self.config.default_runtime
-        image_id = None if task.image is None else self._image_id(task.image)
-        sent = portable(task, self.config, image_id=image_id)
-        module = sent.wasm_module
-        document = _task_document(sent.model_copy(update={"wasm_module": None}))
-        if module is None:
-            program = sent.image or ""
+        limits = task.effective_limits(self._base_limits(runtime).merged(task.limits))
+        inputs = read_inputs(task)
+        update: dict[str, object] = {"input_files": inputs, "limits": limits}
+        module = None
+        if task.image is None:
+            module, program = self._module_files.load(task)
+            update.update(wasm_module=None, wasm_file=None)
         else:
-            program = hashlib.sha256(module).hexdigest()
-            document.pop("wasm_module", None)
-            document[MODULE_FIELD] = program
+            program = update["image"] = self._image_id(task.image)
+        sent = task.model_copy(update=update)
         return PreparedTask(
             task,
             runtime,
-            sent.limits,
+            limits,
             program,
-            sent.embedded_inputs(),
-            form=(document, module),
+            inputs,
+            form=(sent, module),
             audit=self.audit,
             metrics=self.metrics,
         )
+
+    def _base_limits(self, runtime: str) -> Limits:
+        """The configuration's limits for ``runtime``, without those it does not apply."""
+        limits = self._limits.get(runtime)
+        if limits is None:
+            unused = set(Limits.model_fields) - executor_class(runtime).applied_limits
+            limits = self.config.limits_for(runtime).model_copy(update=dict.fromkeys(unused))
+            self._limits[runtime] = limits
+        return limits
 
     def _run(self, prepared: PreparedTask, cancel: threading.Event | None) -> Result:
         if not isinstance(prepared.form, tuple):
@@ -359,10 +372,10 @@ class RayExecutor(Executor):
         node = self._place(chunk.need, memory, chunk.lost_on)
         if node is None:
             return False
-        documents, modules = [], {}
+        tasks, modules = [], {}
         for item in prepared:
-            document, module = item.form
-            documents.append(document)
+            sent, module = item.form
+            tasks.append((sent, None if module is None else item.program))
             if module is not None:
                 modules[item.program] = [self._module_ref(item.program, module)]
         timeouts = sorted((item.limits.timeout or 0.0 for item in prepared), reverse=True)
@@ -371,7 +384,7 @@ class RayExecutor(Executor):
         chunk.attempts += 1
         chunk.node, chunk.memory = node, memory
         try:
-            chunk.ref = self._agent(node).run.remote(documents, modules, chunk.use_cache)
+            chunk.ref = self._agent(node).run.remote(tasks, modules, chunk.use_cache)
         except BaseException:
             self._release(chunk)
             raise
@@ -459,7 +472,7 @@ class RayExecutor(Executor):
             self._forget(chunk)
             for (index, prepared), outcome in zip(chunk.items, outcomes, strict=True):
                 if "result" in outcome:
-                    result = Result.from_json(outcome["result"])
+                    result: Result = outcome["result"]
                     chunk.results[index] = result.model_copy(update={"attempts": chunk.attempts})
                     continue
                 error = _error_of(outcome)

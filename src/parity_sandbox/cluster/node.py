@@ -315,12 +315,12 @@ def stop_processes(pid: int) -> None:
     and theirs (workers); those that were orphaned already are found by the session: the
     node's processes share ``ray start``'s session, which ``start`` made for it.
     """
-    pids = set(descendants(pid)) | _session_members(pid)
+    pids = processes(pid)
     for each in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(each, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE
-    while time.monotonic() < deadline and any(_alive(each) for each in pids):
+    while time.monotonic() < deadline and any(alive(each) for each in pids):
         time.sleep(0.1)
     for each in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -328,6 +328,13 @@ def stop_processes(pid: int) -> None:
     child = _children.pop(pid, None)
     if child is not None:
         child.wait()
+
+
+def processes(pid: int) -> set[int]:
+    """The live processes of the node whose ``ray start`` is ``pid``: it, its descendants,
+    and the members of its session (those orphaned already)."""
+    found = set(descendants(pid)) | _session_members(pid)
+    return {each for each in found if alive(each)}
 
 
 def _session_members(sid: int) -> set[int]:
@@ -342,7 +349,8 @@ def _session_members(sid: int) -> set[int]:
     return members
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
