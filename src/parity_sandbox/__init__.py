@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         MetricsSettings,
         PoolProfile,
         PoolSettings,
+        RaySettings,
         RuntimeSettings,
         ServiceSettings,
         WasmSettings,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     )
     from parity_sandbox._record import Record, Verification, verify
     from parity_sandbox.audit import AuditLog, BrokenEntry, ChainCheck, verify_chain
+    from parity_sandbox.cluster.executor import RayExecutor
     from parity_sandbox.metrics import Metrics
     from parity_sandbox.remote import RemoteExecutor
     from parity_sandbox.runtimes.docker.executor import DockerExecutor
@@ -93,6 +95,8 @@ _WHERE: dict[str, str] = {
     "PoolSettings": "parity_sandbox._config",
     "PreparedTask": "parity_sandbox._executor",
     "RunReport": "parity_sandbox._executor",
+    "RayExecutor": "parity_sandbox.cluster.executor",
+    "RaySettings": "parity_sandbox._config",
     "Record": "parity_sandbox._record",
     "RemoteExecutor": "parity_sandbox.remote",
     "RedisCache": "parity_sandbox._cache",
@@ -152,6 +156,8 @@ __all__ = [
     "PoolProfile",
     "PoolSettings",
     "PreparedTask",
+    "RayExecutor",
+    "RaySettings",
     "Record",
     "RedisCache",
     "RemoteExecutor",
