@@ -24,6 +24,7 @@ from parity_sandbox import (
     Task,
 )
 from raycluster import Cluster, cluster_or_skip
+from test_result_cache import redis_url  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -299,3 +300,54 @@ def test_nothing_of_the_cluster_listens_beyond_loopback(
 
     outside = [(pid, ip) for pid, ip in listening if not loopback(ip)]
     assert not outside, f"cluster processes listen beyond loopback: {outside}"
+
+
+# -- the shared result cache, and the service on a cluster --------------------------------------
+
+
+def test_two_drivers_share_results_through_the_redis_cache(
+    cluster: Cluster,
+    wasm: WasmFixtures,
+    redis_url: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    from parity_sandbox import RedisCache
+    from parity_sandbox.cluster.executor import RayExecutor
+
+    RedisCache(redis_url, 60, 1 << 30).clear()
+    config = cluster.config.model_copy(
+        update={"cache": Config(cache={"backend": "redis", "redis_url": redis_url}).cache}
+    )
+    task = Task(wasm_file=wasm.echo_stdin, input=b"shared", deterministic=True)
+    with RayExecutor(cluster.address, config=config) as first:
+        ran = first.execute(task)
+    with RayExecutor(cluster.address, config=config) as second:
+        answered = second.execute(task)
+        (again,) = second.map([task])
+    assert not ran.cached and ran.runtime is not None and ran.runtime.node
+    assert answered.cached and again.cached
+    assert answered.result_hash == ran.result_hash
+
+
+def test_the_service_runs_its_tasks_on_the_cluster(
+    cluster: Cluster, wasm: WasmFixtures, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import base64
+
+    from service_server import running_service
+
+    env = {
+        "PARITY_SANDBOX_SERVICE_BACKEND": f"ray://{cluster.address}",
+        "PARITY_SANDBOX_RAY_TOKEN_FILE": str(cluster.token_file),
+    }
+    module = base64.b64encode(wasm.echo_stdin.read_bytes()).decode()
+    with (
+        running_service(tmp_path_factory, env) as server,
+        server.client(server.keys["alice"]) as client,
+    ):
+        body = {"wasm_module": module, "input": base64.b64encode(b"via ray").decode()}
+        answer = client.post("/v1/tasks", params={"wait": 30}, json=body)
+        assert answer.status_code == 200, answer.text
+        result = answer.json()["result"]
+        assert base64.b64decode(result["stdout"]) == b"via ray"
+        nodes = {state.node_id for state in cluster.started.values()}
+        assert result["runtime"]["node"] in nodes

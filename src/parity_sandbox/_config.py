@@ -516,6 +516,7 @@ class Config(_LimitSettings):
         document["service"]["state_dir"] = str(self.service.resolved_state_dir())
         document["audit"] = self.audit.model_dump(mode="json")
         document["metrics"] = self.metrics.model_dump(mode="json")
+        document["ray"] = self.ray.model_dump(mode="json")
         return {"sandbox": document}
 
     def result_cache_path(self, environ: Mapping[str, str] | None = None) -> Path:
@@ -530,6 +531,7 @@ _SECTIONS: dict[str, type[_Model]] = {
     "service": ServiceSettings,
     "audit": AuditSettings,
     "metrics": MetricsSettings,
+    "ray": RaySettings,
 }
 
 
