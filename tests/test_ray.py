@@ -1,8 +1,9 @@
 """RayExecutor on a real three-node Ray cluster on loopback, with real runtimes.
 
 The nodes are started by ``node start`` (each with its own temp dir and ports) and offer
-different things: the head WASM and Docker under runc, ``w1`` Docker under runsc only, ``w2``
-WASM and Docker under runc and one (fake) GPU. Tasks must land where they can run.
+different things: the head WASM and Docker under runc, ``w1`` WASM and Docker under runsc
+only, ``w2`` WASM and Docker under runc and one (fake) GPU. Tasks must land where they can
+run.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     nodes = cluster_or_skip(tmp_path_factory.mktemp("ray"))
     try:
         nodes.add("head", head=True, runtimes=("wasm", "docker"), oci_runtimes=("runc",))
-        nodes.add("w1", runtimes=("docker",), oci_runtimes=("runsc",))
+        nodes.add("w1", runtimes=("wasm", "docker"), oci_runtimes=("runsc",))
         nodes.add("w2", runtimes=("wasm", "docker"), oci_runtimes=("runc",), gpus=1)
         yield nodes
     finally:
@@ -77,8 +78,7 @@ def test_a_wasm_task_runs_on_a_node_and_says_which(
     assert result.stdout == b"3\nargs.wasm\na b\nc\n" or result.stdout.startswith(b"3\n")
     assert result.attempts == 1
     assert result.runtime is not None and result.runtime.name == "wasm"
-    wasm_nodes = {cluster.started["head"].node_id, cluster.started["w2"].node_id}
-    assert result.runtime.node in wasm_nodes
+    assert result.runtime.node in {state.node_id for state in cluster.started.values()}
 
 
 def test_submit_map_and_execute_async_keep_the_contract(
@@ -148,6 +148,46 @@ def test_the_result_cache_answers_a_repeated_deterministic_task(
     assert not first.cached and second.cached
     assert first.spec_hash == second.spec_hash is not None
     assert second.result_hash == first.result_hash
+
+
+def test_input_files_travel_with_their_task_and_outputs_come_back(
+    ray_executor: object, wasm: WasmFixtures, tmp_path: Path
+) -> None:
+    from parity_sandbox.cluster.executor import RayExecutor
+
+    assert isinstance(ray_executor, RayExecutor)
+    host_file = tmp_path / "a.txt"
+    host_file.write_bytes(b"from the driver's host\n")
+    read = ray_executor.execute(
+        Task(wasm_file=wasm.read_input, args=["a.txt"], input_files={"a.txt": host_file})
+    )
+    assert read.stdout == b"from the driver's host\n"
+    written = ray_executor.execute(Task(wasm_file=wasm.write_outputs))
+    assert written.files["out/result.txt"] == b"result 42\n"
+    assert written.files["out/sub/nested.txt"] == b"nested\n"
+
+
+def test_a_driver_without_the_clusters_token_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("0" * 64)
+    script = (
+        "import sys\n"
+        "from parity_sandbox import Config, RuntimeUnavailable\n"
+        "from parity_sandbox.cluster.executor import RayExecutor\n"
+        f"config = Config(ray={{'token_file': {str(wrong)!r}}})\n"
+        "try:\n"
+        f"    RayExecutor({cluster.address!r}, config=config).close()\n"
+        "except RuntimeUnavailable as exc:\n"
+        "    print('refused:', exc.message[:300]); sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 3, (done.stdout, done.stderr[-2000:])
+    assert "refused" in done.stdout
 
 
 def test_a_docker_task_runs_in_its_nodes_container(ray_executor: object) -> None:
@@ -246,7 +286,7 @@ def test_a_thousand_wasm_tasks_come_back_correct_in_order_without_duplicates(
     assert not wrong, wrong[:5]
     assert all(r.attempts == 1 for r in results)
     ran_on = {r.runtime.node for r in results if r.runtime}
-    assert ran_on == {cluster.started["head"].node_id, cluster.started["w2"].node_id}
+    assert ran_on == {state.node_id for state in cluster.started.values()}
     # The module went into the object store once.
     assert len(ray_executor._modules) >= 1
 
