@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from parity_sandbox._exceptions import RuntimeUnavailable
 
-__all__ = ["NAMESPACE", "agent_name", "connect", "disconnect", "ray"]
+__all__ = ["NAMESPACE", "RUNTIME_PREFIX", "agent_name", "connect", "disconnect", "ray"]
 
 #: The Ray namespace of the node agents.
 NAMESPACE = "parity_sandbox"

@@ -27,7 +27,7 @@ from parity_sandbox._config import Config, load_config
 from parity_sandbox._exceptions import SandboxError
 from parity_sandbox._executor import Executor
 from parity_sandbox._models import Task
-from parity_sandbox.cluster._ray import NAMESPACE, agent_name, ray
+from parity_sandbox.cluster._ray import NAMESPACE, RUNTIME_PREFIX, agent_name, ray
 from parity_sandbox.runtimes import executor_class
 
 #: Seconds between two reaps of a node's leftovers.
@@ -52,6 +52,10 @@ class NodeAgent:
         self._stopping = threading.Event()
         #: Tasks this agent was given.
         self.tasks = 0
+        #: Set once the executors of the runtimes this node offers are made (a first task
+        #: then does not wait for a Docker executor's start inside its own deadline).
+        self._warm = threading.Event()
+        threading.Thread(target=self._warm_up, name="parity-sandbox-warm", daemon=True).start()
         self._reaper = threading.Thread(
             target=self._reap_loop, name="parity-sandbox-reaper", daemon=True
         )
@@ -74,7 +78,9 @@ class NodeAgent:
         return list(await asyncio.gather(*(self._one(*each, use_cache) for each in tasks)))
 
     def describe(self) -> dict[str, Any]:
-        """This node: its id, the agent's process, the runtimes it has made."""
+        """This node: its id, the agent's process, the runtimes it has made (once the
+        executors of those it offers are made, or a minute has passed)."""
+        self._warm.wait(60)
         return {
             "node_id": self.node_id,
             "pid": os.getpid(),
@@ -171,6 +177,19 @@ class NodeAgent:
         while self._module_bytes > MODULE_BYTES and len(self._modules) > 1:
             _, dropped = self._modules.popitem(last=False)
             self._module_bytes -= len(dropped)
+
+    def _warm_up(self) -> None:
+        """Make the executors of the runtimes this node offers (its ``psb_runtime_*``)."""
+        try:
+            nodes = ray.nodes()  # type: ignore[no-untyped-call]
+            mine = [node for node in nodes if node["NodeID"] == self.node_id]
+            offered: dict[str, float] = mine[0].get("Resources", {}) if mine else {}
+            for name in sorted(offered):
+                if name.startswith(RUNTIME_PREFIX) and not self._stopping.is_set():
+                    with contextlib.suppress(SandboxError):
+                        self._executor(name.removeprefix(RUNTIME_PREFIX))
+        finally:
+            self._warm.set()
 
     def _reap_loop(self) -> None:
         while True:
