@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"_fs", "_proxy", "runtimes", "runtimes.docker.daemon", "service.views", "cluster._ray"},
     {"runtimes.wasm.protocol", "runtimes.docker.streams"},
     {"runtimes.wasm.worker", "_models"},
-    {"_config", "runtimes.wasm.modules"},
+    {"_config", "runtimes.wasm.modules", "wasi_spec"},
     {"_cache", "_inputs", "audit", "runtimes.docker.spec", "cluster.node"},
     {
         "_executor",

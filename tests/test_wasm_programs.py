@@ -184,7 +184,7 @@ def test_an_input_tree_is_mounted_read_only_where_the_task_says(
 @pytest.mark.parametrize(
     "mounts",
     [
-        {"/": "fixture"},
+        {"/": "nothing-there"},
         {"/work": "fixture"},
         {"/input/x": "fixture"},
         {"/etc/data": "fixture"},
@@ -199,6 +199,82 @@ def test_a_bad_mount_is_refused(wasm: WasmFixtures, mounts: dict[str, str]) -> N
     with pytest.raises(InvalidInput) as caught:
         Task(wasm_file=wasm.readpath, input_files=FIXTURE, mounts=mounts)
     assert caught.value.field == "mounts"
+
+
+def test_a_tree_mounted_at_root_is_the_guest_s_root_and_working_directory(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    """``/a.txt`` and ``a.txt`` are the tree's, read-only; ``/data`` and ``/input`` keep their
+    own trees over it and ``/work`` stays the workspace."""
+    files = {**FIXTURE, "other/c.txt": b"C", "fixture/data/hidden.txt": b"H"}
+    mounts = {"/": "fixture", "/data": "other"}
+
+    def read(path: str) -> tuple[int | None, bytes, bytes]:
+        task = Task(wasm_file=wasm.readpath, args=(path,), input_files=files, mounts=mounts)
+        result = executor.execute(task)
+        return result.exit_code, result.stdout, result.stderr
+
+    assert read("/a.txt") == (0, b"A", b"write denied\n")
+    assert read("a.txt") == (0, b"A", b"write denied\n")
+    assert read("sub/b.txt") == (0, b"B", b"write denied\n")
+    assert read("/data/c.txt") == (0, b"C", b"write denied\n")
+    assert read("/data/hidden.txt")[0] == 2  # /data is the other tree, not the root's folder
+    assert read("/input/plain.txt") == (0, b"P", b"write denied\n")
+    assert read("/../../etc/passwd")[0] == 2
+    # Relative writes land in the read-only tree and fail; the workspace is /work.
+    relative = executor.execute(Task(wasm_file=wasm.relpath, input_files=files, mounts=mounts))
+    assert relative.exit_code == 1 and relative.stderr.startswith(b"data.txt: "), relative
+    # without a tree at /, an absolute path resolves in the working directory (wasi-libc
+    # matches "." to every path): /a.txt is not there
+    alone = executor.execute(Task(wasm_file=wasm.readpath, args=("/a.txt",), input_files=FIXTURE))
+    assert alone.exit_code == 2 and b"No such file" in alone.stderr, alone
+
+
+def test_a_tree_at_root_stays_read_only_and_closed(
+    executor: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    """Every change to the tree is refused (EPERM) and no path leads out of it; the program
+    still writes its outputs under /work/out."""
+    task = Task(
+        wasm_file=wasm.wasi_root,
+        input_files={"t/a.txt": b"alpha\n", "t/sub/b.txt": b"beta\n"},
+        mounts={"/": "t"},
+    )
+    result = executor.execute(task)
+    assert result.ok, result.stderr
+    assert result.stdout.endswith(b"fd 3: /\nread-only, no way out\nworkspace at /work\n")
+    assert result.stderr.count(b"refused (errno 63: Operation not permitted)") == 8
+    assert result.files == {"out/seen.txt": b"seen\n"}
+
+
+def test_a_tree_at_root_takes_no_workdir_and_its_caps_apply(wasm: WasmFixtures) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        Task(
+            wasm_file=wasm.readpath,
+            workdir="/work/job",
+            input_files=FIXTURE,
+            mounts={"/": "fixture"},
+        )
+    assert caught.value.field == "mounts" and "workdir" in caught.value.message
+    assert Task(
+        wasm_file=wasm.readpath, workdir="/work", input_files=FIXTURE, mounts={"/": "fixture"}
+    )
+    many = {f"fixture/{n}.txt": b"" for n in range(1001)}
+    with pytest.raises(InvalidInput) as caught:
+        Task(wasm_file=wasm.readpath, input_files=many, mounts={"/": "fixture"})
+    assert caught.value.field == "input_files"
+    rooted = spec_hash(Task(wasm_file=wasm.readpath, input_files=FIXTURE, mounts={"/": "fixture"}))
+    assert rooted != spec_hash(
+        Task(wasm_file=wasm.readpath, input_files=FIXTURE, mounts={"/d": "fixture"})
+    )
+
+
+@pytest.mark.docker
+def test_a_docker_task_cannot_mount_a_tree_at_root(docker_executor: DockerExecutor) -> None:
+    task = Task(image=TEST_IMAGE, command=["true"], input_files=FIXTURE, mounts={"/": "fixture"})
+    with pytest.raises(InvalidInput) as caught:
+        docker_executor.execute(task)
+    assert caught.value.field == "mounts" and "its image" in caught.value.message
 
 
 def test_a_docker_task_sees_its_mounted_tree_read_only(docker_executor: DockerExecutor) -> None:

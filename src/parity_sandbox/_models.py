@@ -115,9 +115,11 @@ _RESERVED_MOUNTS = (
 
 def check_mount_path(path: str) -> str:
     """Validate a guest path a tree is mounted at (under ``/work``: a writable copy in the
-    workspace); ``ValueError`` saying why not."""
-    if not isinstance(path, str) or not path.startswith("/") or path == "/":
+    workspace; ``/``: the guest's root, WebAssembly only); ``ValueError`` saying why not."""
+    if not isinstance(path, str) or not path.startswith("/"):
         raise ValueError(f"{str(path)[:80]!r} must be an absolute path such as /data")
+    if path == "/":
+        return path
     _check_relative_path(path[1:], "mount path")
     if path.startswith("/work/"):
         return path
@@ -358,7 +360,10 @@ class Task(_Model):
         mounts: guest path -> a folder of ``input_files``: that tree, read-only, at that path
             instead of under ``/input`` (``{"/data": "fixture"}`` shows ``input_files``'
             ``fixture/a.txt`` as ``/data/a.txt``), in both runtimes alike; under ``/work``,
-            a writable copy in the workspace (counted in ``disk``).
+            a writable copy in the workspace (counted in ``disk``). At ``/`` (WebAssembly
+            only; Docker refuses it): the guest's root and working directory, fd 3, so that
+            ``/a.txt`` and ``a.txt`` are both its ``a.txt``; the workspace is then reached as
+            ``/work`` only, and ``workdir`` may not be set.
         required_outputs: outputs (or paths under them) the task must leave: one missing
             ends it ``failed`` with a ``MissingOutput`` error, whatever its exit code.
         limits: overrides of the configured limits.
@@ -562,9 +567,16 @@ class Task(_Model):
                     f"{guest}: no input file lies under {folder!r}: give its files as "
                     f"input_files {folder}/NAME"
                 )
+        # A tree at / may hold other mounts (they hide its folders of that name, as /work and
+        # /input do): "//" begins no other mount path.
         for one, other in itertools.pairwise(sorted(value)):
             if other.startswith(one + "/"):
                 raise ValueError(f"{other} lies inside {one}")
+        if "/" in value and info.data.get("workdir") not in (None, "/work"):
+            raise ValueError(
+                "a tree mounted at / is the working directory (relative paths resolve in it): "
+                "leave workdir unset"
+            )
         for one, other in itertools.pairwise(sorted(value.values())):
             if other == one or other.startswith(one + "/"):
                 raise ValueError(f"the folder {other!r} is mounted twice (in {one!r})")

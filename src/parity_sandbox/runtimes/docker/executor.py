@@ -360,6 +360,15 @@ class DockerExecutor(Executor):
                 "wasm runtime)",
                 field="image",
             )
+        if "/" in task.mounts:
+            # A container's / is its image: the program, its libraries, the shell. A tree in
+            # its place leaves nothing to run, and a tree merged into it is not the tree the
+            # task named; so the task is refused rather than run with something else.
+            raise InvalidInput(
+                "mounts: a tree at / replaces a WebAssembly guest's root; a container's root is "
+                "its image: mount the tree at a path such as /data",
+                field="mounts",
+            )
         runtime = task.oci_runtime or self._settings.oci_runtime
         if task.network is not None:
             self._check_egress(task.network, runtime)

@@ -608,32 +608,48 @@ class Runner:
         self.stderr.reset(request.limits.output)
         wasi.inherit_stdout()
         wasi.inherit_stderr()
-        wasi.preopen_dir(str(self.work), "/work")
-        # Also as the working directory: relative paths resolve in the workspace (or in the
-        # folder under it that the task names), as they do in a Docker task.
-        here = self.work / request.workdir.removeprefix("/work/") if request.workdir else None
-        if here is not None and here != self.work:
-            here.mkdir(parents=True, exist_ok=True, mode=0o700)
-        wasi.preopen_dir(str(here or self.work), ".")
-        self._made = _make_output_dirs(self.work, request.outputs)
+        plain: dict[str, bytes] = {}
+        trees: list[tuple[str, dict[str, bytes]]] = []
         if request.input_files:
             self._used_inputs = True
             self.inputs.mkdir()
             plain, trees = mounted_trees(request.input_files, request.mounts)
-            if plain:
-                files = self.inputs / "files"
-                files.mkdir()
-                write_files(files, plain)
-                wasi.preopen_dir(str(files), "/input", fs_mutable=False)
-            for index, (guest, tree) in enumerate(trees):
-                if guest.startswith("/work/"):  # a writable copy, in the workspace
-                    where = guest.removeprefix("/work/")
-                    write_files(self.work, {f"{where}/{name}": data for name, data in tree.items()})
-                    continue
-                folder = self.inputs / f"mount{index}"
-                folder.mkdir()
-                write_files(folder, tree)
-                wasi.preopen_dir(str(folder), guest, fs_mutable=False)
+        # wasi-libc (and Rust's std over it) resolves "a.txt" exactly as "/a.txt": in the
+        # preopen whose name is the longest prefix of the path, "/" and "." both matching every
+        # path and the higher fd winning between them. So a tree mounted at / is the working
+        # directory: it comes first (fd 3, where a test that assumes one preopen looks) and
+        # "." is not preopened; the workspace is /work (fd 4).
+        root = next((tree for guest, tree in trees if guest == "/"), None)
+        if root is not None:
+            folder = self.inputs / "root"
+            folder.mkdir()
+            write_files(folder, root)
+            wasi.preopen_dir(str(folder), "/", fs_mutable=False)
+        wasi.preopen_dir(str(self.work), "/work")
+        if root is None:
+            # Also as the working directory: relative paths resolve in the workspace (or in
+            # the folder under it that the task names), as they do in a Docker task.
+            here = self.work / request.workdir.removeprefix("/work/") if request.workdir else None
+            if here is not None and here != self.work:
+                here.mkdir(parents=True, exist_ok=True, mode=0o700)
+            wasi.preopen_dir(str(here or self.work), ".")
+        self._made = _make_output_dirs(self.work, request.outputs)
+        if plain:
+            files = self.inputs / "files"
+            files.mkdir()
+            write_files(files, plain)
+            wasi.preopen_dir(str(files), "/input", fs_mutable=False)
+        for index, (guest, tree) in enumerate(trees):
+            if guest == "/":
+                continue
+            if guest.startswith("/work/"):  # a writable copy, in the workspace
+                where = guest.removeprefix("/work/")
+                write_files(self.work, {f"{where}/{name}": data for name, data in tree.items()})
+                continue
+            folder = self.inputs / f"mount{index}"
+            folder.mkdir()
+            write_files(folder, tree)
+            wasi.preopen_dir(str(folder), guest, fs_mutable=False)
         return wasi
 
     @staticmethod
