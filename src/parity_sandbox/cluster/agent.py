@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -36,6 +37,7 @@ REAP_EVERY = 10.0
 MODULE_BYTES = 512 * 1024 * 1024
 
 Outcome = dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 class NodeAgent:
@@ -149,6 +151,11 @@ class NodeAgent:
                     "field": getattr(exc, "field", None),
                 }
             result = exc.result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("a task failed in the agent")
+            return {"error": "ExecutionError", "message": f"{type(exc).__name__}: {exc}"}
         if result.runtime is not None:
             result = result.model_copy(
                 update={"runtime": result.runtime.model_copy(update={"node": self.node_id})}
