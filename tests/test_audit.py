@@ -342,7 +342,9 @@ def test_an_executor_writes_one_entry_per_task_end(
             )
         )
     assert cached.cached
-    entries = [json.loads(line) for line in lines(log)]
+    # A leftover of another process that the executor reaped on the way is not one of these.
+    written = [json.loads(line) for line in lines(log)]
+    entries = [e for e in written if e["action"] != "leftover_reaped"]
     assert [e["action"] for e in entries] == ["task_end", "task_end", "task_rejected", "task_end"]
     run, hit, rejected, trapped = entries
     assert run["who"] == "key-7" and hit["who"] == "key-7" and trapped["who"] is None
@@ -355,7 +357,7 @@ def test_an_executor_writes_one_entry_per_task_end(
     assert rejected["field"] == "memory"
     assert trapped["status"] == "error" and trapped["result_hash"] == results[0].result_hash
     assert [e["kind"] for e in trapped["events"]] == ["guest_trap"]
-    assert verify_chain([log]).entries == 4
+    assert verify_chain([log]).entries == len(written)
 
 
 def test_a_background_log_writes_in_order_off_the_callers_thread(

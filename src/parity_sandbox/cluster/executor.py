@@ -65,6 +65,8 @@ CHUNK_WIDTH = 4
 #: Seconds between two looks at the cluster's nodes (and at a waiting caller's cancel).
 NODES_TTL = 2.0
 POLL = 0.25
+#: Seconds a node where a chunk was lost is passed over while another can take its chunks.
+LOST_TTL = 60.0
 #: Seconds an image reference's id, and a node's list of images, are trusted.
 IMAGES_TTL = 10.0
 #: Modules this executor keeps in the object store (the least recently used are dropped).
@@ -158,6 +160,8 @@ class RayExecutor(Executor):
         self._agents: dict[str, Any] = {}
         self._module_files = ModuleFiles()
         self._limits: dict[str, Limits] = {}
+        #: Nodes a chunk was lost on, and when: others are preferred for ``LOST_TTL``.
+        self._lost_nodes: dict[str, float] = {}
         #: Images: the id each reference named when last asked, and each node's ids.
         self._image_refs: dict[str, tuple[str, float]] = {}
         self._node_images: dict[str, tuple[set[str], float]] = {}
@@ -396,10 +400,20 @@ class RayExecutor(Executor):
     def _place(self, need: _Need, memory: int, lost_on: set[str]) -> str | None:
         """The least loaded live node that has what ``need`` asks and room for ``memory``
         (and its GPUs) now, reserved; ``None`` when none has room."""
-        nodes = [node for node in self.nodes() if _fits(node["Resources"], need, memory)]
-        if need.image is not None:
-            nodes = [node for node in nodes if self._has_image(str(node["NodeID"]), need.image)]
-        elsewhere = [node for node in nodes if node["NodeID"] not in lost_on]
+        now = time.monotonic()
+        recent = {node for node, when in self._lost_nodes.items() if now - when < LOST_TTL}
+        for fresh in (False, True):
+            nodes = [
+                node for node in self.nodes(fresh=fresh) if _fits(node["Resources"], need, memory)
+            ]
+            if need.image is not None:
+                nodes = [n for n in nodes if self._has_image(str(n["NodeID"]), need.image)]
+            # Not where this chunk, or lately any, was lost (Ray may still list a dead node
+            # as alive for a while): there only when nothing else (even a node that joined
+            # since the last look) can take it.
+            elsewhere = [node for node in nodes if node["NodeID"] not in lost_on | recent]
+            if elsewhere:
+                break
         with self._room:
             best: str | None = None
             load = math.inf
@@ -495,6 +509,7 @@ class RayExecutor(Executor):
         self._forget(chunk)
         if node is not None:
             chunk.lost_on.add(node)
+            self._lost_nodes[node] = time.monotonic()
             self._agents.pop(node, None)
             self.nodes(fresh=True)
         chunk.ref = None
