@@ -16,14 +16,18 @@ CLI = [sys.executable, "-m", "parity_sandbox.cli"]
 
 
 def run_cli(
-    *args: str, stdin: bytes = b"", env: dict[str, str] | None = None, cache: Path | None = None
+    *args: str,
+    stdin: bytes = b"",
+    env: dict[str, str] | None = None,
+    cache: Path | None = None,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[bytes]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PARITY_SANDBOX_")}
     if cache is not None:
         environ["XDG_CACHE_HOME"] = str(cache)
     environ.update(env or {})
     return subprocess.run(
-        [*CLI, *args], input=stdin, capture_output=True, env=environ, timeout=60, check=False
+        [*CLI, *args], input=stdin, capture_output=True, env=environ, timeout=timeout, check=False
     )
 
 

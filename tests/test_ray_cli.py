@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,14 @@ from parity_sandbox import Result, Status
 from parity_sandbox.cluster import node as nodes
 from raycluster import _free_base, cluster_or_skip
 from test_batch import line
-from test_cli import run_cli
+from test_cli import run_cli as _run_cli
 
 pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The CLI, given the time a node takes to start on a loaded machine."""
+    return _run_cli(*args, stdin=stdin, timeout=240)
 
 
 @pytest.fixture
