@@ -114,7 +114,10 @@ def test_a_stopped_nodes_task_ends_by_its_deadline_and_leaves_nothing_behind(
         task = Task(id=task_id, image=TEST_IMAGE, command=["sleep", "60"], limits={"timeout": "3s"})
         submitted = time.monotonic()
         future = ray_executor.submit(task)
-        _wait_for(lambda: _containers({task_id}, running=True), 30, "the container ran")
+        _wait_for(
+            lambda: future.done() or _containers({task_id}, running=True), 60, "the task started"
+        )
+        assert not future.done(), f"the task ended before it was stopped: {future.exception()}"
         cluster.signal("v3", signal.SIGSTOP)
         try:
             with pytest.raises((ExecutionTimeout, ExecutionError)):

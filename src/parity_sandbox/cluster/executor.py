@@ -67,6 +67,8 @@ NODES_TTL = 2.0
 POLL = 0.25
 #: Seconds a node where a chunk was lost is passed over while another can take its chunks.
 LOST_TTL = 60.0
+#: Seconds the driver waits for an agent to answer a question (not a task).
+ASK_TIMEOUT = 10.0
 #: Seconds an image reference's id, and a node's list of images, are trusted.
 IMAGES_TTL = 10.0
 #: Modules this executor keeps in the object store (the least recently used are dropped).
@@ -286,19 +288,37 @@ class RayExecutor(Executor):
         if known is not None and now - known[1] < IMAGES_TTL:
             return known[0]
         docker = runtime_resource("docker")
-        nodes = [node for node in self.nodes() if docker in node["Resources"]]
+        lost = self._recently_lost()
+        nodes = [str(n["NodeID"]) for n in self.nodes(fresh=True) if docker in n["Resources"]]
         if not nodes:
             raise RuntimeUnavailable(
                 f"no node of the Ray cluster at {self.address} runs Docker tasks"
             )
-        outcome: Outcome = ray.get(
-            self._agent(str(nodes[0]["NodeID"])).image_id.remote(reference), timeout=60
+        # A node lately lost last: Ray may still list it while it cannot answer.
+        nodes.sort(key=lambda node: node in lost)
+        failures = []
+        for node in nodes:
+            try:
+                outcome: Outcome = ray.get(
+                    self._agent(node).image_id.remote(reference), timeout=ASK_TIMEOUT
+                )
+            except Exception as exc:  # noqa: BLE001 - that node cannot answer: ask another
+                failures.append(f"{type(exc).__name__}")
+                continue
+            if "id" not in outcome:
+                raise _error_of(outcome)
+            image_id = str(outcome["id"])
+            self._image_refs[reference] = (image_id, now)
+            return image_id
+        raise RuntimeUnavailable(
+            f"no Docker node of the Ray cluster at {self.address} said what image "
+            f"{reference} is ({', '.join(failures)})"
         )
-        if "id" not in outcome:
-            raise _error_of(outcome)
-        image_id = str(outcome["id"])
-        self._image_refs[reference] = (image_id, now)
-        return image_id
+
+    def _recently_lost(self) -> set[str]:
+        """The nodes a chunk was lost on in the last ``LOST_TTL`` seconds."""
+        now = time.monotonic()
+        return {node for node, when in self._lost_nodes.items() if now - when < LOST_TTL}
 
     def _has_image(self, node_id: str, image: str) -> bool:
         """Whether node ``node_id`` has image ``image`` (its list, asked at most every
@@ -307,9 +327,11 @@ class RayExecutor(Executor):
         known = self._node_images.get(node_id)
         if known is not None and (image in known[0] or now - known[1] < IMAGES_TTL / 10):
             return image in known[0]
+        if node_id in self._recently_lost():  # it may not answer: others are asked
+            return False
         if known is None or now - known[1] >= IMAGES_TTL / 10:
             try:
-                ids = set(ray.get(self._agent(node_id).image_ids.remote(), timeout=30))
+                ids = set(ray.get(self._agent(node_id).image_ids.remote(), timeout=ASK_TIMEOUT))
             except Exception:  # noqa: BLE001 - a node that cannot say has nothing to offer
                 ids = set()
             self._node_images[node_id] = (ids, now)
@@ -400,8 +422,7 @@ class RayExecutor(Executor):
     def _place(self, need: _Need, memory: int, lost_on: set[str]) -> str | None:
         """The least loaded live node that has what ``need`` asks and room for ``memory``
         (and its GPUs) now, reserved; ``None`` when none has room."""
-        now = time.monotonic()
-        recent = {node for node, when in self._lost_nodes.items() if now - when < LOST_TTL}
+        recent = self._recently_lost()
         for fresh in (False, True):
             nodes = [
                 node for node in self.nodes(fresh=fresh) if _fits(node["Resources"], need, memory)
