@@ -17,7 +17,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -124,6 +124,19 @@ class Cluster:
         nodes.stop(self.state_dir)
         self.started.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def shut(self) -> None:
+        """Stop every node; fail if any process of the cluster is still alive after."""
+        self.close()
+        left = self.wait_gone()
+        assert not left, f"cluster processes left after node stop: {sorted(left)}"
+
+    def executor(self) -> Iterator[object]:
+        """A ``RayExecutor`` on this cluster, closed after (for a fixture to yield from)."""
+        from parity_sandbox.cluster.executor import RayExecutor
+
+        with RayExecutor(self.address, config=self.config) as executor:
+            yield executor
 
     def wait_gone(self, timeout: float = 30.0) -> set[int]:
         """The processes of every node ever started that are still alive after ``timeout``."""

@@ -39,17 +39,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         nodes.add("w2", runtimes=("wasm", "docker"), oci_runtimes=("runc",), gpus=1)
         yield nodes
     finally:
-        nodes.close()
-    left = nodes.wait_gone()
-    assert not left, f"cluster processes left after node stop: {sorted(left)}"
+        nodes.shut()
 
 
 @pytest.fixture(scope="module")
 def ray_executor(cluster: Cluster) -> Iterator[object]:
-    from parity_sandbox.cluster.executor import RayExecutor
-
-    with RayExecutor(cluster.address, config=cluster.config) as executor:
-        yield executor
+    yield from cluster.executor()
 
 
 def _agent_tasks(cluster: Cluster) -> dict[str, int]:

@@ -33,17 +33,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         nodes.add("head", head=True, runtimes=("wasm",), failure_after=FAILURE_AFTER)
         yield nodes
     finally:
-        nodes.close()
-    left = nodes.wait_gone()
-    assert not left, f"cluster processes left after node stop: {sorted(left)}"
+        nodes.shut()
 
 
 @pytest.fixture(scope="module")
 def ray_executor(cluster: Cluster) -> Iterator[object]:
-    from parity_sandbox.cluster.executor import RayExecutor
-
-    with RayExecutor(cluster.address, config=cluster.config) as executor:
-        yield executor
+    yield from cluster.executor()
 
 
 def _containers(task_ids: set[str], *, running: bool = False) -> list[str]:

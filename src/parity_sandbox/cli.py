@@ -1060,6 +1060,16 @@ def metrics_serve(
             server.serve_forever()
 
 
+def _cluster_nodes() -> Any:
+    """``parity_sandbox.cluster.node``, or exit 2 saying how to install the ``ray`` extra."""
+    try:
+        from parity_sandbox.cluster import node
+    except ImportError as exc:
+        _err.print(f"parity-sandbox: pip install 'parity-sandbox[ray]' ({exc})", markup=False)
+        raise typer.Exit(2) from None
+    return node
+
+
 def _ray_state_dir(settings: Config) -> Path:
     return settings.service.resolved_state_dir() / "ray"
 
@@ -1110,11 +1120,7 @@ def node_start(
 
     The node keeps running after this command returns; `parity-sandbox node stop` stops it.
     """
-    try:
-        from parity_sandbox.cluster import node as nodes
-    except ImportError as exc:
-        _err.print(f"parity-sandbox: pip install 'parity-sandbox[ray]' ({exc})", markup=False)
-        raise typer.Exit(2) from None
+    nodes = _cluster_nodes()
     try:
         settings = load_config(config)
         if token_file is not None:
@@ -1159,11 +1165,7 @@ def node_stop(
     config: ConfigOption = None,
 ) -> None:
     """Stop the nodes `node start` started on this host: their processes, by PID."""
-    try:
-        from parity_sandbox.cluster import node as nodes
-    except ImportError as exc:
-        _err.print(f"parity-sandbox: pip install 'parity-sandbox[ray]' ({exc})", markup=False)
-        raise typer.Exit(2) from None
+    nodes = _cluster_nodes()
     try:
         stopped = nodes.stop(_ray_state_dir(load_config(config)), name)
     except SandboxError as exc:

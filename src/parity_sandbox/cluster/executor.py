@@ -321,22 +321,21 @@ class RayExecutor(Executor):
         return {node for node, when in self._lost_nodes.items() if now - when < LOST_TTL}
 
     def _has_image(self, node_id: str, image: str) -> bool:
-        """Whether node ``node_id`` has image ``image`` (its list, asked at most every
-        ``IMAGES_TTL`` seconds, or again when the image is missing from it)."""
+        """Whether node ``node_id`` has image ``image``: its list of images, asked again when
+        it lacks the image and is older than a tenth of ``IMAGES_TTL``. A node lately lost is
+        not asked (it may not answer)."""
         now = time.monotonic()
         known = self._node_images.get(node_id)
         if known is not None and (image in known[0] or now - known[1] < IMAGES_TTL / 10):
             return image in known[0]
-        if node_id in self._recently_lost():  # it may not answer: others are asked
+        if node_id in self._recently_lost():
             return False
-        if known is None or now - known[1] >= IMAGES_TTL / 10:
-            try:
-                ids = set(ray.get(self._agent(node_id).image_ids.remote(), timeout=ASK_TIMEOUT))
-            except Exception:  # noqa: BLE001 - a node that cannot say has nothing to offer
-                ids = set()
-            self._node_images[node_id] = (ids, now)
-            return image in ids
-        return False
+        try:
+            ids = set(ray.get(self._agent(node_id).image_ids.remote(), timeout=ASK_TIMEOUT))
+        except Exception:  # noqa: BLE001 - a node that cannot say has nothing to offer
+            ids = set()
+        self._node_images[node_id] = (ids, now)
+        return image in ids
 
     def _check_feasible(self, need: _Need, memory: int) -> None:
         """Raise ``RuntimeUnavailable`` unless some live node has all that ``need`` asks
