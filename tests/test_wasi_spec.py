@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from conftest import WasmFixtures
-from parity_sandbox import InvalidInput, Status, WasmExecutor
+from parity_sandbox import (
+    InvalidInput,
+    ResourceLimitExceeded,
+    Result,
+    Status,
+    Task,
+    WasmExecutor,
+)
 from parity_sandbox.wasi_spec import read_spec, spec_failures, spec_task
 
 SPECS = Path(__file__).parent / "fixtures" / "wasi-spec"
@@ -32,18 +39,49 @@ def tree(path: Path) -> dict[str, bytes]:
     }
 
 
-def test_a_root_spec_mounts_its_fixture_read_only_at_root(
+def test_a_root_spec_gets_a_writable_copy_of_its_fixture_at_root(
     executor: WasmExecutor, wasm: WasmFixtures, tmp_path: Path
 ) -> None:
-    module = lay_out(tmp_path, "root", wasm.wasi_root)
+    """As the suite's current tests do, the program makes, renames and removes scratch files
+    in its root and changes the fixture; the host's fixture stays as it was, the next run sees
+    it unchanged, and no path or link the task makes leads out of the tree."""
+    module = lay_out(tmp_path, "root", wasm.wasi_root_rw)
     spec = read_spec(module)
     task = spec_task(spec, module)
-    assert task.mounts == {"/": "fs-tests.dir"}
+    assert task.mounts == {"/": "fs-tests.dir:rw"}
     assert set(task.input_files) == {"fs-tests.dir/a.txt", "fs-tests.dir/sub/b.txt"}
-    result = executor.execute(task)
-    assert spec_failures(spec, result) == [], result.stderr
-    assert result.files == {"out/seen.txt": b"seen\n"}
+    for _ in range(2):  # the second run sees "alpha" again: the change stayed in its copy
+        result = executor.execute(task)
+        assert spec_failures(spec, result) == [], result.stderr
+        assert result.files == {"out/seen.txt": b"seen\n"}
     assert tree(module.parent / "fs-tests.dir") == tree(SPECS / "root" / "fs-tests.dir")
+
+
+def test_a_writable_root_counts_against_the_disk_cap(
+    executor: WasmExecutor, wasm: WasmFixtures, tmp_path: Path
+) -> None:
+    """Files a task writes into its copy of the tree count with its workspace: eight files of
+    256 KiB (none over the file size cap) pass a 1 MiB disk cap."""
+    module = lay_out(tmp_path, "root", wasm.wasi_root_rw)
+    files = spec_task(read_spec(module), module).input_files
+    mounts = {"/": "fs-tests.dir:rw"}
+
+    def fill(count: int, **limits: str) -> Result:
+        return executor.execute(
+            Task(
+                wasm_file=module,
+                args=("fill", str(count)),
+                input_files=files,
+                mounts=mounts,
+                limits=limits,
+            )
+        )
+
+    within = fill(2, disk="1m")
+    assert within.status is Status.SUCCEEDED and within.stdout == b"filled 2\n", within
+    with pytest.raises(ResourceLimitExceeded) as caught:
+        fill(8, disk="1m")
+    assert caught.value.limit == "disk" and "2113536 bytes" in str(caught.value)
 
 
 def test_a_dirs_spec_gets_a_writable_copy_under_its_relative_name(

@@ -193,6 +193,10 @@ def test_an_input_tree_is_mounted_read_only_where_the_task_says(
         {"/data": "nothing-there"},
         {"/data": "fixture", "/data/more": "fixture/sub"},
         {"/a": "fixture", "/b": "fixture/sub"},  # one folder inside another
+        {"/a": "fixture:rw", "/b": "fixture:ro"},  # the same folder, whatever its modes
+        {"/data": "fixture:wr"},  # no such folder: a mode is :ro or :rw
+        {"/data": ":rw"},
+        {"/work/fixture": "fixture:ro"},  # a tree under /work is always a writable copy
     ],
 )
 def test_a_bad_mount_is_refused(wasm: WasmFixtures, mounts: dict[str, str]) -> None:
@@ -318,3 +322,45 @@ def test_a_tree_under_work_is_a_writable_copy(
     done = docker_executor.execute(docker_task)
     assert done.ok and done.stdout == b"Amore\n", done
     assert done.files["fixture/a.txt"] == b"Amore\n"
+
+
+def test_a_mount_s_mode_has_one_spelling_for_the_spec_hash(wasm: WasmFixtures) -> None:
+    def task(mounts: dict[str, str]) -> Task:
+        return Task(wasm_file=wasm.readpath, input_files=FIXTURE, mounts=mounts)
+
+    assert task({"/data": "fixture:ro"}).mounts == {"/data": "fixture"}
+    assert task({"/work/fix": "fixture:rw"}).mounts == {"/work/fix": "fixture"}
+    assert task({"/data": "fixture:rw"}).mounts == {"/data": "fixture:rw"}
+    assert spec_hash(task({"/data": "fixture:ro"})) == spec_hash(task({"/data": "fixture"}))
+    assert spec_hash(task({"/data": "fixture:rw"})) != spec_hash(task({"/data": "fixture"}))
+
+
+@pytest.mark.docker
+def test_a_writable_tree_is_the_task_s_own_copy(
+    executor: WasmExecutor, docker_executor: DockerExecutor, wasm: WasmFixtures
+) -> None:
+    """``:rw`` at /data: the task changes its copy (both runtimes); the next task sees the
+    tree as given."""
+    wasm_task = Task(
+        wasm_file=wasm.readpath,
+        args=("/data/a.txt",),
+        input_files=FIXTURE,
+        mounts={"/data": "fixture:rw"},
+    )
+    for _ in range(2):
+        result = executor.execute(wasm_task)
+        assert result.stdout == b"A" and result.stderr == b"write ok\n", result
+    script = (
+        "cat /data/a.txt; echo more >> /data/a.txt && cat /data/a.txt && mkdir /data/new "
+        "&& touch /data/new/f && rm /data/sub/b.txt && ls -R /data | tr '\\n' ' '"
+    )
+    docker_task = Task(
+        image=TEST_IMAGE,
+        command=["sh", "-c", script],
+        input_files=FIXTURE,
+        mounts={"/data": "fixture:rw"},
+    )
+    for _ in range(2):
+        done = docker_executor.execute(docker_task)
+        assert done.ok, done.stderr
+        assert done.stdout.startswith(b"AAmore\n/data: a.txt new sub"), done.stdout

@@ -412,19 +412,44 @@ def _empty_dir(fd: int, stage_fd: int, counter: itertools.count[int], skip: str 
     return moved
 
 
+#: How a mount's folder may end: ``:ro`` (read-only, the default) or ``:rw`` (a writable copy).
+MOUNT_MODES = (":ro", ":rw")
+
+
+def split_mount(value: str) -> tuple[str, bool]:
+    """A mount's folder and whether the task gets a writable copy of it: ``"fixture"`` and
+    ``"fixture:ro"`` are read-only, ``"fixture:rw"`` writable; a tree under ``/work`` is
+    always a writable copy (the workspace is the task's own)."""
+    if value.endswith(MOUNT_MODES):
+        return value[:-3], value.endswith(":rw")
+    return value, False
+
+
+@dataclass(frozen=True)
+class MountedTree:
+    """One mount of a task: its guest path, its files (names relative to the tree) and
+    whether the task may change them (a copy of its own, counted in ``disk``)."""
+
+    guest: str
+    files: dict[str, bytes]
+    writable: bool
+
+
 def mounted_trees(
     files: Mapping[str, bytes], mounts: Mapping[str, str] | Iterable[tuple[str, str]]
-) -> tuple[dict[str, bytes], list[tuple[str, dict[str, bytes]]]]:
-    """A task's input files split by its mounts (guest path -> folder of the files): those
-    that stay under ``/input``, and each mounted tree, by guest path, with names relative to
-    its folder."""
-    pairs = sorted(dict(mounts).items())
+) -> tuple[dict[str, bytes], list[MountedTree]]:
+    """A task's input files split by its mounts (guest path -> folder of the files, with its
+    mode): those that stay under ``/input``, and each mounted tree in guest path order."""
+    pairs = [(guest, *split_mount(value)) for guest, value in sorted(dict(mounts).items())]
     plain: dict[str, bytes] = {}
-    trees: list[tuple[str, dict[str, bytes]]] = [(guest, {}) for guest, _ in pairs]
+    trees = [
+        MountedTree(guest, {}, writable or guest.startswith("/work/"))
+        for guest, _, writable in pairs
+    ]
     for name, content in files.items():
-        for index, (_, folder) in enumerate(pairs):
+        for index, (_, folder, _) in enumerate(pairs):
             if name.startswith(folder + "/"):
-                trees[index][1][name[len(folder) + 1 :]] = content
+                trees[index].files[name[len(folder) + 1 :]] = content
                 break
         else:
             plain[name] = content

@@ -39,6 +39,7 @@ from parity_sandbox._exceptions import (
     SandboxError,
     TaskFailed,
 )
+from parity_sandbox._fs import split_mount
 from parity_sandbox._hashing import VERSION as HASH_VERSION
 from parity_sandbox._hashing import digest, sha256_hex
 from parity_sandbox._units import (
@@ -363,7 +364,9 @@ class Task(_Model):
             a writable copy in the workspace (counted in ``disk``). At ``/`` (WebAssembly
             only; Docker refuses it): the guest's root and working directory, fd 3, so that
             ``/a.txt`` and ``a.txt`` are both its ``a.txt``; the workspace is then reached as
-            ``/work`` only, and ``workdir`` may not be set.
+            ``/work`` only, and ``workdir`` may not be set. A folder ending in ``:rw``
+            (``{"/": "fixture:rw"}``) is a writable copy of the tree, the task's own for its
+            run and counted in ``disk``; ``:ro`` (the default) read-only.
         required_outputs: outputs (or paths under them) the task must leave: one missing
             ends it ``failed`` with a ``MissingOutput`` error, whatever its exit code.
         limits: overrides of the configured limits.
@@ -559,14 +562,28 @@ class Task(_Model):
         if len(value) > MAX_MOUNTS:
             raise ValueError(f"at most {MAX_MOUNTS}")
         names = list(info.data.get("input_files") or {})
-        for guest, folder in value.items():
+        folders: dict[str, str] = {}
+        canonical: dict[str, str] = {}
+        for guest, given in value.items():
             check_mount_path(guest)
+            folder, writable = split_mount(given)
             _check_relative_path(folder, "mounts folder")
             if not any(name.startswith(folder + "/") for name in names):
                 raise ValueError(
                     f"{guest}: no input file lies under {folder!r}: give its files as "
                     f"input_files {folder}/NAME"
                 )
+            if guest.startswith("/work/") and given.endswith(":ro"):
+                raise ValueError(
+                    f"{guest}: a tree under /work is a writable copy in the workspace; mount "
+                    "it elsewhere to have it read-only"
+                )
+            folders[guest] = folder
+            # One spelling per meaning, so that equal tasks hash alike: read-only is the
+            # default, and a tree under /work is always a writable copy.
+            canonical[guest] = (
+                f"{folder}:rw" if writable and not guest.startswith("/work/") else folder
+            )
         # A tree at / may hold other mounts (they hide its folders of that name, as /work and
         # /input do): "//" begins no other mount path.
         for one, other in itertools.pairwise(sorted(value)):
@@ -577,10 +594,10 @@ class Task(_Model):
                 "a tree mounted at / is the working directory (relative paths resolve in it): "
                 "leave workdir unset"
             )
-        for one, other in itertools.pairwise(sorted(value.values())):
+        for one, other in itertools.pairwise(sorted(folders.values())):
             if other == one or other.startswith(one + "/"):
                 raise ValueError(f"the folder {other!r} is mounted twice (in {one!r})")
-        return value
+        return canonical
 
     @field_validator("required_outputs")
     @classmethod

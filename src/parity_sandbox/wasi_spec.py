@@ -13,9 +13,11 @@ What each field becomes:
 
 - ``args`` -> ``Task.args``; ``env`` -> ``Task.env`` (all of the environment, as the spec asks).
 - ``root`` (the current form) names a fixture directory beside the test that the guest sees as
-  its ``/``: its files become ``input_files`` ``NAME/...`` mounted at ``/``, read-only. The
-  tree is the working directory and fd 3, as a runtime given ``--dir NAME::/`` shows it:
-  ``a.txt`` and ``/a.txt`` are its ``a.txt``; the workspace stays at ``/work``.
+  its ``/``: its files become ``input_files`` ``NAME/...`` mounted at ``/`` as a writable copy
+  (``mounts`` ``{"/": "NAME:rw"}``: the tests make and remove their scratch files there; the
+  copy counts against ``disk`` and the host fixture stays unchanged). The tree is the working
+  directory and fd 3, as a runtime given ``--dir NAME::/`` shows it: ``a.txt`` and ``/a.txt``
+  are its ``a.txt``; the workspace stays at ``/work``.
 - ``dirs`` (the older form) names fixture directories a runtime preopens under their relative
   names (``--dir fs-tests.dir``). Each becomes a writable copy at ``/work/NAME`` (``mounts``
   ``{"/work/NAME": NAME}``): the workspace is the working directory, so ``NAME/file`` reaches
@@ -26,8 +28,6 @@ What each field becomes:
 
 What a task cannot express (each refused or documented, never run as something else):
 
-- A ``root`` the test writes into: the tree at ``/`` is read-only (writes fail with EPERM),
-  as every mounted input tree is; a test that creates files in its root fails.
 - Preopen names and numbers under ``dirs``: fd 3 is the workspace (``/work``), fd 4 the
   working directory (``.``); no preopen is named ``NAME``, so a test that looks its directory
   up with ``fd_prestat_dir_name`` or takes fd 3 to be it does not find it. Paths through
@@ -104,7 +104,10 @@ def spec_task(spec: Mapping[str, Any], wasm_file: Path, **fields: Any) -> Task:
     mounts: dict[str, str] = {}
     for name in [root] if root is not None else dirs:
         input_files.update(_fixture_files(directory, name, field="root" if root else "dirs"))
-        mounts["/" if root is not None else f"/work/{name}"] = name
+        if root is not None:
+            mounts["/"] = f"{name}:rw"
+        else:
+            mounts[f"/work/{name}"] = name
     return Task(
         wasm_file=wasm_file,
         args=tuple(spec.get("args", ())),

@@ -54,7 +54,7 @@ from docker.types import DeviceRequest, DriverConfig, LogConfig, Mount, Ulimit
 
 from parity_sandbox._config import DockerSettings
 from parity_sandbox._exceptions import InvalidInput
-from parity_sandbox._fs import mounted_trees
+from parity_sandbox._fs import MountedTree, mounted_trees
 from parity_sandbox._models import Limits, Task, check_input_bytes
 from parity_sandbox.runtimes.docker.streams import archive_bytes, input_archive
 
@@ -111,6 +111,9 @@ class Shape:
     input_size: int = 0
     #: Trees mounted read-only elsewhere (``Task.mounts``): (guest path, tmpfs size).
     mounts: tuple[tuple[str, int], ...] = ()
+    #: Writable copies of trees elsewhere (``:rw``): guest paths, each a tmpfs of the task's
+    #: own, ``disk`` in size.
+    copies: tuple[str, ...] = ()
     gpus: int | str | None = None
     privileged: bool = False
 
@@ -212,6 +215,7 @@ def shape_of(
     init_image: str,
     input_size: int = 0,
     mounts: tuple[tuple[str, int], ...] = (),
+    copies: tuple[str, ...] = (),
 ) -> Shape:
     """The container ``task`` needs under ``limits``.
 
@@ -240,6 +244,7 @@ def shape_of(
         file_size=limits.file_size if limits.file_size is not None else limits.disk,
         input_size=input_size,
         mounts=mounts,
+        copies=copies,
         gpus=task.gpus,
         privileged=bool(task.privileged),
     )
@@ -264,6 +269,8 @@ def container(
         mounts.append(_tmpfs_volume(INPUT_DIR, f"size={shape.input_size},mode=0755", labels))
     for guest, size in shape.mounts:  # read-only to the task: root's, 0755
         mounts.append(_tmpfs_volume(guest, f"size={size},mode=0755", labels))
+    for guest in shape.copies:  # the task's own
+        mounts.append(_tmpfs_volume(guest, f"size={disk},uid={uid},gid={gid},mode=0700", labels))
     # Process 1 is ours, not the task's: the task gets ``pids`` processes besides it.
     pids = shape.pids + 1
     nproc = pids if shape.runtime == "runsc" else max(HOST_NPROC, pids)
@@ -354,23 +361,29 @@ def plan(
     if plain:
         input_size = archive_bytes(plain) + MiB
         archive = input_archive(plain)
-    read_only = [(guest, tree) for guest, tree in trees if not guest.startswith("/work/")]
-    sizes = tuple((guest, archive_bytes(tree) + MiB) for guest, tree in read_only)
-    shape = shape_of(
-        task, limits, settings, init_image=init_image, input_size=input_size, mounts=sizes
+    sizes = tuple(
+        (tree.guest, archive_bytes(tree.files) + MiB) for tree in trees if not tree.writable
     )
-    # A tree under /work is a writable copy: the task's own files, in its workspace.
+    copies = tuple(
+        tree.guest for tree in trees if tree.writable and not tree.guest.startswith("/work/")
+    )
+    shape = shape_of(
+        task,
+        limits,
+        settings,
+        init_image=init_image,
+        input_size=input_size,
+        mounts=sizes,
+        copies=copies,
+    )
+    # A writable tree is the task's own: under /work, in its workspace.
     mount_archives = tuple(
-        (guest, input_archive(tree))
-        if not guest.startswith("/work/")
-        else (
-            WORKDIR,
-            input_archive(
-                {f"{guest.removeprefix('/work/')}/{name}": data for name, data in tree.items()},
-                owner=(shape.uid, shape.gid),
-            ),
-        )
-        for guest, tree in trees
+        (WORKDIR, input_archive(_under(tree), owner=(shape.uid, shape.gid)))
+        if tree.guest.startswith("/work/")
+        else (tree.guest, input_archive(tree.files, owner=(shape.uid, shape.gid)))
+        if tree.writable
+        else (tree.guest, input_archive(tree.files))
+        for tree in trees
     )
     create, host_config = container(shape, labels=labels, seccomp=seccomp, blkio=blkio, hosts=hosts)
     return Plan(
@@ -388,6 +401,12 @@ def plan(
         inputs=archive,
         mount_archives=mount_archives,
     )
+
+
+def _under(tree: MountedTree) -> dict[str, bytes]:
+    """The files of a tree mounted under ``/work``, named from the workspace."""
+    where = tree.guest.removeprefix("/work/")
+    return {f"{where}/{name}": data for name, data in tree.files.items()}
 
 
 def pause_container(

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -43,6 +43,7 @@ import wasmtime
 from parity_sandbox import _seccomp
 from parity_sandbox._fs import (
     DiskUsage,
+    MountedTree,
     NotFollowed,
     collect_outputs,
     disk_usage,
@@ -203,13 +204,16 @@ class DiskWatch:
         self._work = work
         self._shared = shared
         self._lock = threading.Lock()
-        self._running: tuple[int, int] | None = None  # (seq, disk cap) of the guest running
+        #: (seq, disk cap, writable copies) of the guest running
+        self._running: tuple[int, int, tuple[Path, ...]] | None = None
         threading.Thread(target=self._loop, name="disk-watch", daemon=True).start()
 
     @contextlib.contextmanager
-    def watching(self, seq: int, cap: int) -> Iterator[None]:
+    def watching(self, seq: int, cap: int, copies: Sequence[Path] = ()) -> Iterator[None]:
+        """Watch the workspace, and the task's writable ``copies`` of mounted trees, while
+        request ``seq`` runs."""
         with self._lock:
-            self._running = (seq, cap)
+            self._running = (seq, cap, tuple(copies))
         try:
             yield
         finally:
@@ -224,9 +228,9 @@ class DiskWatch:
             if running is None:
                 pause = self._PERIOD
                 continue
-            seq, cap = running
+            seq, cap, copies = running
             began = time.perf_counter()
-            usage = disk_usage(self._work, max_entries=MAX_WORKSPACE_ENTRIES)
+            usage = scratch_usage(self._work, copies)
             # A big tree takes long to measure: look less often, at most a third of the time.
             pause = max(self._PERIOD, 2 * (time.perf_counter() - began))
             if usage.total <= cap and usage.entries < MAX_WORKSPACE_ENTRIES:
@@ -505,6 +509,8 @@ class Runner:
         self._used_stdin = self._used_inputs = self._dirty = True
         #: The output folders made for the task now running (``_make_output_dirs``).
         self._made: list[Path] = []
+        #: The writable copies of mounted trees it has outside the workspace.
+        self._copies: list[Path] = []
 
     def prepare(self, conn: Connection, request: RunRequest) -> wasmtime.InstancePre | None:
         settings = store_settings(request.limits)
@@ -533,7 +539,7 @@ class Runner:
         try:
             with (
                 self._file_size_cap(settings.file_size_limit),
-                self.disk.watching(request.seq, limits.disk),
+                self.disk.watching(request.seq, limits.disk, self._copies),
             ):
                 ending, memory = _call_start(pre, store, limits, request)
         finally:
@@ -554,8 +560,8 @@ class Runner:
         with os.scandir(self.work) as entries:
             self._dirty = next(entries, None) is not None
         usage = DiskUsage()
-        if self._dirty:
-            usage = disk_usage(self.work, max_entries=MAX_WORKSPACE_ENTRIES)
+        if self._dirty or self._copies:
+            usage = scratch_usage(self.work, self._copies)
         ending = _blame_limits(ending, peak, limits, usage)
         if self._dirty:
             files, files_truncated = collect_outputs(
@@ -609,7 +615,8 @@ class Runner:
         wasi.inherit_stdout()
         wasi.inherit_stderr()
         plain: dict[str, bytes] = {}
-        trees: list[tuple[str, dict[str, bytes]]] = []
+        trees: list[MountedTree] = []
+        self._copies = []
         if request.input_files:
             self._used_inputs = True
             self.inputs.mkdir()
@@ -619,12 +626,9 @@ class Runner:
         # path and the higher fd winning between them. So a tree mounted at / is the working
         # directory: it comes first (fd 3, where a test that assumes one preopen looks) and
         # "." is not preopened; the workspace is /work (fd 4).
-        root = next((tree for guest, tree in trees if guest == "/"), None)
+        root = next((tree for tree in trees if tree.guest == "/"), None)
         if root is not None:
-            folder = self.inputs / "root"
-            folder.mkdir()
-            write_files(folder, root)
-            wasi.preopen_dir(str(folder), "/", fs_mutable=False)
+            self._preopen_tree(wasi, self.inputs / "root", root)
         wasi.preopen_dir(str(self.work), "/work")
         if root is None:
             # Also as the working directory: relative paths resolve in the workspace (or in
@@ -639,18 +643,26 @@ class Runner:
             files.mkdir()
             write_files(files, plain)
             wasi.preopen_dir(str(files), "/input", fs_mutable=False)
-        for index, (guest, tree) in enumerate(trees):
-            if guest == "/":
+        for index, tree in enumerate(trees):
+            if tree.guest == "/":
                 continue
-            if guest.startswith("/work/"):  # a writable copy, in the workspace
-                where = guest.removeprefix("/work/")
-                write_files(self.work, {f"{where}/{name}": data for name, data in tree.items()})
+            if tree.guest.startswith("/work/"):  # a writable copy, in the workspace
+                where = tree.guest.removeprefix("/work/")
+                write_files(
+                    self.work, {f"{where}/{name}": data for name, data in tree.files.items()}
+                )
                 continue
-            folder = self.inputs / f"mount{index}"
-            folder.mkdir()
-            write_files(folder, tree)
-            wasi.preopen_dir(str(folder), guest, fs_mutable=False)
+            self._preopen_tree(wasi, self.inputs / f"mount{index}", tree)
         return wasi
+
+    def _preopen_tree(self, wasi: wasmtime.WasiConfig, folder: Path, tree: MountedTree) -> None:
+        """Show ``tree`` at its guest path from ``folder``: read-only, or a writable copy whose
+        bytes count against the task's disk cap (with the workspace's)."""
+        folder.mkdir()
+        write_files(folder, tree.files)
+        wasi.preopen_dir(str(folder), tree.guest, fs_mutable=tree.writable)
+        if tree.writable:
+            self._copies.append(folder)
 
     @staticmethod
     def _store(
@@ -817,6 +829,20 @@ def _classify_trap(trap: wasmtime.Trap, limits: WasmLimits) -> _Ending:
         )
         return _Ending("trap", None, None, message)
     return _Ending("trap", None, None, f"guest trapped: {what}")
+
+
+def scratch_usage(work: Path, copies: Sequence[Path]) -> DiskUsage:
+    """What a task keeps on disk: its workspace and its writable copies of mounted trees
+    together (the disk cap covers them all)."""
+    total = largest = entries = 0
+    for folder in (work, *copies):
+        usage = disk_usage(folder, max_entries=MAX_WORKSPACE_ENTRIES - entries)
+        total += usage.total
+        largest = max(largest, usage.largest)
+        entries += usage.entries
+        if entries >= MAX_WORKSPACE_ENTRIES:
+            break
+    return DiskUsage(total, largest, entries)
 
 
 def _blame_limits(
