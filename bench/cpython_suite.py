@@ -124,7 +124,7 @@ _GVISOR = "gVisor (a plain runsc container does the same): "
 #: them (in a plain runsc container too): KNOWN gives the reason.
 IGNORED = {
     "test_socket": ("test.test_socket.NetworkConnectionAttributesTest.testSourceAddress",),
-    "test_asyncio": ("*.test_subprocess_kill",),
+    "test_asyncio": ("*.test_subprocess_kill", "*.test_subprocess_send_signal"),
 }
 
 #: Differences from the baseline that are deliberate or the OCI runtime's own, as
@@ -148,6 +148,9 @@ KNOWN: dict[tuple[str, str], str] = {
         "waits forever (left out everywhere: IGNORED)"
     ),
     ("runsc", "test.test_asyncio.*.test_subprocess_kill"): (
+        _GVISOR + "hangs (cause not examined; left out everywhere: IGNORED)"
+    ),
+    ("runsc", "test.test_asyncio.*.test_subprocess_send_signal"): (
         _GVISOR + "hangs (cause not examined; left out everywhere: IGNORED)"
     ),
     ("runsc", "test.test_asyncio.*.test_bidirectional_pty"): (
