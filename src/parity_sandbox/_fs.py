@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parity_sandbox._exceptions import InvalidInput
+from parity_sandbox._units import split_mount
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -410,19 +411,6 @@ def _empty_dir(fd: int, stage_fd: int, counter: itertools.count[int], skip: str 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=fd)
     return moved
-
-
-#: How a mount's folder may end: ``:ro`` (read-only, the default) or ``:rw`` (a writable copy).
-MOUNT_MODES = (":ro", ":rw")
-
-
-def split_mount(value: str) -> tuple[str, bool]:
-    """A mount's folder and whether the task gets a writable copy of it: ``"fixture"`` and
-    ``"fixture:ro"`` are read-only, ``"fixture:rw"`` writable; a tree under ``/work`` is
-    always a writable copy (the workspace is the task's own)."""
-    if value.endswith(MOUNT_MODES):
-        return value[:-3], value.endswith(":rw")
-    return value, False
 
 
 @dataclass(frozen=True)

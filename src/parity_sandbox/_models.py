@@ -39,7 +39,6 @@ from parity_sandbox._exceptions import (
     SandboxError,
     TaskFailed,
 )
-from parity_sandbox._fs import split_mount
 from parity_sandbox._hashing import VERSION as HASH_VERSION
 from parity_sandbox._hashing import digest, sha256_hex
 from parity_sandbox._units import (
@@ -51,6 +50,7 @@ from parity_sandbox._units import (
     parse_cpu,
     parse_duration,
     parse_size,
+    split_mount,
 )
 
 KiB = 1 << 10

@@ -87,3 +87,16 @@ def format_size(size: int) -> str:
         if size and size % factor == 0:
             return f"{size // factor}{unit}"
     return str(size)
+
+
+#: How a mount's folder may end: ``:ro`` (read-only, the default) or ``:rw`` (a writable copy).
+MOUNT_MODES = (":ro", ":rw")
+
+
+def split_mount(value: str) -> tuple[str, bool]:
+    """A mount's folder and whether the task gets a writable copy of it: ``"fixture"`` and
+    ``"fixture:ro"`` are read-only, ``"fixture:rw"`` writable; a tree under ``/work`` is
+    always a writable copy (the workspace is the task's own)."""
+    if value.endswith(MOUNT_MODES):
+        return value[:-3], value.endswith(":rw")
+    return value, False
