@@ -46,10 +46,16 @@ def _containers(task_ids: set[str], *, running: bool = False) -> list[str]:
 
     client = docker.from_env()
     try:
-        found = client.containers.list(
+        # The low-level list: the high-level one inspects each container after listing it,
+        # and a container reaped in between makes that a 404.
+        found = client.api.containers(
             all=not running, filters={"label": f"{docker_host.MANAGED}=true"}
         )
-        return [str(c.id) for c in found if c.labels.get(docker_host.TASK_ID) in task_ids]
+        return [
+            str(c["Id"])
+            for c in found
+            if (c.get("Labels") or {}).get(docker_host.TASK_ID) in task_ids
+        ]
     finally:
         client.close()
 
