@@ -42,6 +42,7 @@ LAYERS: list[set[str]] = [
     },
     {"runtimes.wasm.pool", "runtimes.docker.run"},
     {"runtimes.wasm.deadlines"},
+    {"runtimes.wasm.lanes"},
     {"runtimes.docker.executor", "runtimes.wasm.executor", "_record"},
     {"service.webhooks", "cluster.agent"},
     {"_batch", "service.dispatch", "remote", "cluster.executor"},

@@ -43,8 +43,10 @@ log = logging.getLogger("parity_sandbox.service")
 #: Seconds between looks at the store when nothing woke the dispatcher (tasks queued by
 #: another server, cancellations asked there).
 POLL = 0.5
-#: How many ended tasks a dispatcher remembers (``_recent``).
+#: How many ended tasks a dispatcher remembers (``_recent``), and the most bytes of their
+#: results it keeps (a request that waits for one of them gets it without reading the store).
 RECENT = 10_000
+RECENT_BYTES = 16 << 20
 #: While this many tasks run here, ends are gathered for ``GATHER`` seconds before they are
 #: written together (a lone task's end is written at once).
 GATHER_AT = 8
@@ -141,8 +143,10 @@ class Dispatcher:
         #: Tasks queued by this server's requests, as parsed: a claim here need not parse
         #: their records again. Bounded (``PARSED``); another server may claim them.
         self._parsed: OrderedDict[str, Task] = OrderedDict()
-        #: Ids of tasks that ended here lately: a request that waits for one returns at once.
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        #: Tasks that ended here lately, by id, as they ended (``None``: the store has it): a
+        #: request that waits for one returns at once.
+        self._recent: OrderedDict[str, TaskRow | None] = OrderedDict()
+        self._recent_bytes = 0
         self._wake = asyncio.Event()
         #: The runtimes the store may hold queued tasks of (``None``: any, under one cap for
         #: all): a slot that frees looks for them only then (otherwise the claim loop looks
@@ -262,7 +266,7 @@ class Dispatcher:
         """Return when the task has ended (here or on another server), or after ``timeout``;
         the ended task if it ended here (``None``: read it from the store)."""
         if task_id in self._recent:
-            return None
+            return self._recent[task_id]
         waiting = self._waiters.setdefault(task_id, _Waiting())
         waiting.count += 1
         deadline = asyncio.get_running_loop().time() + timeout
@@ -455,12 +459,9 @@ class Dispatcher:
                     break
                 await asyncio.sleep(attempt)
         for (end, row), ok in zip(ends, done, strict=True):
-            self._recent[end.task_id] = None
-            waiting = self._waiters.get(end.task_id)
-            if waiting is None:
-                continue
+            ended = None
             if ok:
-                waiting.row = replace(
+                ended = replace(
                     row,
                     task=None,
                     state=end.state,
@@ -468,11 +469,26 @@ class Dispatcher:
                     reason=end.reason,
                     ended_at=now,
                 )
-            waiting.ended.set()
-        while len(self._recent) > RECENT:
-            self._recent.popitem(last=False)
+            self._remember(end.task_id, ended)
+            waiting = self._waiters.get(end.task_id)
+            if waiting is not None:
+                waiting.row = ended
+                waiting.ended.set()
         if any(row.callback_url for (_, row), ok in zip(ends, done, strict=True) if ok):
             self._deliveries_due.set()  # their webhooks are due
+
+    def _remember(self, task_id: str, ended: TaskRow | None) -> None:
+        """Keep a task that ended here, within ``RECENT`` and ``RECENT_BYTES``."""
+        before = self._recent.pop(task_id, None)  # a task that ran again
+        if before is not None and before.result is not None:
+            self._recent_bytes -= len(before.result)
+        if ended is not None and ended.result is not None:
+            self._recent_bytes += len(ended.result)
+        self._recent[task_id] = ended
+        while len(self._recent) > RECENT or self._recent_bytes > RECENT_BYTES:
+            _, old = self._recent.popitem(last=False)
+            if old is not None and old.result is not None:
+                self._recent_bytes -= len(old.result)
 
     async def _executor(self, runtime: str) -> Executor:
         """The executor of ``runtime``, made on first use (in a thread: Docker's start is

@@ -11,7 +11,6 @@ recovered from the memory it shares with the parent, and a replacement worker is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import functools
 import hashlib
@@ -63,6 +62,7 @@ from parity_sandbox.runtimes.wasm.deadlines import (
     Flight,
     Form,
 )
+from parity_sandbox.runtimes.wasm.lanes import Lanes
 from parity_sandbox.runtimes.wasm.modules import ModuleFiles
 from parity_sandbox.runtimes.wasm.pool import (
     LOCK_NAME,
@@ -189,6 +189,11 @@ class WasmExecutor(Executor):
             on_restart=restarted,
         )
         self._deadlines = Deadlines()
+        #: Each event loop's lanes (``execute_async``), made on its first task.
+        self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Lanes] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lanes_lock = threading.Lock()
         self._seq = itertools.count(1)  # 0 means none in the shared buffer
         self._modules = ModuleFiles()
         # Workers and the temporary root go also when the executor is dropped unclosed, or at
@@ -297,66 +302,18 @@ class WasmExecutor(Executor):
         raise error
 
     async def _run_async(self, prepared: PreparedTask) -> Result:
-        """``_run`` on the event loop; cancelling it kills the task's worker."""
+        """``_run`` on the event loop, through the loop's lanes (``lanes``); cancelling it
+        stops the task."""
         request, module = self._form(prepared)
-        flight = Flight(0, prepared, request, module, await self._idle_worker())
-        for attempt in range(2):  # as _dispatch: a dead idle worker, once
-            try:
-                if not flight.worker.version:  # a new worker: its start takes a while
-                    await asyncio.to_thread(flight.worker.ensure_ready)
-                self._send(flight)
-                break
-            except OSError:
-                self._pool.discard(flight.worker)
-                if attempt:
-                    raise RuntimeUnavailable("wasm workers die before they run a task") from None
-                flight.worker = await self._idle_worker()
-            except BaseException:
-                self._pool.discard(flight.worker)
-                raise
-        try:
-            self._watch(flight, queued=False)
-            reply = None
-            while reply is None:
-                # The deadline thread (or close()) kills the worker: then it is readable, or
-                # its socket is closed under the wait (no event comes for a closed one: the
-                # wait looks every WATCH seconds, and never waits on a killed worker's fd).
-                worker = flight.worker
-                ready = worker.dead or await _readable(worker.fd, WATCH)
-                if ready or worker.dead or worker.exited or self.closed:
-                    reply = self._receive(flight)
-        except BaseException:
-            # Cancelled or closed: the worker may be mid-task, so it dies.
-            self._deadlines.finish(flight)
-            self._pool.discard(flight.worker)
-            raise
-        result = self._settle(flight, reply)
-        self._pool.release(flight.worker)  # or replaced, if it died
-        if self.closed and reply.outcome == "error":
+        loop = asyncio.get_running_loop()
+        with self._lanes_lock:
+            lanes = self._lanes.get(loop)
+            if lanes is None:
+                lanes = self._lanes[loop] = Lanes(self, loop)
+        result, outcome = await lanes.run(prepared, request, module)
+        if self.closed and outcome == "error":
             raise RuntimeUnavailable("the executor was closed while the task ran", result=result)
         return result
-
-    async def _idle_worker(self) -> Worker:
-        """An idle worker (or a new one, below the pool's size), waited for on the loop."""
-        loop = asyncio.get_running_loop()
-        while True:
-            worker = self._pool.try_acquire()
-            if worker is not None:
-                return worker
-            freed: asyncio.Future[None] = loop.create_future()
-            wake = functools.partial(_wake, loop, freed)
-            self._pool.on_free(wake)
-            try:
-                worker = self._pool.try_acquire()  # one freed before the callback was there
-                if worker is not None:
-                    return worker
-                await freed
-            except BaseException:
-                if freed.done():  # called, or about to be: the worker goes to the next one
-                    self._pool.pass_on()
-                raise
-            finally:
-                self._pool.forget(wake)
 
     def _form(self, prepared: PreparedTask) -> tuple[RunRequest, bytes]:
         """The request that runs ``prepared`` and its module; a run after the first gets a
@@ -775,36 +732,6 @@ class WasmExecutor(Executor):
 
     def _close(self) -> None:
         self._release()
-
-
-#: Seconds between looks at a worker whose reply an event loop awaits (``_run_async``).
-WATCH = 0.5
-
-
-def _settle_future(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
-    """Settle ``future`` on its loop, from any thread."""
-    with contextlib.suppress(RuntimeError):  # the loop is closed
-        loop.call_soon_threadsafe(_settle_future, future)
-
-
-async def _readable(fd: int, timeout: float) -> bool:
-    """Whether ``fd`` has something to read (or its other end closed) within ``timeout``."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, _settle_future, ready)
-    try:
-        async with asyncio.timeout(timeout):
-            await ready
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
 
 
 def _release(deadlines: Deadlines, pool: Pool, root: Path, lock_fd: int) -> None:

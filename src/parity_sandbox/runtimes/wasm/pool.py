@@ -269,6 +269,11 @@ class Pool:
                 return self._spawn()
             return None
 
+    def has_idle(self) -> bool:
+        """Whether ``try_acquire`` would find a worker now (idle, or room for a new one)."""
+        with self._cond:
+            return not self._closed and (bool(self._idle) or len(self._all) < self.size)
+
     def on_free(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when a worker may be free for it (unless ``forget``)."""
         with self._cond:
