@@ -503,6 +503,13 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         runtime, record, callback_url = parsed.runtime, parsed.record, parsed.callback_url
         # A free slot here: the task is stored running here and handed over as parsed.
         slots = dispatcher.take_slots(runtime, 1)
+        handed = False
+
+        def hand_over(row: TaskRow) -> None:
+            nonlocal handed
+            dispatcher.run_here(row, parsed.task)
+            handed = True
+
         try:
             row, created = await store.run(
                 store.add_task,
@@ -517,10 +524,13 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
                 use_cache=use_cache,
                 module=parsed.module,
                 run_as=dispatcher.owner if slots else None,
+                # SQLite's transactions run on the event loop: the run begins before the
+                # commit and overlaps it, and no end of it is seen before the row is stored.
+                # PostgreSQL's run in a thread, while the loop goes on: the run begins after.
+                begin=hand_over if store.sqlite else None,
             )
-            if created and row.state == "running":
-                dispatcher.run_here(row, parsed.task)
-                slots = 0
+            if created and row.state == "running" and not handed:
+                hand_over(row)
         except Conflict:
             raise Problem(
                 409,
@@ -531,7 +541,7 @@ def create_app(config: Config, store: Store, dispatcher: Dispatcher) -> FastAPI:
         except QuotaExceeded as exc:
             raise _quota_problem(exc) from None
         finally:
-            dispatcher.give_back(runtime, slots)
+            dispatcher.give_back(runtime, 0 if handed else slots)
         if created and row.state == "queued":
             dispatcher.queued_here(row, parsed.task)
         if wait:

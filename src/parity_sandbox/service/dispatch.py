@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -253,8 +253,21 @@ class Dispatcher:
         self.wake(row.runtime)
 
     def run_here(self, row: TaskRow, task: Task) -> None:
-        """Run ``row``, stored as running here, as ``task`` (in a slot ``take_slots`` gave)."""
-        self._running[row.id] = asyncio.create_task(self._run(row, task), name=row.id)
+        """Run ``row``, stored as running here, as ``task`` (in a slot ``take_slots`` gave);
+        where its executor can, the run begins now (``start_async``), not at the loop's next
+        turn."""
+        begun = self._begin(row, task)
+        self._running[row.id] = asyncio.create_task(self._run(row, task, begun), name=row.id)
+
+    def _begin(self, row: TaskRow, task: Task) -> Coroutine[Any, Any, Result] | None:
+        executor = self._executors.get(row.runtime)
+        if executor is None or not executor.prepares_on_loop:
+            return None
+        try:
+            prepared = executor.prepare(task, principal=row.key_id, accepted_at=row.created_at)
+            return executor.start_async(prepared, use_cache=row.use_cache)
+        except SandboxError:
+            return None  # _run prepares it again, and ends it with the error
 
     def cancel(self, task_id: str) -> None:
         """Stop the task ``task_id`` if it runs here."""
@@ -356,15 +369,23 @@ class Dispatcher:
 
     # -- one task --------------------------------------------------------------------------
 
-    async def _run(self, row: TaskRow, task: Task | None = None) -> None:
+    async def _run(
+        self,
+        row: TaskRow,
+        task: Task | None = None,
+        begun: Coroutine[Any, Any, Result] | None = None,
+    ) -> None:
         state, blob, reason, cpu = "error", None, None, None
         try:
             try:
-                if task is None:
-                    task = await self._task_of(row)
-                executor = await self._executor(row.runtime)
-                prepared = await self._prepare(executor, task, row)
-                result = await executor.execute_async(prepared, use_cache=row.use_cache)
+                if begun is not None:
+                    result = await begun
+                else:
+                    if task is None:
+                        task = await self._task_of(row)
+                    executor = await self._executor(row.runtime)
+                    prepared = await self._prepare(executor, task, row)
+                    result = await executor.execute_async(prepared, use_cache=row.use_cache)
             except SandboxError as exc:
                 result = exc.result or Result(
                     status=Status.ERROR,
@@ -388,7 +409,8 @@ class Dispatcher:
                 self._running.pop(row.id, None)
                 self._busy[row.runtime] -= 1
                 self._slot_freed(row.runtime)
-        self._ends.append((Finish(row.id, self.owner, state, blob, reason, cpu), row))
+        end = Finish(row.id, self.owner, state, blob, reason, cpu, row.callback_url is not None)
+        self._ends.append((end, row))
         self._ends_due.set()
 
     async def _prepare(self, executor: Executor, task: Task, row: TaskRow) -> PreparedTask:

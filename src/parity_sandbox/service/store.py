@@ -377,6 +377,8 @@ class Finish:
     result: bytes | None
     reason: str | None = None
     cpu_seconds: float | None = None
+    #: Whether the task may have a ``callback_url`` (``False``: no webhook to queue).
+    callback: bool = True
 
 
 #: A statement compiled for a dialect: its SQL, the values of its fixed parameters, and what
@@ -645,12 +647,14 @@ class Store:
         use_cache: bool = True,
         module: tuple[str, bytes] | None = None,
         run_as: str | None = None,
+        begin: Callable[[TaskRow], None] | None = None,
     ) -> tuple[TaskRow, bool]:
         """Queue a task (committed when this returns); ``(row, False)`` for a repeated
         ``Idempotency-Key`` with the same body. ``module`` (its sha256 and bytes) is kept
         for ``key`` with it, so the record names it by hash. With ``run_as``, and nothing
         queued before it, the task is taken at once for that owner (``running``), so a
-        server with a free slot runs it without a claim.
+        server with a free slot runs it without a claim; ``begin`` is then called with its
+        row after the insert, before the commit (if the commit fails, the row never was).
 
         Raises:
             Conflict: the idempotency key was used with another body.
@@ -668,6 +672,8 @@ class Store:
             (made,) = self._insert(
                 cursor, key, [item], max_active, max_queued, run_as, [True], idempotency_key
             )
+            if begin is not None and made.state == "running":
+                begin(made)
         self._remember_module(key.id, module)
         return made, True
 
@@ -848,7 +854,7 @@ class Store:
                     cpu_seconds=end.cpu_seconds,
                 )
                 done.append(changed.rowcount == 1)
-                if done[-1]:  # its webhook, in the transaction that ends it
+                if done[-1] and end.callback:  # its webhook, in the transaction that ends it
                     cursor.run(_DELIVERY_OF, task_id=end.task_id, now=now)
         return done
 

@@ -22,10 +22,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Coroutine, Generator, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from parity_sandbox._cache import ResultCache
 from parity_sandbox._config import Config
@@ -62,7 +62,7 @@ from parity_sandbox.runtimes.wasm.deadlines import (
     Flight,
     Form,
 )
-from parity_sandbox.runtimes.wasm.lanes import Lanes
+from parity_sandbox.runtimes.wasm.lanes import Lanes, Wanted
 from parity_sandbox.runtimes.wasm.modules import ModuleFiles
 from parity_sandbox.runtimes.wasm.pool import (
     LOCK_NAME,
@@ -275,10 +275,10 @@ class WasmExecutor(Executor):
     # -- one task, on an event loop -------------------------------------------------------------
 
     async def execute_async(self, task: Task | PreparedTask, *, use_cache: bool = True) -> Result:
-        """As ``Executor.execute_async``, with no thread per task: the event loop waits for the
-        worker's reply (and for an idle worker). A task whose preparation reads host files,
-        or whose result may come from the result cache (whose lookups block), takes the
-        thread of the base class instead."""
+        """As ``Executor.execute_async``, with no thread per task: the event loop drives the
+        workers (``lanes``). A task whose preparation reads host files, or whose result may
+        come from the result cache (whose lookups block), takes the thread of the base class
+        instead."""
         self._check_open()
         if not isinstance(task, PreparedTask):
             if task.wasm_file is not None or any(
@@ -286,34 +286,45 @@ class WasmExecutor(Executor):
             ):
                 return await super().execute_async(task, use_cache=use_cache)
             task = self.prepare(task)  # hashing and checks only: nothing is read
-        if use_cache and self.cache is not None and task.cacheable:
+        begun = self.start_async(task, use_cache=use_cache)
+        if begun is None:
             return await super().execute_async(task, use_cache=use_cache)
-        try:
-            result = await self._run_async(task)
-        except RuntimeUnavailable:
-            self._runtime_failed()
-            raise
-        if task.cacheable and result.spec_hash is None:
-            result = result.model_copy(update={"spec_hash": task.spec_hash})
-        if result.status in (Status.SUCCEEDED, Status.FAILED):
-            return result
-        error = result.to_error()
-        assert error is not None
-        raise error
+        return await begun
 
-    async def _run_async(self, prepared: PreparedTask) -> Result:
-        """``_run`` on the event loop, through the loop's lanes (``lanes``); cancelling it
-        stops the task."""
-        request, module = self._form(prepared)
+    def start_async(
+        self, task: PreparedTask, *, use_cache: bool = True
+    ) -> Coroutine[Any, Any, Result] | None:
+        """As ``Executor.start_async``: the task goes to the loop's lanes now (and to a worker,
+        if one can take it), unless its result may come from the result cache."""
+        self._check_open()
+        if use_cache and self.cache is not None and task.cacheable:
+            return None
+        request, module = self._form(task)
         loop = asyncio.get_running_loop()
         with self._lanes_lock:
             lanes = self._lanes.get(loop)
             if lanes is None:
                 lanes = self._lanes[loop] = Lanes(self, loop)
-        result, outcome = await lanes.run(prepared, request, module)
-        if self.closed and outcome == "error":
-            raise RuntimeUnavailable("the executor was closed while the task ran", result=result)
-        return result
+        return self._outcome_async(task, lanes, lanes.submit(task, request, module))
+
+    async def _outcome_async(self, prepared: PreparedTask, lanes: Lanes, wanted: Wanted) -> Result:
+        """The end of a run ``start_async`` began, as ``execute_async`` gives it."""
+        try:
+            result, outcome = await lanes.wait(wanted)
+            if self.closed and outcome == "error":
+                raise RuntimeUnavailable(
+                    "the executor was closed while the task ran", result=result
+                )
+        except RuntimeUnavailable:
+            self._runtime_failed()
+            raise
+        if prepared.cacheable and result.spec_hash is None:
+            result = result.model_copy(update={"spec_hash": prepared.spec_hash})
+        if result.status in (Status.SUCCEEDED, Status.FAILED):
+            return result
+        error = result.to_error()
+        assert error is not None
+        raise error
 
     def _form(self, prepared: PreparedTask) -> tuple[RunRequest, bytes]:
         """The request that runs ``prepared`` and its module; a run after the first gets a

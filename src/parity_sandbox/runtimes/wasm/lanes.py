@@ -59,7 +59,7 @@ class Host(Protocol):
 
 
 @dataclass(eq=False)
-class _Wanted:
+class Wanted:
     """A task that waits for its run: not sent yet (``flight`` is ``None``), or in a lane."""
 
     prepared: PreparedTask
@@ -81,22 +81,24 @@ class Lanes:
     def __init__(self, host: Host, loop: asyncio.AbstractEventLoop) -> None:
         self._host = host
         self._loop = loop
-        self._waiting: deque[_Wanted] = deque()
-        self._lanes: dict[Worker, deque[_Wanted]] = {}
+        self._waiting: deque[Wanted] = deque()
+        self._lanes: dict[Worker, deque[Wanted]] = {}
         #: Whether a callback waits for a worker of the pool (others hold all of them).
         self._asked = False
         self._patrol: asyncio.TimerHandle | None = None
         #: Workers being started (the loop keeps only weak references to its tasks).
         self._starting: set[asyncio.Task[None]] = set()
 
-    async def run(
-        self, prepared: PreparedTask, request: RunRequest, module: bytes
-    ) -> tuple[Result, str]:
-        """Run one task; its result and the outcome its worker told. Cancelling the await
-        stops the task (its worker dies if it started it)."""
-        wanted = _Wanted(prepared, request, module, self._loop.create_future())
+    def submit(self, prepared: PreparedTask, request: RunRequest, module: bytes) -> Wanted:
+        """Queue one task, sent to a worker at once if one can take it; ``wait`` for it."""
+        wanted = Wanted(prepared, request, module, self._loop.create_future())
         self._waiting.append(wanted)
         self._fill()
+        return wanted
+
+    async def wait(self, wanted: Wanted) -> tuple[Result, str]:
+        """The result of a task ``submit`` queued, and the outcome its worker told.
+        Cancelling the await stops the task (its worker dies if it started it)."""
         try:
             return await wanted.future
         except asyncio.CancelledError:
@@ -141,7 +143,7 @@ class Lanes:
     def _idle_lane(self) -> Worker | None:
         return next((worker for worker, lane in self._lanes.items() if not lane), None)
 
-    def _busy_lane(self, wanted: _Wanted) -> Worker | None:
+    def _busy_lane(self, wanted: Wanted) -> Worker | None:
         """A lane with room behind its head for ``wanted``, if ``wanted`` may wait there."""
         if wanted.prepared.input_bytes > QUEUE_BYTES:
             return None
@@ -171,7 +173,7 @@ class Lanes:
         if not self._fill():
             self._host._pool.pass_on()
 
-    async def _start(self, worker: Worker, wanted: _Wanted) -> None:
+    async def _start(self, worker: Worker, wanted: Wanted) -> None:
         """Start a new worker in a thread, then run ``wanted`` on it."""
         try:
             await asyncio.to_thread(worker.ensure_ready)
@@ -203,7 +205,7 @@ class Lanes:
         if self._patrol is None:
             self._patrol = self._loop.call_later(PATROL, self._look)
 
-    def _close(self, worker: Worker) -> deque[_Wanted]:
+    def _close(self, worker: Worker) -> deque[Wanted]:
         with contextlib.suppress(OSError, ValueError):
             self._loop.remove_reader(worker.fd)
         lane = self._lanes.pop(worker)
@@ -218,7 +220,7 @@ class Lanes:
             self._close(worker)
             self._host._pool.release(worker)
 
-    def _send(self, worker: Worker, wanted: _Wanted) -> None:
+    def _send(self, worker: Worker, wanted: Wanted) -> None:
         lane = self._lanes[worker]
         flight = Flight(0, wanted.prepared, wanted.request, wanted.module, worker)
         try:
@@ -306,7 +308,7 @@ class Lanes:
         ]
         if not stuck or (self._idle_lane() is None and not self._host._pool.has_idle()):
             return
-        moved: list[_Wanted] = []
+        moved: list[Wanted] = []
         for _worker, lane in stuck:
             for index in range(1, len(lane)):
                 wanted = lane[index]
@@ -336,7 +338,7 @@ class Lanes:
         self._waiting.extendleft(reversed(again))
         self._host._pool.discard(worker)
 
-    def _abandon(self, wanted: _Wanted) -> None:
+    def _abandon(self, wanted: Wanted) -> None:
         """Its awaiter was cancelled: it must not run, or must stop."""
         if wanted.flight is None:
             with contextlib.suppress(ValueError):
