@@ -143,3 +143,22 @@ def test_a_task_stuck_behind_a_long_one_moves_to_a_worker_that_idles(
     assert all(result.ok and result.stdout == b"woke\n" for result in results), results
     # Behind the 3 s task it would end after 3 s; moved, soon after the 1 s one ends.
     assert quick_at < 2.5, f"the quick task ended {quick_at:.2f} s after it was sent"
+
+
+def test_start_async_sends_the_task_before_the_loop_turns(
+    one_worker: WasmExecutor, wasm: WasmFixtures
+) -> None:
+    task = sleeper(wasm, "1", 10)
+
+    async def main() -> tuple[Result, float]:
+        await one_worker.execute_async(sleeper(wasm, "0", 10))  # the worker is warm
+        begun = one_worker.start_async(one_worker.prepare(task))
+        assert begun is not None
+        time.sleep(1.2)  # the loop is blocked: only a task already sent runs meanwhile
+        waited = time.monotonic()
+        result = await begun
+        return result, time.monotonic() - waited
+
+    result, waited = asyncio.run(main())
+    assert result.ok and result.stdout == b"woke\n", result
+    assert waited < 0.8, f"the task ran only once the loop turned ({waited:.2f} s later)"
