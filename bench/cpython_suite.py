@@ -25,23 +25,27 @@ ERROR, skipped with its reason, expected failure, unexpected success; a failing 
 its test), on a descriptor of their own, so that what tests print cannot be taken for one.
 Tests whose outcome differs from the baseline's are run again, alone, in both (``--no-confirm``
 skips that): a difference that goes away is reported as flaky, not as a difference.
-Tests that hang under runsc, in a plain runsc container too, are left out everywhere
-(``IGNORED``). Differences that ``KNOWN`` explains (the README's threat model lists them, each
-with the setting behind it) are shown with their reason; any other is unexplained. The exit
-status is non-zero only when the harness itself fails (no engine, no image, a run that
-produced nothing).
+A test that runs longer than ``PER_TEST`` is ended (it is ``hang``), and the rest of its
+module runs again without the tests already done, so one hung test costs a few minutes, not
+the module's other tests. Tests that always hang under runsc, in a plain runsc container too,
+are left out everywhere (``IGNORED``). Differences that ``KNOWN`` explains (the README's
+threat model lists them, each with the setting behind it) are shown with their reason; any
+other is unexplained. The exit status is non-zero only when the harness itself fails (no
+engine, no image, a run that produced nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import fnmatch
 import json
 import re
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +69,10 @@ LIMITS: dict[str, Any] = {
 ENV = {"HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 #: Differences run again at most (per module and runtime).
 MAX_CONFIRM = 200
+#: Seconds one test may run before it counts as hung: the run stops there, and the rest of
+#: the module runs again without the tests already done (at most ``MAX_HANGS`` times).
+PER_TEST = 180.0
+MAX_HANGS = 5
 RESOURCES = "all,-largefile,-network,-urlfetch,-gui,-audio,-curses,-cpu"
 
 #: The issue's thirteen, then others that exercise the same kernel interfaces.
@@ -188,13 +196,20 @@ KNOWN: dict[tuple[str, str], str] = {
     ),
 }
 
-# Runs regrtest and reports every test's end on a descriptor of its own: a line
-# "\x1e{json}\x1e" (JSON escapes \x1e, so no text a test prints can pass for one).
+# Runs regrtest and reports every test's start and end on a descriptor of its own: a line
+# "\x1e{json}\x1e" (JSON escapes \x1e, so no text a test prints can pass for one). A test
+# that runs longer than PARITY_SUITE_PER_TEST seconds ends the process (faulthandler: its
+# traceback, status 1); the tests in PARITY_SUITE_DONE (zlib, base64: JSON ids) are left out.
 RUNNER = r"""
-import fcntl, json, os, sys, traceback, unittest.result
+import base64, faulthandler, fcntl, json, os, sys, traceback, unittest.result, zlib
 
 _fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 900)
 _base = unittest.result.TestResult
+_per_test = float(os.environ.pop("PARITY_SUITE_PER_TEST", "0"))
+_done = os.environ.pop("PARITY_SUITE_DONE", "")
+if _done:
+    _ids = json.loads(zlib.decompress(base64.b64decode(_done)))
+    sys.argv[1:1] = ["-i" + test_id for test_id in _ids]
 
 
 def _emit(test, outcome, detail="", parent=None):
@@ -235,6 +250,23 @@ def _subtest(self, test, subtest, err):
 
 
 _base.addSubTest = _subtest
+_start, _stop = _base.startTest, _base.stopTest
+
+
+def _started(self, test):
+    _emit(test, "started")
+    if _per_test:
+        faulthandler.dump_traceback_later(_per_test, exit=True)
+    return _start(self, test)
+
+
+def _stopped(self, test):
+    if _per_test:
+        faulthandler.cancel_dump_traceback_later()
+    return _stop(self, test)
+
+
+_base.startTest, _base.stopTest = _started, _stopped
 from test.libregrtest import main
 
 main()
@@ -246,7 +278,8 @@ _WORST = ("ERROR", "FAIL")
 @dataclass
 class Outcome:
     """One test's end: ``ok``, ``FAIL``, ``ERROR``, ``skipped``, ``expected failure``,
-    ``unexpected success``, or ``missing`` (never reported: the module crashed or timed out)."""
+    ``unexpected success``, ``hang`` (ran longer than ``PER_TEST``), ``crash`` (the process
+    ended during it), or ``missing`` (never reported: the module's run ran out of time)."""
 
     kind: str
     detail: str = ""
@@ -263,6 +296,10 @@ class ModuleRun:
     status: str
     seconds: float
     tail: str = ""
+    #: The test the run stopped in (it started and never ended), for a run that failed.
+    stopped_in: str | None = None
+    #: How many times the module ran again without the tests done (after a hang or crash).
+    resumed: int = 0
 
 
 def outcomes(stdout: str) -> dict[str, Outcome]:
@@ -271,6 +308,8 @@ def outcomes(stdout: str) -> dict[str, Outcome]:
     for match in _RECORD.finditer(stdout):
         record = json.loads(match.group(1))
         kind, detail = str(record["outcome"]), str(record.get("detail", ""))
+        if kind == "started":
+            continue
         test = str(record.get("parent", record["id"]))
         if "parent" in record:
             sub = str(record["id"])[len(test) :].strip()
@@ -279,6 +318,53 @@ def outcomes(stdout: str) -> dict[str, Outcome]:
         if have is None or have.kind not in _WORST or kind == "ERROR":
             found[test] = Outcome(kind, detail)
     return found
+
+
+def stopped_in(stdout: str) -> str | None:
+    """The last test that started and never ended (``None``: every one ended)."""
+    last = None
+    for match in _RECORD.finditer(stdout):
+        record = json.loads(match.group(1))
+        if record["outcome"] == "started":
+            last = str(record["id"])
+        elif last is not None and str(record.get("parent", record["id"])) == last:
+            last = None
+    return last
+
+
+def environment(done: Iterable[str]) -> dict[str, str]:
+    """The tests' environment, and the runner's: the per-test limit, the tests to leave out."""
+    ids = sorted(test for test in done if " " not in test)  # not "setUpClass (module.C)"
+    packed = base64.b64encode(zlib.compress(json.dumps(ids).encode(), 9)).decode()
+    return {**ENV, "PARITY_SUITE_PER_TEST": str(PER_TEST), "PARITY_SUITE_DONE": packed}
+
+
+def resume(run_pass: Callable[[Sequence[str]], ModuleRun]) -> ModuleRun:
+    """``run_pass(done)`` until it does not stop in a test (at most ``MAX_HANGS`` times
+    again): the test it stopped in is ``hang`` (or ``crash``) and the next pass leaves out
+    every test with an outcome, so one hung test does not cost its module the rest."""
+    run = first = run_pass(())
+    tests, seconds, resumed = dict(run.tests), run.seconds, 0
+    while run.stopped_in is not None and run.status != "0" and resumed < MAX_HANGS:
+        timed_out = "Timeout (" in run.tail
+        tests[run.stopped_in] = Outcome(
+            "hang" if timed_out else "crash",
+            f"no end in {PER_TEST:g} s" if timed_out else f"the run ended: {run.status}",
+        )
+        resumed += 1
+        run = run_pass(list(tests))
+        tests.update((name, outcome) for name, outcome in run.tests.items() if name not in tests)
+        seconds += run.seconds
+    return ModuleRun(
+        first.setup,
+        first.module,
+        tests,
+        run.status,
+        seconds,
+        tail=run.tail,
+        stopped_in=run.stopped_in,
+        resumed=resumed,
+    )
 
 
 def argv(module: str, timeout: float, match: Sequence[str] = ()) -> list[str]:
@@ -304,6 +390,17 @@ def run_baseline(
     default profile, under which, as runsc reads it, no thread can start: ``clone3`` fails with
     ``EPERM``; see ``runtimes/docker/seccomp.py``).
     """
+    return resume(lambda done: _baseline_pass(client, module, timeout, match, runtime, done))
+
+
+def _baseline_pass(
+    client: docker.DockerClient,
+    module: str,
+    timeout: float,
+    match: Sequence[str],
+    runtime: str,
+    done: Sequence[str],
+) -> ModuleRun:
     name = f"parity-cpython-suite-{uuid.uuid4().hex[:12]}"
     started = time.monotonic()
     container = client.containers.run(
@@ -317,7 +414,7 @@ def run_baseline(
         runtime=runtime,
         security_opt=["seccomp=unconfined"] if runtime != "runc" else None,
         working_dir="/work",
-        environment=ENV,
+        environment=environment(done),
         tmpfs={
             "/work": f"size={DISK},uid=65534,gid=65534,mode=0700,exec",
             "/tmp": f"size={DISK},mode=1777,exec",
@@ -342,6 +439,7 @@ def run_baseline(
         status,
         time.monotonic() - started,
         tail=(stdout + stderr)[-2000:],
+        stopped_in=stopped_in(stdout),
     )
 
 
@@ -353,10 +451,21 @@ def run_ours(
     match: Sequence[str] = (),
 ) -> ModuleRun:
     """``module`` as a task of our executor under ``runtime``."""
+    return resume(lambda done: _ours_pass(executor, runtime, module, timeout, match, done))
+
+
+def _ours_pass(
+    executor: DockerExecutor,
+    runtime: str,
+    module: str,
+    timeout: float,
+    match: Sequence[str],
+    done: Sequence[str],
+) -> ModuleRun:
     task = Task(
         image=IMAGE,
         command=argv(module, timeout - 30, match),
-        env=ENV,
+        env=environment(done),
         oci_runtime=runtime,
         limits={**LIMITS, "timeout": timeout},
     )
@@ -377,6 +486,7 @@ def run_ours(
         status,
         time.monotonic() - started,
         tail=(stdout + stderr)[-2000:],
+        stopped_in=stopped_in(stdout),
     )
 
 
@@ -511,7 +621,8 @@ def report(comparisons: Sequence[Comparison], runs: Mapping[tuple[str, str], Mod
     lines.append("")
     lines.append("Module runs (exit status, seconds):")
     for (module, setup), run in runs.items():
-        lines.append(f"- {module} {setup}: status {run.status}, {run.seconds:.0f} s")
+        again = f", run again {run.resumed}x without the tests done" if run.resumed else ""
+        lines.append(f"- {module} {setup}: status {run.status}, {run.seconds:.0f} s{again}")
     return "\n".join(lines)
 
 
@@ -565,12 +676,15 @@ def run_all(
                 comparison = compare(base, ours)
                 print(
                     f"{module} {runtime}: {len(ours.tests)} tests, status {ours.status}, "
-                    f"{ours.seconds:.0f} s, {len(comparison.differences)} differences",
+                    f"{ours.seconds:.0f} s, {len(comparison.differences)} differences"
+                    + (f", run again {ours.resumed}x after a hang" if ours.resumed else ""),
                     file=sys.stderr,
                     flush=True,
                 )
-                # Not after a run that hung (its tests would hang again), nor for hundreds.
-                finished = ours.status.isdigit() and int(ours.status) < 128
+                # Not after a run that ran out of time (its tests would again), nor for hundreds.
+                finished = (
+                    ours.stopped_in is None and ours.status.isdigit() and int(ours.status) < 128
+                )
                 if (
                     comparison.unexplained
                     and finished
@@ -605,6 +719,7 @@ def save(
             f"{module} {setup}": {
                 "status": run.status,
                 "seconds": round(run.seconds, 1),
+                "resumed": run.resumed,
                 "tail": run.tail,
                 "tests": {name: [o.kind, o.detail] for name, o in run.tests.items()},
             }

@@ -9,9 +9,12 @@ The image comes from ``scripts/build-cpython-suite-image.sh`` (run by ``scripts/
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sys
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import docker
@@ -130,3 +133,46 @@ def test_every_known_difference_is_in_the_readme() -> None:
         assert f"`{module}" in text, f"README.md's threat model does not name {module}"
         if not any(wild in name for wild in "*?["):
             assert f"`{name}`" in text, f"README.md's threat model does not list {pattern}"
+
+
+def test_a_test_that_never_ends_is_found_and_the_rest_of_its_module_runs_without_it() -> None:
+    def record(test: str, outcome: str, parent: str | None = None) -> str:
+        fields = {"id": test, "outcome": outcome, "detail": ""}
+        if parent is not None:
+            fields["parent"] = parent
+        return "\x1e" + json.dumps(fields) + "\x1e\n"
+
+    first = (
+        record("m.C.t1", "started")
+        + record("m.C.t1 (i=1)", "FAIL", parent="m.C.t1")
+        + record("m.C.t1", "FAIL")
+        + record("m.C.t2", "started")
+        + "Timeout (0:03:00)!\n"
+    )
+    assert cpython_suite.stopped_in(first) == "m.C.t2"
+    assert cpython_suite.stopped_in(first + record("m.C.t2", "ok")) is None
+    passes: list[list[str]] = []
+
+    def run_pass(done: Sequence[str]) -> cpython_suite.ModuleRun:
+        passes.append(list(done))
+        stdout = first if not done else record("m.C.t3", "started") + record("m.C.t3", "ok")
+        return cpython_suite.ModuleRun(
+            "runsc",
+            "m",
+            cpython_suite.outcomes(stdout),
+            "1" if not done else "0",
+            1.0,
+            tail=stdout,
+            stopped_in=cpython_suite.stopped_in(stdout),
+        )
+
+    run = cpython_suite.resume(run_pass)
+    assert passes == [[], ["m.C.t1", "m.C.t2"]]
+    assert {name: o.kind for name, o in run.tests.items()} == {
+        "m.C.t1": "FAIL",
+        "m.C.t2": "hang",
+        "m.C.t3": "ok",
+    }
+    assert (run.status, run.resumed, run.seconds, run.stopped_in) == ("0", 1, 2.0, None)
+    done = cpython_suite.environment(["m.C.t1", "setUpClass (m.C)"])["PARITY_SUITE_DONE"]
+    assert json.loads(zlib.decompress(base64.b64decode(done))) == ["m.C.t1"]
