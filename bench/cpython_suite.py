@@ -272,6 +272,7 @@ from test.libregrtest import main
 main()
 """
 _RECORD = re.compile(r"\x1e(\{.*?\})\x1e")
+_TIMER = re.compile(r"^Timeout \(\d+:\d\d:\d\d(\.\d+)?\)!$", re.MULTILINE)
 _WORST = ("ERROR", "FAIL")
 
 
@@ -298,6 +299,8 @@ class ModuleRun:
     tail: str = ""
     #: The test the run stopped in (it started and never ended), for a run that failed.
     stopped_in: str | None = None
+    #: Whether the runner's per-test timer ended the run (faulthandler's "Timeout" report).
+    timed_out: bool = False
     #: How many times the module ran again without the tests done (after a hang or crash).
     resumed: int = 0
 
@@ -346,10 +349,9 @@ def resume(run_pass: Callable[[Sequence[str]], ModuleRun]) -> ModuleRun:
     run = first = run_pass(())
     tests, seconds, resumed = dict(run.tests), run.seconds, 0
     while run.stopped_in is not None and run.status != "0" and resumed < MAX_HANGS:
-        timed_out = "Timeout (" in run.tail
         tests[run.stopped_in] = Outcome(
-            "hang" if timed_out else "crash",
-            f"no end in {PER_TEST:g} s" if timed_out else f"the run ended: {run.status}",
+            "hang" if run.timed_out else "crash",
+            f"no end in {PER_TEST:g} s" if run.timed_out else f"the run ended: {run.status}",
         )
         resumed += 1
         run = run_pass(list(tests))
@@ -440,6 +442,7 @@ def _baseline_pass(
         time.monotonic() - started,
         tail=(stdout + stderr)[-2000:],
         stopped_in=stopped_in(stdout),
+        timed_out=bool(_TIMER.search(stderr)),
     )
 
 
@@ -487,6 +490,7 @@ def _ours_pass(
         time.monotonic() - started,
         tail=(stdout + stderr)[-2000:],
         stopped_in=stopped_in(stdout),
+        timed_out=bool(_TIMER.search(stderr)),
     )
 
 
