@@ -150,6 +150,8 @@ def test_a_test_that_never_ends_is_found_and_the_rest_of_its_module_runs_without
     )
     assert cpython_suite.stopped_in(first) == "m.C.t2"
     assert cpython_suite.stopped_in(first + record("m.C.t2", "ok")) is None
+    failed_then_hung = record("m.C.t2 (i=1)", "FAIL", parent="m.C.t2")
+    assert cpython_suite.stopped_in(first + failed_then_hung) == "m.C.t2"
     passes: list[list[str]] = []
 
     def run_pass(done: Sequence[str]) -> cpython_suite.ModuleRun:
