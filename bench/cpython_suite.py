@@ -335,6 +335,22 @@ def stopped_in(stdout: str) -> str | None:
     return last
 
 
+def ended(
+    setup: str, module: str, status: str, seconds: float, stdout: str, stderr: str
+) -> ModuleRun:
+    """One pass of ``module`` under ``setup``, from what it printed."""
+    return ModuleRun(
+        setup,
+        module,
+        outcomes(stdout),
+        status,
+        seconds,
+        tail=(stdout + stderr)[-2000:],
+        stopped_in=stopped_in(stdout),
+        timed_out=bool(_TIMER.search(stderr)),
+    )
+
+
 def environment(done: Iterable[str]) -> dict[str, str]:
     """The tests' environment, and the runner's: the per-test limit, the tests to leave out."""
     ids = sorted(test for test in done if " " not in test)  # not "setUpClass (module.C)"
@@ -434,16 +450,8 @@ def _baseline_pass(
         stderr = container.logs(stdout=False, stderr=True).decode(errors="replace")
     finally:
         container.remove(force=True)
-    return ModuleRun(
-        BASELINE if runtime == "runc" else f"plain {runtime}",
-        module,
-        outcomes(stdout),
-        status,
-        time.monotonic() - started,
-        tail=(stdout + stderr)[-2000:],
-        stopped_in=stopped_in(stdout),
-        timed_out=bool(_TIMER.search(stderr)),
-    )
+    setup = BASELINE if runtime == "runc" else f"plain {runtime}"
+    return ended(setup, module, status, time.monotonic() - started, stdout, stderr)
 
 
 def run_ours(
@@ -482,16 +490,7 @@ def _ours_pass(
         status = result.limit or result.status if result is not None else type(exc).__name__
     stdout = result.stdout.decode(errors="replace") if result is not None else ""
     stderr = result.stderr.decode(errors="replace") if result is not None else ""
-    return ModuleRun(
-        runtime,
-        module,
-        outcomes(stdout),
-        status,
-        time.monotonic() - started,
-        tail=(stdout + stderr)[-2000:],
-        stopped_in=stopped_in(stdout),
-        timed_out=bool(_TIMER.search(stderr)),
-    )
+    return ended(runtime, module, status, time.monotonic() - started, stdout, stderr)
 
 
 @dataclass
